@@ -1,0 +1,3 @@
+"""criticality: which layers of a trained network matter?"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,67 @@
+"""Initialization schemes: how a fresh model's parameters are drawn.
+
+Initialization is part of the experiment, because re-randomization draws from it again:
+
+- ``torch``: each module's own ``reset_parameters()`` (PyTorch's defaults, and any custom scheme a
+  user's module implements there).
+- ``glorot``: TensorFlow's dense/conv default, used by the paper: Glorot-uniform weights, zero biases;
+  norm layers get weight 1, bias 0 and fresh running statistics.
+
+A scheme may also be any callable ``init(model)`` that re-initializes ``model`` in place, drawing from
+torch's global generator. Randomness is always an argument: :func:`initialize` runs the scheme inside
+``torch.random.fork_rng`` seeded from the given generator, so the caller's global RNG is untouched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+InitScheme = str | Callable[[nn.Module], None]
+SCHEMES = ("torch", "glorot")
+
+_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+
+
+def _torch_default(model: nn.Module) -> None:
+    for module in model.modules():
+        if hasattr(module, "reset_parameters") and callable(module.reset_parameters):
+            module.reset_parameters()
+
+
+def _glorot(model: nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, nn.Linear | nn.modules.conv._ConvNd):
+            nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, _NORMS) or hasattr(module, "reset_parameters"):
+            module.reset_parameters()  # norm layers: weight 1, bias 0, fresh running stats
+
+
+def scheme_name(scheme: InitScheme) -> str:
+    """A printable name for a scheme, recorded in configs and tables."""
+    if isinstance(scheme, str):
+        return scheme
+    return getattr(scheme, "__qualname__", repr(scheme))
+
+
+def initialize(model: nn.Module, scheme: InitScheme, generator: torch.Generator) -> nn.Module:
+    """Re-initialize ``model`` in place with ``scheme``, drawing from ``generator``; returns ``model``.
+
+    The generator's state is advanced as if the draws had come from it, so two calls with two
+    generators seeded alike give bit-identical models.
+    """
+    if isinstance(scheme, str):
+        if scheme not in SCHEMES:
+            raise ValueError(f"unknown init scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
+        fn = _torch_default if scheme == "torch" else _glorot
+    else:
+        fn = scheme
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.default_generator.set_state(generator.get_state())
+        fn(model)
+        generator.set_state(torch.default_generator.get_state())
+    return model
