@@ -1,3 +1,10 @@
-"""criticality: which layers of a trained network matter?"""
+"""criticality: which layers of a trained network matter?
+
+The Python entry point is :func:`analyze` (see :mod:`criticality.analysis`).
+"""
+
+from criticality.analysis import Result, analyze
+from criticality.errors import CriticalityError
 
 __version__ = "0.1.0"
+__all__ = ["CriticalityError", "Result", "analyze", "__version__"]

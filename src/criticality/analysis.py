@@ -1,0 +1,324 @@
+"""The robustness grid: operations × groups × sources → one tidy table; distances; verdicts.
+
+::
+
+    result = criticality.analyze(model, checkpoints={0: sd0, 1: sd1, 10: sd10, 40: sd40},
+                                 data=(x_test, y_test), groups="auto", seeds=3, joint=None)
+    result.table      # one row per cell: op, group, joint, checkpoint, seed, error, loss, n, delta_*, finite
+    result.distances  # group, checkpoint, l2, linf, cosine (normalized distance to checkpoint 0)
+    result.verdicts   # group, delta_error at checkpoint 0, threshold, verdict (critical / robust)
+
+The grid is general: a cell is ``(op, group, checkpoint, seed)``; ``op`` is ``final`` (the trained model),
+``reinit`` (group back to ``checkpoint``) or ``rerandomize`` (group from a fresh draw with ``seed``).
+Joint groups (``joint=[["fc2", "fc3"]]``) get the same cells under the name ``fc2+fc3``. This module
+knows nothing of the model zoo, the data sets or the CLI.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from criticality import engine as engine_mod
+from criticality import surgery
+from criticality.checkpoints import check_compatible
+from criticality.engine import METRICS, Data, Engine, Metric, Variant
+from criticality.errors import CriticalityError
+from criticality.groups import Groups, GroupSpec, resolve
+from criticality.groups import joint as joint_group
+from criticality.initializers import InitScheme, scheme_name
+from criticality.store import CellStore, cell_key
+
+StateDict = Mapping[str, torch.Tensor]
+DEFAULT_THRESHOLD = 0.02  # Δ test error at checkpoint 0 at or below which a layer counts as robust
+ENGINES = ("fast", "naive")
+
+
+@dataclass(frozen=True)
+class Cell:
+    op: str  # "final" | "reinit" | "rerandomize"
+    group: str = ""  # "" for the final model; members joined by "+" for a joint group
+    checkpoint: int | None = None  # epoch, for reinit (and the final row)
+    seed: int | None = None  # generator seed, for rerandomize
+    joint: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"op": self.op, "group": self.group, "joint": self.joint,
+                "checkpoint": self.checkpoint, "seed": self.seed}
+
+
+@dataclass
+class Result:
+    table: pd.DataFrame
+    distances: pd.DataFrame
+    verdicts: pd.DataFrame
+    groups: Groups
+    joint: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def grid(group_names: Sequence[str], joint_names: Sequence[str], reinit_to: Sequence[int],
+         seeds: Sequence[int], final_epoch: int) -> list[Cell]:
+    """Every cell, in table order: the final model, then per group its re-randomizations and re-inits."""
+    cells = [Cell("final", checkpoint=final_epoch)]
+    for name in [*group_names, *joint_names]:
+        is_joint = name in joint_names
+        cells += [Cell("rerandomize", name, seed=s, joint=is_joint) for s in seeds]
+        cells += [Cell("reinit", name, checkpoint=e, joint=is_joint) for e in reinit_to]
+    return cells
+
+
+def analyze(model: nn.Module, checkpoints: Mapping[int, StateDict], data: Data, *,
+            groups: GroupSpec | Groups = "model", seeds: int | Sequence[int] = 3,
+            joint: Sequence[Sequence[str]] | None = None, final: int | None = None,
+            reinit_to: Sequence[int] | None = None, init: InitScheme | None = None,
+            metrics: Sequence[str] | Mapping[str, Metric] = ("error", "loss"), engine: str = "fast",
+            batch_size: int = 1000, device: str | torch.device = "cpu", max_examples: int | None = None,
+            threshold: float = DEFAULT_THRESHOLD, buffers: str = "reset", store: str | None = None,
+            shard: tuple[int, int] | None = None, progress: bool = True,
+            provenance: Mapping[str, Any] | None = None) -> Result:
+    """Measure re-initialization and re-randomization robustness of every group of ``model``.
+
+    ``checkpoints`` maps epoch → state dict; the final model is the largest epoch unless ``final`` names
+    one. ``reinit_to`` defaults to every epoch before the final one. ``seeds`` is a count or a list of
+    generator seeds for the fresh draws, which use ``init`` (default: ``model.init_scheme``, else the
+    modules' own ``reset_parameters``). ``engine="naive"`` evaluates every cell with the plain
+    reference. ``store`` names a cells.jsonl file that makes the run resumable. ``shard=(rank, world)``
+    evaluates only this rank's share of the cells (see :mod:`criticality.distributed`).
+    """
+    plan = _plan(model, checkpoints, groups, seeds, joint, final, reinit_to, init, metrics, engine, batch_size,
+                 max_examples, buffers)
+    rows = run_cells(plan, data, device=device, store=store, shard=shard, progress=progress)
+    return finish(plan, rows, threshold=threshold, provenance=provenance)
+
+
+@dataclass
+class Plan:
+    """Everything needed to evaluate the grid's cells, independent of where they run."""
+
+    model: nn.Module
+    checkpoints: Mapping[int, StateDict]
+    groups: Groups
+    joint: dict[str, tuple[str, ...]]
+    cells: list[Cell]
+    final_epoch: int
+    init: InitScheme
+    metrics: dict[str, Metric]
+    engine: str
+    batch_size: int
+    max_examples: int | None
+    buffers: str
+    _fresh: dict[int, StateDict] = field(default_factory=dict)
+
+    def keys(self, group: str) -> tuple[str, ...]:
+        return self.joint[group] if group in self.joint else self.groups.members[group]
+
+    def state(self, cell: Cell) -> dict[str, torch.Tensor]:
+        """The full state dict of the variant a cell evaluates, made by :mod:`surgery`."""
+        final = self.checkpoints[self.final_epoch]
+        if cell.op == "final":
+            return dict(final)
+        buffer_keys = surgery.buffer_keys(self.model)
+        if cell.op == "reinit":
+            return surgery.reinit(final, self.checkpoints[cell.checkpoint], self.keys(cell.group),
+                                  buffers=self.buffers, buffer_keys=buffer_keys)
+        if cell.seed not in self._fresh:
+            generator = torch.Generator().manual_seed(cell.seed)
+            self._fresh[cell.seed] = surgery.fresh_state(self.model, self.init, generator)
+        return surgery.rerandomize(final, self._fresh[cell.seed], self.keys(cell.group),
+                                   buffers=self.buffers, buffer_keys=buffer_keys)
+
+    def variant(self, cell: Cell) -> Variant:
+        state = self.state(cell)
+        final = self.checkpoints[self.final_epoch]
+        return Variant(cell, {k: v for k, v in state.items() if v is not final[k]})
+
+    def settings(self) -> dict[str, Any]:
+        """What must match for stored cells to be reused (see :mod:`criticality.store`)."""
+        return {"model": type(self.model).__name__, "keys": _fingerprint(self.model.state_dict()),
+                "checkpoints": {e: _fingerprint(sd) for e, sd in sorted(self.checkpoints.items())},
+                "final": self.final_epoch, "init": scheme_name(self.init), "metrics": sorted(self.metrics),
+                "groups": {g: list(k) for g, k in {**self.groups.members, **self.joint}.items()},
+                "max_examples": self.max_examples, "buffers": self.buffers}
+
+
+def _plan(model, checkpoints, groups, seeds, joint, final, reinit_to, init, metrics, engine, batch_size,
+          max_examples, buffers) -> Plan:
+    if not checkpoints:
+        raise CriticalityError("no checkpoints given: analysis needs at least the final model and epoch 0")
+    if engine not in ENGINES:
+        raise CriticalityError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
+    if batch_size < 1:
+        raise CriticalityError(f"batch size must be a positive integer, got {batch_size}")
+    if max_examples is not None and max_examples < 1:
+        raise CriticalityError(f"--max-examples must be positive, got {max_examples}")
+    seeds = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
+    if any(s < 0 for s in seeds):
+        raise CriticalityError(f"seeds must be non-negative, got {seeds}")
+    epochs = sorted(checkpoints)
+    final = epochs[-1] if final is None else final
+    if final not in checkpoints:
+        raise CriticalityError(f"final epoch {final} is not among the checkpoints {epochs}")
+    reinit_to = [e for e in epochs if e < final] if reinit_to is None else sorted(reinit_to)
+    for e in reinit_to:
+        if e not in checkpoints:
+            raise CriticalityError(f"cannot re-initialize to epoch {e}: no such checkpoint (have {epochs})")
+    for e, sd in checkpoints.items():
+        check_compatible(model, sd, where=f"checkpoint of epoch {e}")
+    resolved = groups if isinstance(groups, Groups) else resolve(model, groups)
+    joints = dict(joint_group(resolved, members) for members in (joint or []))
+    metric_fns = dict(metrics) if isinstance(metrics, Mapping) else {m: _metric(m) for m in metrics}
+    cells = grid(resolved.names, list(joints), reinit_to, seeds, final)
+    init = init if init is not None else getattr(model, "init_scheme", "torch")
+    return Plan(model, checkpoints, resolved, joints, cells, final, init, metric_fns, engine, batch_size,
+                max_examples, buffers)
+
+
+def _metric(name: str) -> Metric:
+    if name not in METRICS:
+        raise CriticalityError(f"unknown metric {name!r}; built in: {', '.join(METRICS)} (or pass a function)")
+    return METRICS[name]
+
+
+def run_cells(plan: Plan, data: Data, *, device: str | torch.device = "cpu", store: str | None = None,
+              shard: tuple[int, int] | None = None, progress: bool = True) -> list[dict[str, Any]]:
+    """Evaluate the plan's cells (this shard's share), reusing and extending ``store``; rows in grid order."""
+    cells = plan.cells if shard is None else plan.cells[shard[0]::shard[1]]
+    saved = CellStore(store, plan.settings()) if store else None
+    done = {k: r for k, r in (saved.rows.items() if saved else []) if k in {cell_key(c.as_dict()) for c in cells}}
+    todo = [c for c in cells if cell_key(c.as_dict()) not in done]
+    bar = tqdm(total=len(cells), initial=len(cells) - len(todo), desc="cells", unit="cell", disable=not progress)
+    for cell, result in _evaluate(plan, todo, data, device):
+        row = {**cell.as_dict(), **result}
+        done[cell_key(row)] = row
+        if saved:
+            saved.add(row)
+        bar.update()
+    bar.close()
+    return [done[cell_key(c.as_dict())] for c in cells]
+
+
+def _evaluate(plan: Plan, cells: list[Cell], data: Data, device) -> Any:
+    if not cells:
+        return
+    if plan.engine == "naive":
+        for cell in cells:
+            yield cell, engine_mod.evaluate_naive(plan.model, plan.state(cell), data, metrics=plan.metrics,
+                                                  batch_size=plan.batch_size, device=device,
+                                                  limit=plan.max_examples)
+        return
+    fast = Engine(plan.model, plan.checkpoints[plan.final_epoch], data, metrics=plan.metrics,
+                  batch_size=plan.batch_size, device=device, limit=plan.max_examples)
+    yield from fast.evaluate(_lazy_variants(plan, cells))
+
+
+def _lazy_variants(plan: Plan, cells: list[Cell]) -> list[Variant]:
+    return [plan.variant(c) for c in cells]
+
+
+def finish(plan: Plan, rows: list[dict[str, Any]], *, threshold: float = DEFAULT_THRESHOLD,
+           provenance: Mapping[str, Any] | None = None) -> Result:
+    """Turn evaluated rows into the :class:`Result`: deltas, distances, verdicts, summary."""
+    table = tabulate(rows, list(plan.metrics))
+    dist = distances(plan.checkpoints, {**plan.groups.members, **plan.joint}, plan.model)
+    verdict_table = verdicts(table, threshold)
+    final = table[table.op == "final"].iloc[0]
+    summary = {
+        "final_epoch": plan.final_epoch,
+        **{f"final_{m}": float(final[m]) for m in plan.metrics},
+        "threshold": threshold,
+        "verdicts": verdict_table.to_dict(orient="records"),
+        "coverage": plan.groups.coverage(),
+        "joint": {g: list(k) for g, k in plan.joint.items()},
+        "settings": {"init": scheme_name(plan.init), "engine": plan.engine, "batch_size": plan.batch_size,
+                     "max_examples": plan.max_examples, "buffers": plan.buffers,
+                     "seeds": sorted({c.seed for c in plan.cells if c.seed is not None})},
+        "non_finite_cells": int((~table.finite).sum()),
+        "provenance": dict(provenance or {}),
+    }
+    return Result(table, dist, verdict_table, plan.groups, plan.joint, summary)
+
+
+def tabulate(rows: Sequence[Mapping[str, Any]], metric_names: Sequence[str]) -> pd.DataFrame:
+    """Rows → the tidy table, with ``delta_<metric>`` against the final model and a ``finite`` flag."""
+    table = pd.DataFrame(list(rows))
+    finals = table[table.op == "final"]
+    if finals.empty:
+        raise CriticalityError("the grid has no final-model cell to compare against")
+    for m in metric_names:
+        table[f"delta_{m}"] = table[m] - float(finals.iloc[0][m])
+    table["finite"] = np.isfinite(table[list(metric_names)].to_numpy(dtype=float)).all(axis=1)
+    for col in ("checkpoint", "seed"):
+        table[col] = table[col].astype("Int64")
+    table["n"] = table["n"].astype(int)
+    return table
+
+
+def verdicts(table: pd.DataFrame, threshold: float = DEFAULT_THRESHOLD) -> pd.DataFrame:
+    """Per group: Δ error when re-initialized to the first checkpoint, and critical / robust."""
+    reinit = table[table.op == "reinit"]
+    if reinit.empty:
+        raise CriticalityError("no re-initialization cells: verdicts need a checkpoint before the final one")
+    first = int(reinit.checkpoint.min())
+    if first != 0:
+        raise CriticalityError(f"no epoch 0 (initialization) among the checkpoints (earliest is {first}); "
+                               "verdicts compare against the initialization")
+    out = []
+    for group, cells in table[table.op != "final"].groupby("group", sort=False):
+        at0 = cells[(cells.op == "reinit") & (cells.checkpoint == 0)].iloc[0]
+        rand = cells[cells.op == "rerandomize"]["error"]
+        robust = bool(at0.delta_error <= threshold)
+        out.append({"group": group, "joint": bool(at0.joint), "delta_error": float(at0.delta_error),
+                    "threshold": threshold, "verdict": "robust" if robust else "critical",
+                    "rerandomize_error_mean": float(rand.mean()) if len(rand) else float("nan"),
+                    "rerandomize_error_std": float(rand.std(ddof=0)) if len(rand) else float("nan")})
+    return pd.DataFrame(out)
+
+
+def distances(checkpoints: Mapping[int, StateDict], groups: Mapping[str, Sequence[str]],
+              model: nn.Module | None = None) -> pd.DataFrame:
+    """Normalized distance of each group's parameters at every checkpoint to its values at epoch 0.
+
+    ``l2 = ‖θτ − θ0‖₂ / ‖θ0‖₂``, ``linf = ‖θτ − θ0‖∞ / ‖θ0‖∞``, ``cosine = 1 − cos(θτ, θ0)``, over the
+    group's floating-point parameters flattened together (buffers excluded when ``model`` is given).
+    """
+    start = checkpoints[min(checkpoints)]
+    skip = surgery.buffer_keys(model) if model is not None else set()
+    out = []
+    for group, keys in groups.items():
+        params = [k for k in keys if k not in skip and start[k].is_floating_point()]
+        if not params:
+            continue
+        theta0 = torch.cat([start[k].detach().double().flatten() for k in params])
+        for epoch in sorted(checkpoints):
+            theta = torch.cat([checkpoints[epoch][k].detach().double().flatten() for k in params])
+            out.append({"group": group, "checkpoint": epoch, **_distance(theta, theta0)})
+    return pd.DataFrame(out, columns=["group", "checkpoint", "l2", "linf", "cosine"])
+
+
+def _distance(theta: torch.Tensor, theta0: torch.Tensor) -> dict[str, float]:
+    diff = theta - theta0
+    n2, ninf = theta0.norm().item(), theta0.abs().max().item()
+    cos = torch.nn.functional.cosine_similarity(theta, theta0, dim=0).item() if n2 > 0 else float("nan")
+    return {"l2": diff.norm().item() / n2 if n2 > 0 else float("nan"),
+            "linf": diff.abs().max().item() / ninf if ninf > 0 else float("nan"),
+            "cosine": 1.0 - cos}
+
+
+def _fingerprint(state: StateDict) -> str:
+    """An exact identity of a state dict's values (sha256 over keys, shapes and bytes)."""
+    h = hashlib.sha256()
+    for k in sorted(state):
+        t = state[k].detach().cpu().contiguous()
+        h.update(f"{k}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+

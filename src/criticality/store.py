@@ -1,0 +1,78 @@
+"""Append-only store of finished cells, so an analysis that dies at 90 % resumes instead of restarting.
+
+``RUN/analysis/cells.jsonl``: the first line is a header describing the grid's *settings* (model and
+data fingerprints, metrics, initializer, …); every further line is one finished cell, written and
+fsync'ed as soon as it is computed. A rerun with the same settings reuses the cells it finds and
+computes only the missing ones; a grid with more groups, seeds or checkpoints extends the store.
+Other settings are refused with a message naming what differs: results are never silently mixed.
+A torn last line (a crash mid-write) is ignored and recomputed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Hashable, Mapping
+from pathlib import Path
+from typing import Any
+
+from criticality.errors import CriticalityError
+from criticality.files import write_text
+
+KIND = "criticality-cells"
+FORMAT = 1
+
+
+def cell_key(cell: Mapping[str, Any]) -> Hashable:
+    return (cell["op"], cell["group"], cell["checkpoint"], cell["seed"])
+
+
+class CellStore:
+    """Finished cells by key; :meth:`add` appends one durably."""
+
+    def __init__(self, path: str | os.PathLike, settings: Mapping[str, Any]):
+        self.path = Path(path)
+        self.settings = json.loads(json.dumps(dict(settings), default=str))
+        self.rows: dict[Hashable, dict[str, Any]] = {}
+        if self.path.exists() and self.path.stat().st_size > 0:
+            self._load()
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            header = {"kind": KIND, "format": FORMAT, "settings": self.settings}
+            with open(self.path, "w") as f:
+                f.write(json.dumps(header) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+
+    def add(self, row: Mapping[str, Any]) -> None:
+        line = json.dumps(dict(row), allow_nan=True)
+        with open(self.path, "a") as f:
+            f.write(line + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.rows[cell_key(row)] = dict(row)
+
+    def _load(self) -> None:
+        lines = self.path.read_text().split("\n")
+        try:
+            header = json.loads(lines[0])
+        except json.JSONDecodeError as e:
+            raise CriticalityError(f"{self.path} has no readable header; delete it to start the analysis anew") from e
+        if header.get("kind") != KIND or header.get("format") != FORMAT:
+            raise CriticalityError(f"{self.path} was written by an incompatible version "
+                                   f"(format {header.get('format')!r}, expected {FORMAT}); delete it to start anew")
+        old = header.get("settings", {})
+        differs = sorted(k for k in set(old) | set(self.settings) if old.get(k) != self.settings.get(k))
+        if differs:
+            raise CriticalityError(f"{self.path} holds cells of an analysis with other settings "
+                                   f"(differs: {', '.join(differs)}); refusing to mix them — delete it or use "
+                                   "another output directory")
+        for line in lines[1:]:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # an empty trailing line, or one torn by a crash: recompute that cell
+            self.rows[cell_key(row)] = row
+        if lines and lines[-1] and not lines[-1].endswith("}"):
+            # Drop the torn tail so that later appends start on a fresh line.
+            write_text(self.path, "\n".join(lines[:-1]) + "\n")

@@ -1,0 +1,104 @@
+"""Model surgery as pure functions on state dicts.
+
+Every function returns a new dict and never mutates its inputs: replaced entries are fresh tensors,
+the other entries are the caller's own tensors, shared and left untouched. Key accounting is strict: a
+key that is absent from either side is an error, never a silent no-op.
+
+- :func:`reinit` puts a group back to its values at an earlier checkpoint.
+- :func:`rerandomize` puts a group to a fresh draw from the initializer (:func:`fresh_state`).
+- :func:`interpolate` moves a group along the straight line between two checkpoints.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Collection, Mapping
+
+import torch
+from torch import nn
+
+from criticality.errors import CriticalityError
+from criticality.initializers import InitScheme, initialize
+
+StateDict = dict[str, torch.Tensor]
+BUFFER_MODES = ("reset", "keep")
+
+
+def replace(base: Mapping[str, torch.Tensor], source: Mapping[str, torch.Tensor],
+            keys: Collection[str]) -> StateDict:
+    """A copy of ``base`` whose ``keys`` are taken from ``source``."""
+    _check_keys(base, source, keys)
+    out = dict(base)
+    for k in keys:
+        out[k] = source[k].detach().clone()
+    return out
+
+
+def reinit(final: Mapping[str, torch.Tensor], checkpoint: Mapping[str, torch.Tensor], keys: Collection[str],
+           *, buffers: str = "reset", buffer_keys: Collection[str] = ()) -> StateDict:
+    """Re-initialization: ``final`` with the group ``keys`` taken from ``checkpoint``.
+
+    ``buffers="reset"`` takes every key of the group from the checkpoint (running statistics included);
+    ``"keep"`` leaves the keys listed in ``buffer_keys`` as trained.
+    """
+    return replace(final, checkpoint, _moving(keys, buffers, buffer_keys))
+
+
+def rerandomize(final: Mapping[str, torch.Tensor], fresh: Mapping[str, torch.Tensor], keys: Collection[str],
+                *, buffers: str = "reset", buffer_keys: Collection[str] = ()) -> StateDict:
+    """Re-randomization: ``final`` with the group ``keys`` taken from a fresh draw (see :func:`fresh_state`)."""
+    return replace(final, fresh, _moving(keys, buffers, buffer_keys))
+
+
+def interpolate(final: Mapping[str, torch.Tensor], checkpoint: Mapping[str, torch.Tensor],
+                keys: Collection[str], alpha: float) -> StateDict:
+    """``final`` with the group at ``(1 - alpha) * checkpoint + alpha * final`` (alpha = 1: unchanged).
+
+    Integer entries (BatchNorm's ``num_batches_tracked``) cannot be interpolated: they come from
+    ``final`` when ``alpha >= 0.5`` and from ``checkpoint`` otherwise.
+    """
+    _check_keys(final, checkpoint, keys)
+    out = dict(final)
+    for k in keys:
+        a, b = checkpoint[k], final[k]
+        if a.is_floating_point():
+            out[k] = torch.lerp(a.detach(), b.detach().to(a.dtype), alpha)
+        else:
+            out[k] = (b if alpha >= 0.5 else a).detach().clone()
+    return out
+
+
+def fresh_state(model: nn.Module, init: InitScheme, generator: torch.Generator) -> StateDict:
+    """The state dict of a fresh copy of ``model`` initialized by ``init`` from ``generator``.
+
+    The copy is made on the CPU, so the draw is the same whatever device ``model`` sits on; custom
+    initialization schemes are honoured because the scheme runs on the model's own modules.
+    """
+    fresh = copy.deepcopy(model).to("cpu")
+    initialize(fresh, init, generator)
+    return {k: v.detach() for k, v in fresh.state_dict().items()}
+
+
+def buffer_keys(model: nn.Module) -> set[str]:
+    """The state-dict keys of ``model`` that are buffers (running statistics, counters)."""
+    return {name for name, _ in model.named_buffers()}
+
+
+def _moving(keys: Collection[str], buffers: str, buffer_keys: Collection[str]) -> list[str]:
+    if buffers not in BUFFER_MODES:
+        raise CriticalityError(f"unknown buffer mode {buffers!r}; choose one of {', '.join(BUFFER_MODES)}")
+    if buffers == "keep":
+        return [k for k in keys if k not in set(buffer_keys)]
+    return list(keys)
+
+
+def _check_keys(base: Mapping, source: Mapping, keys: Collection[str]) -> None:
+    if not keys:
+        raise CriticalityError("surgery on an empty group of keys")
+    for side, d in (("the model's state", base), ("the source state", source)):
+        absent = [k for k in keys if k not in d]
+        if absent:
+            raise CriticalityError(f"keys not in {side}: {', '.join(absent[:8])}")
+    for k in keys:
+        if base[k].shape != source[k].shape:
+            raise CriticalityError(f"shape of {k!r} differs: {tuple(base[k].shape)} vs {tuple(source[k].shape)}")
