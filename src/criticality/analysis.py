@@ -40,6 +40,7 @@ from criticality.store import CellStore, cell_key
 StateDict = Mapping[str, torch.Tensor]
 DEFAULT_THRESHOLD = 0.02  # Δ test error at checkpoint 0 at or below which a layer counts as robust
 ENGINES = ("fast", "naive")
+RERANDOMIZE_SALT = 1_000_003  # draw seed s uses generator seed SALT + s (see Plan._draw)
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,7 @@ def analyze(model: nn.Module, checkpoints: Mapping[int, StateDict], data: Data, 
     reference. ``store`` names a cells.jsonl file that makes the run resumable. ``shard=(rank, world)``
     evaluates only this rank's share of the cells (see :mod:`criticality.distributed`).
     """
-    plan = _plan(model, checkpoints, groups, seeds, joint, final, reinit_to, init, metrics, engine, batch_size,
+    plan = make_plan(model, checkpoints, groups, seeds, joint, final, reinit_to, init, metrics, engine, batch_size,
                  max_examples, buffers)
     rows = run_cells(plan, data, device=device, store=store, shard=shard, progress=progress)
     return finish(plan, rows, threshold=threshold, provenance=provenance)
@@ -131,10 +132,25 @@ class Plan:
             return surgery.reinit(final, self.checkpoints[cell.checkpoint], self.keys(cell.group),
                                   buffers=self.buffers, buffer_keys=buffer_keys)
         if cell.seed not in self._fresh:
-            generator = torch.Generator().manual_seed(cell.seed)
-            self._fresh[cell.seed] = surgery.fresh_state(self.model, self.init, generator)
+            self._fresh[cell.seed] = self._draw(cell.seed)
         return surgery.rerandomize(final, self._fresh[cell.seed], self.keys(cell.group),
                                    buffers=self.buffers, buffer_keys=buffer_keys)
+
+    def _draw(self, seed: int) -> StateDict:
+        """A fresh model's state from generator seed ``RERANDOMIZE_SALT + seed``.
+
+        The salt keeps draw ``seed`` apart from a training run initialized with the same small seed: a
+        "fresh" draw equal to the layer's own initial values would be re-initialization, not
+        re-randomization. Such a collision is checked for and refused.
+        """
+        fresh = surgery.fresh_state(self.model, self.init, torch.Generator().manual_seed(RERANDOMIZE_SALT + seed))
+        start = self.checkpoints[min(self.checkpoints)]
+        floats = [k for k in fresh if fresh[k].is_floating_point() and fresh[k].numel() > 1]
+        same = [k for k in floats if torch.equal(fresh[k], start[k].to(fresh[k].device))]
+        if same and len(same) == len(floats):
+            raise CriticalityError(f"re-randomization seed {seed} reproduces the initialization exactly; "
+                                   "choose other seeds")
+        return fresh
 
     def variant(self, cell: Cell) -> Variant:
         state = self.state(cell)
@@ -150,7 +166,7 @@ class Plan:
                 "max_examples": self.max_examples, "buffers": self.buffers}
 
 
-def _plan(model, checkpoints, groups, seeds, joint, final, reinit_to, init, metrics, engine, batch_size,
+def make_plan(model, checkpoints, groups, seeds, joint, final, reinit_to, init, metrics, engine, batch_size,
           max_examples, buffers) -> Plan:
     if not checkpoints:
         raise CriticalityError("no checkpoints given: analysis needs at least the final model and epoch 0")

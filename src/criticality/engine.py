@@ -90,18 +90,29 @@ class _Totals:
         return {**{k: v / self.n for k, v in self.sums.items()}, "n": self.n}
 
 
+def evaluate(model: nn.Module, data: Data, *, metrics: Mapping[str, Metric] = METRICS, batch_size: int = 1000,
+             device: str | torch.device = "cpu", limit: int | None = None) -> dict[str, float]:
+    """Mean of each metric of ``model`` (in eval mode; its mode is restored) over ``data``."""
+    was_training = model.training
+    model.eval()
+    totals = _Totals(list(metrics))
+    try:
+        with torch.inference_mode():
+            for x, y in iter_batches(data, batch_size, limit):
+                x, y = x.to(device), y.to(device)
+                totals.add(model(x), y, metrics)
+    finally:
+        model.train(was_training)
+    return totals.result()
+
+
 def evaluate_naive(model: nn.Module, state: Mapping[str, torch.Tensor], data: Data, *,
                    metrics: Mapping[str, Metric] = METRICS, batch_size: int = 1000,
                    device: str | torch.device = "cpu", limit: int | None = None) -> dict[str, float]:
     """The reference: deepcopy, ``load_state_dict``, evaluate in batches. Obviously correct, slow."""
-    m = copy.deepcopy(model).to(device).eval()
+    m = copy.deepcopy(model).to(device)
     m.load_state_dict(state)
-    totals = _Totals(list(metrics))
-    with torch.inference_mode():
-        for x, y in iter_batches(data, batch_size, limit):
-            x, y = x.to(device), y.to(device)
-            totals.add(m(x), y, metrics)
-    return totals.result()
+    return evaluate(m, data, metrics=metrics, batch_size=batch_size, device=device, limit=limit)
 
 
 @contextlib.contextmanager

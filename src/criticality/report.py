@@ -1,0 +1,231 @@
+"""One self-contained HTML page per run: ``RUN/report.html``.
+
+Figures are embedded as base64 PNG data URIs and the CSS is inline, so the file opens anywhere, offline,
+with no JavaScript. It reads ``RUN/config.json``, ``RUN/analysis/summary.json`` and ``RUN/figures/*.png``
+(drawn first with :func:`criticality.plots.draw_run` when missing); every value is HTML-escaped.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from criticality import __version__, plots
+from criticality.errors import CriticalityError
+from criticality.files import write_text
+
+DATA_NAMES = {
+    "fashion-mnist": "Fashion-MNIST",
+    "mnist": "MNIST",
+    "digits": "the scikit-learn digits set (8×8)",
+    "cifar10": "CIFAR-10",
+    "imagenet": "ImageNet",
+}
+
+# (file stem in RUN/figures, caption); missing files are left out (joint_error exists only with joints).
+FIGURES = [
+    ("robustness_error", "Test error after resetting each group (paper Figs 1a, 2, 4-6)."),
+    ("joint_error", "Joint resets next to the single-layer resets of their members (paper Figs 8-10)."),
+    (
+        "robustness_loss",
+        "The same grid with test loss (cross-entropy); the colour scale stops at the largest finite value.",
+    ),
+    ("distance_l2", "Normalized ℓ2 distance of each group's parameters to initialization (paper Fig 1b)."),
+    ("distance_linf", "Normalized ℓ∞ distance to initialization (paper Fig 1c)."),
+    ("distance_cosine", "Cosine distance to initialization."),
+]
+
+_CSS = """
+body { font: 15px/1.5 system-ui, sans-serif; color: #222; background: #fff; max-width: 1150px;
+       margin: 2em auto; padding: 0 1em; }
+h1 { font-size: 1.6em; margin-bottom: .2em; } h2 { font-size: 1.25em; margin-top: 1.8em; }
+.standin { background: #fff4d6; border-left: 4px solid #d9a400; padding: .5em .8em; }
+table { border-collapse: collapse; margin: .5em 0; } th, td { border: 1px solid #ccc; padding: .25em .6em;
+  text-align: left; vertical-align: top; } th { background: #f2f2f2; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+td.critical { color: #a00018; font-weight: bold; } td.robust { color: #1b5e20; }
+code { font-size: .88em; background: #f6f6f6; padding: 0 .2em; }
+figure { margin: 1.2em 0; } figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
+figcaption { color: #555; font-size: .92em; }
+.muted { color: #666; }
+"""
+
+
+def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Write the run's HTML report (default ``RUN/report.html``) and return its path."""
+    run = Path(run_dir)
+    summary_path = run / "analysis" / "summary.json"
+    if not summary_path.is_file():
+        raise CriticalityError(f"no analysis summary at {summary_path}; run `criticality analyze` first")
+    summary = json.loads(summary_path.read_text())
+    config = json.loads((run / "config.json").read_text()) if (run / "config.json").is_file() else {}
+    if not (run / "figures" / "robustness_error.png").is_file():
+        plots.draw_run(run)
+    out = Path(out) if out is not None else run / "report.html"
+    write_text(out, render(config, summary, run / "figures"))
+    return out
+
+
+def render(config: dict, summary: dict, figures_dir: Path) -> str:
+    """The report page as a string (no file is written)."""
+    data = summary.get("data") or {}
+    data_name = _data_name(data.get("name") or _config_name(config.get("data")))
+    model = _config_name(config.get("model"))
+    title = f"Layer criticality: {model} on {data_name}"
+    body = [
+        f"<h1>{_e(title)}</h1>",
+        _data_note(data, data_name),
+        _headline(summary),
+        _how_to_read(summary),
+        _verdicts(summary),
+        _figures(figures_dir),
+        _coverage(summary.get("coverage") or {}),
+        "<h2>Configuration</h2>",
+        _kv_table(config, "config"),
+        "<h2>Provenance</h2>",
+        _kv_table(summary.get("provenance") or {}, "provenance"),
+        f'<p class="muted">Report written by criticality {_e(__version__)} from the saved tables; '
+        "re-drawing it never re-evaluates a model.</p>",
+    ]
+    return (
+        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        f"<title>{_e(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
+        + "\n".join(body)
+        + "\n</body>\n</html>\n"
+    )
+
+
+def _data_note(data: dict, data_name: str) -> str:
+    parts = []
+    if data.get("stands_in_for"):
+        standin = DATA_NAMES.get(data["stands_in_for"], data["stands_in_for"])
+        parts.append(
+            f'<p class="standin">This run used {_e(data_name)} as a stand-in for {_e(standin)}; '
+            "numbers are not the paper's.</p>"
+        )
+    n_test, cap = data.get("n_test"), data.get("max_examples")
+    if n_test is not None:
+        capped = f" (capped by max_examples = {_e(cap)})" if cap is not None else ""
+        parts.append(f"<p>Evaluated on {_e(n_test)} test examples of {_e(data_name)}{capped}.</p>")
+    return "\n".join(parts)
+
+
+def _headline(summary: dict) -> str:
+    return (
+        f"<p>Final model: test error <b>{_num(summary.get('final_error'))}</b>, "
+        f"test loss {_num(summary.get('final_loss'))}; chance error {_num(summary.get('chance_error'))}.</p>"
+    )
+
+
+def _how_to_read(summary: dict) -> str:
+    threshold, chance = _num(summary.get("threshold")), _num(summary.get("chance_error"))
+    return f"""<h2>How to read this</h2>
+<p>Each row of a heatmap is a group of parameters (a layer, or several layers reset together, their
+names marked <code>*</code>). A column labelled with an epoch <i>re-initializes</i> the group: the trained
+model gets that group's parameters (and buffers) back from that checkpoint, every other layer stays as
+trained, and the model is evaluated with no retraining; epoch 0 is the initialization. The
+<code>rand</code> column <i>re-randomizes</i> the group with a fresh draw from the initializer used at
+the start of training (mean ± std over seeds); <code>final</code> is the trained model.</p>
+<p>A group is <b>robust</b> when resetting it to checkpoint 0 costs (almost) nothing, here when test
+error rises by at most {threshold}, and <b>critical</b> otherwise: critical groups send the error towards
+chance ({chance}). Along a row, the checkpoint from which the error is back at the final error shows how
+early that layer settled. Layers that are robust one at a time need not be robust when reset jointly.
+The distance heatmaps show how far each group's parameters moved from initialization.</p>"""
+
+
+def _verdicts(summary: dict) -> str:
+    threshold = _num(summary.get("threshold"))
+    rows = []
+    for v in summary.get("verdicts") or []:
+        verdict = str(v.get("verdict", ""))
+        css = verdict if verdict in ("critical", "robust") else ""
+        rows.append(
+            f"<tr><td><code>{_e(v.get('group'))}</code></td>"
+            f'<td class="num">{_num(v.get("delta_error"), signed=True)}</td>'
+            f'<td class="{css}">{_e(verdict)}</td>'
+            f'<td class="num">{_num(v.get("rerandomize_error_mean"))}</td></tr>'
+        )
+    return f"""<h2>Verdicts</h2>
+<p>Robust when Δ test error ≤ {threshold} after re-initializing the group to checkpoint 0; critical
+otherwise. Δ is measured against the final model's test error.</p>
+<table id="verdicts"><thead><tr><th>group</th><th>Δ test error at checkpoint 0</th><th>verdict</th>
+<th>re-randomized test error (mean over seeds)</th></tr></thead>
+<tbody>{"".join(rows)}</tbody></table>"""
+
+
+def _figures(figures_dir: Path) -> str:
+    parts = ["<h2>Figures</h2>"]
+    for stem, caption in FIGURES:
+        png = figures_dir / f"{stem}.png"
+        if png.is_file():
+            data = base64.b64encode(png.read_bytes()).decode("ascii")
+            parts.append(
+                f'<figure><img src="data:image/png;base64,{data}" alt="{_e(stem)}">'
+                f"<figcaption>{_e(caption)} <span class='muted'>({_e(stem)}.svg beside it)</span>"
+                "</figcaption></figure>"
+            )
+    if len(parts) == 1:
+        parts.append('<p class="muted">No figures found.</p>')
+    return "\n".join(parts)
+
+
+def _coverage(coverage: dict[str, list[str]]) -> str:
+    rows = "".join(
+        f"<tr><td><code>{_e(group)}</code></td><td>{_codes(keys)}</td></tr>"
+        for group, keys in coverage.items()
+        if group != "_unassigned"
+    )
+    unassigned = coverage.get("_unassigned") or []
+    tail = (
+        f"<p>State-dict keys in no group (never reset, always as trained): {_codes(unassigned)}</p>"
+        if unassigned
+        else "<p>Every state-dict key belongs to a group.</p>"
+    )
+    return f"""<h2>Group coverage</h2>
+<p>Which state-dict entries each group resets (parameters and buffers move together).</p>
+<table id="coverage"><thead><tr><th>group</th><th>state-dict keys</th></tr></thead>
+<tbody>{rows}</tbody></table>
+{tail}"""
+
+
+def _kv_table(d: dict, table_id: str) -> str:
+    if not d:
+        return '<p class="muted">Not recorded.</p>'
+    rows = "".join(f"<tr><th>{_e(k)}</th><td><code>{_e(_plain(v))}</code></td></tr>" for k, v in d.items())
+    return f'<table id="{table_id}"><tbody>{rows}</tbody></table>'
+
+
+def _codes(keys: list[str]) -> str:
+    return ", ".join(f"<code>{_e(k)}</code>" for k in keys) or '<span class="muted">none</span>'
+
+
+def _plain(v: Any) -> str:
+    return json.dumps(v, default=str) if isinstance(v, (dict, list, tuple)) else str(v)
+
+
+def _num(v: Any, signed: bool = False) -> str:
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        return _e("n/a" if v is None else v)
+    if not math.isfinite(x):
+        return "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")
+    return f"{x:+.3f}" if signed else f"{x:.3f}"
+
+
+def _data_name(name: Any) -> str:
+    return DATA_NAMES.get(str(name), str(name))
+
+
+def _config_name(v: Any) -> str:
+    if isinstance(v, dict):
+        return str(v.get("name", "?"))
+    return "?" if v is None else str(v)
+
+
+def _e(v: Any) -> str:
+    return html.escape(str(v), quote=True)

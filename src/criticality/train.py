@@ -1,0 +1,341 @@
+"""Training that keeps the checkpoint trajectory: θ at epoch 0 (the initialization), 1, 2, 3, 5, 10, …, final.
+
+A run directory after ``train(config, run_dir)``::
+
+    RUN/config.json                          resolved TrainConfig + provenance + data set + effective batch/lr
+    RUN/checkpoints/epoch_0000.safetensors   epoch 0 = initialization, always (plus a .json sidecar each)
+    RUN/log.jsonl                            one line per epoch: train/test error and loss, seconds, images/s
+    RUN/state/last.safetensors, resume.pt    model, optimizer, scheduler and RNG state after the last epoch
+
+Rerunning on an existing run directory resumes after the last finished epoch; on CPU the continued run
+ends with the same weights as an uninterrupted one, because every random draw (shuffling, augmentation)
+comes from one explicit generator whose state is saved with the optimizer's.
+Under ``torchrun`` the model is wrapped in DistributedDataParallel; ``batch_size`` stays the global
+batch (each of W processes takes batch_size / W examples of it), so the learning rate needs no rescaling.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from criticality import data as datasets
+from criticality import distributed, engine, models
+from criticality.checkpoints import list_epochs, load_checkpoint, save_checkpoint
+from criticality.errors import CriticalityError
+from criticality.files import atomic_path, atomic_write, write_json
+from criticality.provenance import provenance
+
+RUN_FORMAT = 1  # bump when the run-directory layout changes incompatibly
+
+
+@dataclass
+class TrainConfig:
+    """One training run. Every field is a CLI option of ``criticality train`` (``--lr`` etc.)."""
+
+    model: str = field(default="fcn-3x256", metadata={"help": "registry name, see `criticality list --models`"})
+    data: str = field(default="fashion-mnist", metadata={"help": "digits | fashion-mnist | mnist | cifar10 | imagenet"})
+    data_root: str | None = field(default=None, metadata={"help": "directory holding the data set's files"})
+    download: bool = field(default=False, metadata={"help": "fetch mnist/fashion-mnist/cifar10 if missing"})
+    epochs: int = field(default=20, metadata={"help": "training epochs (full passes over the train set)"})
+    batch_size: int = field(default=128, metadata={"help": "examples per SGD step, across all processes"})
+    lr: float = field(default=0.01, metadata={"help": "SGD learning rate"})
+    momentum: float = field(default=0.9, metadata={"help": "SGD momentum"})
+    weight_decay: float = field(default=0.0, metadata={"help": "L2 weight decay (5e-4 for VGG/ResNet)"})
+    schedule: str = field(
+        default="constant", metadata={"help": "lr schedule: constant | step (x0.1 at 50%%, 75%%) | cosine"}
+    )
+    augment: bool = field(default=False, metadata={"help": "random crop (pad 4) + flip, for 32x32 images"})
+    init: str = field(default="torch", metadata={"help": "torch (modules' reset_parameters) | glorot (the paper's TF)"})
+    width: int | None = field(default=None, metadata={"help": "base channels for vgg/resnet (default 64)"})
+    seed: int = field(default=0, metadata={"help": "seed of the init and of every data-order/augmentation draw"})
+    checkpoints: str = field(default="auto", metadata={"help": "auto (0,1,2,3,5,10,20,40,… + final) or e.g. 0,1,5,20"})
+    max_train: int | None = field(default=None, metadata={"help": "train on a fixed subset of this many examples"})
+    max_test: int | None = field(default=None, metadata={"help": "evaluate on a fixed subset of this many examples"})
+    image_size: int = field(default=224, metadata={"help": "imagenet: crop side in pixels"})
+    workers: int = field(default=4, metadata={"help": "DataLoader worker processes (imagenet only)"})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
+
+    def validate(self) -> None:
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise CriticalityError(
+                    f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}"
+                )
+        for name in ("lr", "momentum", "weight_decay"):
+            if not getattr(self, name) >= 0:
+                raise CriticalityError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.seed < 0:
+            raise CriticalityError(f"--seed must be non-negative, got {self.seed}")
+        if self.schedule not in ("constant", "step", "cosine"):
+            raise CriticalityError(f"unknown --schedule {self.schedule!r}; use constant, step or cosine")
+        checkpoint_epochs(self.epochs, self.checkpoints)
+
+
+def checkpoint_epochs(epochs: int, spec: str = "auto") -> list[int]:
+    """The epochs whose weights are kept: always 0 and the final one."""
+    if spec == "auto":
+        keep, e = {0, 1, 2, 3}, 5
+        while e < epochs:
+            keep.add(e)
+            e *= 2
+    else:
+        try:
+            keep = {int(s) for s in spec.split(",") if s.strip()}
+        except ValueError as err:
+            raise CriticalityError(f"--checkpoints must be 'auto' or comma-separated epochs, got {spec!r}") from err
+        if any(e < 0 for e in keep):
+            raise CriticalityError(f"--checkpoints epochs must be >= 0, got {spec!r}")
+    return sorted({e for e in keep if e <= epochs} | {0, epochs})
+
+
+def build_model(config: TrainConfig, dataset: datasets.Dataset) -> nn.Module:
+    generator = torch.Generator().manual_seed(config.seed)
+    return models.build(
+        config.model,
+        dataset.input_shape,
+        dataset.num_classes,
+        init=config.init,
+        generator=generator,
+        width=config.width,
+    )
+
+
+def load_data(config: TrainConfig) -> datasets.Dataset:
+    return datasets.load(
+        config.data, config.data_root, download=config.download, max_train=config.max_train, max_test=config.max_test
+    )
+
+
+def train(config: TrainConfig, run_dir: str | Path, *, progress: bool = True) -> Path:
+    """Train ``config`` into ``run_dir`` (resuming if it holds an unfinished run); returns ``run_dir``."""
+    config.validate()
+    run_dir = Path(run_dir)
+    ctx = distributed.setup(config.device)
+    dataset = load_data(config)
+    model = build_model(config, dataset).to(ctx.device)
+    state = _Trainer(config, model, dataset, ctx)
+    start = _begin(config, run_dir, state, ctx)
+    keep = checkpoint_epochs(config.epochs, config.checkpoints)
+    for epoch in range(start + 1, config.epochs + 1):
+        record = state.epoch(epoch, progress=progress and ctx.is_main)
+        if ctx.is_main:
+            if epoch in keep:
+                save_checkpoint(run_dir, epoch, state.model.state_dict(), **_metrics(record))
+            state.save_resume(run_dir, epoch)
+            _append_log(run_dir, record)
+        distributed.barrier()
+    return run_dir
+
+
+def _begin(config: TrainConfig, run_dir: Path, state: _Trainer, ctx: distributed.Context) -> int:
+    """Write config and epoch 0 for a new run, or load the resume state of an existing one."""
+    resolved = _resolved(config, state, ctx)
+    existing = run_dir / "config.json"
+    if existing.is_file():
+        _check_same_run(json.loads(existing.read_text()), resolved, run_dir)
+        done = state.load_resume(run_dir)
+        if done > config.epochs:
+            raise CriticalityError(f"{run_dir} already holds {done} epochs, more than --epochs {config.epochs}")
+        if ctx.is_main and done < config.epochs:
+            print(f"resuming {run_dir} after epoch {done}")
+        return done
+    if ctx.is_main:
+        write_json(existing, resolved)
+        record = {"epoch": 0, **state.evaluate(), "seconds": 0.0}
+        save_checkpoint(run_dir, 0, state.model.state_dict(), **_metrics(record))
+        state.save_resume(run_dir, 0)
+        _append_log(run_dir, record)
+    distributed.barrier()
+    return 0
+
+
+def _resolved(config: TrainConfig, state: _Trainer, ctx: distributed.Context) -> dict[str, Any]:
+    d = state.dataset
+    return {
+        "format": RUN_FORMAT,
+        "config": dataclasses.asdict(config),
+        "data": {
+            "name": d.name,
+            "source": d.source,
+            "normalization": d.normalization,
+            "n_train": _size(d.train),
+            "n_test": _size(d.test),
+            "num_classes": d.num_classes,
+            "input_shape": list(d.input_shape),
+        },
+        "model": {
+            "name": getattr(state.module, "name", config.model),
+            "build": getattr(state.module, "build_kwargs", {}),
+            "parameters": sum(p.numel() for p in state.module.parameters()),
+        },
+        "checkpoint_epochs": checkpoint_epochs(config.epochs, config.checkpoints),
+        "distributed": {
+            "world_size": ctx.world,
+            "per_process_batch": config.batch_size // ctx.world,
+            "effective_batch_size": config.batch_size // ctx.world * ctx.world,
+            "effective_lr": config.lr,
+            "device": str(ctx.device),
+        },
+        "provenance": provenance(),
+    }
+
+
+def _check_same_run(old: dict, new: dict, run_dir: Path) -> None:
+    if old.get("format") != RUN_FORMAT:
+        raise CriticalityError(
+            f"{run_dir} was written by an incompatible version of criticality "
+            f"(run format {old.get('format')!r}, this version reads {RUN_FORMAT}); use a new --out"
+        )
+    ignore = {"epochs", "checkpoints", "device", "download", "data_root"}
+    a, b = old.get("config", {}), new["config"]
+    differs = sorted(k for k in set(a) | set(b) if k not in ignore and a.get(k) != b.get(k))
+    if differs:
+        raise CriticalityError(
+            f"{run_dir} holds a run with other settings ({', '.join(differs)} differ); "
+            "use another --out or the same settings to resume"
+        )
+
+
+def _size(split) -> int:
+    return len(split[1]) if isinstance(split, tuple) else len(split)
+
+
+def _metrics(record: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in record.items() if k.startswith(("train_", "test_"))}
+
+
+def _append_log(run_dir: Path, record: dict[str, Any]) -> None:
+    """Rewrite log.jsonl atomically with ``record`` replacing any earlier line for its epoch."""
+    path = run_dir / "log.jsonl"
+    lines = [json.loads(s) for s in path.read_text().splitlines() if s.strip()] if path.exists() else []
+    lines = [r for r in lines if r["epoch"] < record["epoch"]] + [record]
+    with atomic_write(path) as f:
+        f.writelines(json.dumps(r) + "\n" for r in lines)
+
+
+class _Trainer:
+    """Model, optimizer, schedule and the one generator that every random draw of training uses."""
+
+    def __init__(self, config: TrainConfig, model: nn.Module, dataset: datasets.Dataset, ctx):
+        self.config, self.dataset, self.ctx, self.module = config, dataset, ctx, model
+        self.model = model  # the bare module; `self.net` may wrap it in DDP
+        self.net = nn.parallel.DistributedDataParallel(model) if distributed.active() else model
+        self.opt = torch.optim.SGD(
+            model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+        )
+        self.sched = _scheduler(self.opt, config)
+        self.generator = torch.Generator().manual_seed(config.seed + 1)  # data order + augmentation
+
+    def epoch(self, epoch: int, progress: bool) -> dict[str, Any]:
+        self.net.train()
+        start, seen, loss_sum, wrong = time.perf_counter(), 0, 0.0, 0
+        bar = tqdm(
+            self._batches(),
+            total=self._steps(),
+            desc=f"epoch {epoch}/{self.config.epochs}",
+            unit="step",
+            disable=not progress,
+            leave=False,
+        )
+        for x, y in bar:
+            x, y = x.to(self.ctx.device, non_blocking=True), y.to(self.ctx.device, non_blocking=True)
+            logits = self.net(x)  # (B, classes)
+            loss = F.cross_entropy(logits, y)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+            seen += len(y)
+            loss_sum += loss.item() * len(y)
+            wrong += (logits.argmax(1) != y).sum().item()
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", err=f"{wrong / seen:.3f}")
+        self.sched.step()
+        seconds = time.perf_counter() - start
+        return {
+            "epoch": epoch,
+            "train_loss": loss_sum / seen,
+            "train_error": wrong / seen,
+            **self.evaluate(),
+            "lr": self.opt.param_groups[0]["lr"],
+            "seconds": round(seconds, 3),
+            "images_per_s": round(seen * self.ctx.world / seconds, 1),
+        }
+
+    def evaluate(self) -> dict[str, float]:
+        test = self.dataset.test
+        data = test if isinstance(test, tuple) else torch.utils.data.DataLoader(
+            test, batch_size=256, num_workers=self.config.workers)
+        r = engine.evaluate(self.model, data, batch_size=1000, device=self.ctx.device)
+        return {"test_error": r["error"], "test_loss": r["loss"]}
+
+    def _batches(self):
+        """This process's share of each global batch, in an order drawn from ``self.generator``."""
+        train, c, ctx = self.dataset.train, self.config, self.ctx
+        if isinstance(train, tuple):
+            augment = (lambda x: datasets.crop_flip(x, self.generator)) if c.augment else None
+            for x, y in datasets.batches(*train, c.batch_size, shuffle=True, generator=self.generator, augment=augment):
+                share = len(y) // ctx.world  # a last short batch is split evenly, the remainder dropped
+                yield x[ctx.rank * share : (ctx.rank + 1) * share], y[ctx.rank * share : (ctx.rank + 1) * share]
+            return
+        order = torch.randperm(len(train), generator=self.generator)[ctx.rank :: ctx.world].tolist()
+        loader = torch.utils.data.DataLoader(
+            torch.utils.data.Subset(train, order), batch_size=max(1, c.batch_size // ctx.world), num_workers=4
+        )
+        yield from loader
+
+    def _steps(self) -> int:
+        return -(-_size(self.dataset.train) // self.config.batch_size)
+
+    def save_resume(self, run_dir: Path, epoch: int) -> None:
+        with atomic_path(run_dir / "state" / "last.safetensors") as tmp:
+            save_file(
+                {k: v.detach().cpu().clone().contiguous() for k, v in self.model.state_dict().items()},
+                str(tmp),
+                metadata={"epoch": str(epoch)},
+            )
+        extra = {
+            "epoch": epoch,
+            "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict(),
+            "generator": self.generator.get_state(),
+        }
+        with atomic_path(run_dir / "state" / "resume.pt") as tmp:
+            torch.save(extra, tmp)
+
+    def load_resume(self, run_dir: Path) -> int:
+        path = run_dir / "state" / "resume.pt"
+        if not path.is_file():
+            epochs = list_epochs(run_dir)
+            if not epochs:
+                raise CriticalityError(
+                    f"{run_dir} has a config.json but no checkpoints or resume state; use a new --out"
+                )
+            # No resume state (e.g. copied without state/): fall back to the last checkpoint, fresh optimizer.
+            self.model.load_state_dict(load_checkpoint(run_dir, epochs[-1]))
+            return epochs[-1]
+        extra = torch.load(path, weights_only=True)  # tensors and plain containers only, never code
+        weights = load_file(str(run_dir / "state" / "last.safetensors"))
+        self.model.load_state_dict(weights)
+        self.opt.load_state_dict(extra["optimizer"])
+        self.sched.load_state_dict(extra["scheduler"])
+        self.generator.set_state(extra["generator"])
+        return int(extra["epoch"])
+
+
+def _scheduler(opt: torch.optim.Optimizer, config: TrainConfig):
+    if config.schedule == "step":
+        milestones = [max(1, config.epochs // 2), max(1, config.epochs * 3 // 4)]
+        return torch.optim.lr_scheduler.MultiStepLR(opt, milestones, gamma=0.1)
+    if config.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=config.epochs)
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
