@@ -17,6 +17,7 @@ knows nothing of the model zoo, the data sets or the CLI.
 from __future__ import annotations
 
 import hashlib
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -211,6 +212,9 @@ def run_cells(plan: Plan, data: Data, *, device: str | torch.device = "cpu", sto
     saved = CellStore(store, plan.settings()) if store else None
     done = {k: r for k, r in (saved.rows.items() if saved else []) if k in {cell_key(c.as_dict()) for c in cells}}
     todo = [c for c in cells if cell_key(c.as_dict()) not in done]
+    if done:
+        print(f"resuming: {len(done)} of {len(cells)} cells already done ({store}), computing {len(todo)}",
+              file=sys.stderr)
     bar = tqdm(total=len(cells), initial=len(cells) - len(todo), desc="cells", unit="cell", disable=not progress)
     for cell, result in _evaluate(plan, todo, data, device):
         row = {**cell.as_dict(), **result}

@@ -8,12 +8,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 import types
 import typing
 from pathlib import Path
 
-from criticality import experiments, models
+from criticality import distributed, experiments, models
 from criticality.analysis import DEFAULT_THRESHOLD
 from criticality.errors import CriticalityError
 from criticality.train import TrainConfig
@@ -30,7 +31,7 @@ def _number(kind: type, low: float, what: str):
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
-        if value < low:
+        if not low <= value < math.inf:  # nan and inf are floats too, but no option wants them
             raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
         return value
 
@@ -141,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"criticality: internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)",
               file=sys.stderr)
         return 1
+    finally:
+        distributed.teardown()  # under torchrun: leave the process group so every process exits cleanly
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -155,7 +158,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         fields = _overrides(args, TrainConfig)
         config = TrainConfig(**{**fields, "model": args.model_name or TrainConfig.model})
         train(config, args.out, progress=progress)
-        print(f"trained {config.model} on {config.data}: {Path(args.out) / 'checkpoints'}")
+        if distributed.is_main():
+            print(f"trained {config.model} on {config.data}: {Path(args.out) / 'checkpoints'}")
         return 0
     if args.command == "analyze":
         from criticality.runner import analyze_run
@@ -165,7 +169,9 @@ def _dispatch(args: argparse.Namespace) -> int:
                           engine=args.engine, batch_size=args.batch_size, device=args.device,
                           max_examples=args.max_examples, threshold=args.threshold, buffers=args.buffers,
                           progress=progress)
-        print(f"wrote {out / 'cells.csv'}, {out / 'distances.csv'}, {out / 'summary.json'}")
+        if distributed.is_main():
+            print(f"wrote {out / 'cells.csv'}, {out / 'distances.csv'}, {out / 'summary.json'}")
+            _warn_non_finite(out)
         return 0
     if args.command == "report":
         from criticality import plots, report
@@ -193,7 +199,19 @@ def _run(args: argparse.Namespace, progress: bool) -> int:
     reports = run_experiment(exp, scale=args.scale, data=data, out=args.out, progress=progress, **overrides)
     for path in reports:
         print(f"report: {path}")
+        _warn_non_finite(Path(path).parent / "analysis")
     return 0
+
+
+def _warn_non_finite(analysis_dir: Path) -> None:
+    """One line on stderr when some cells evaluated to NaN/inf: they stay in the table, flagged."""
+    try:
+        bad = json.loads((analysis_dir / "summary.json").read_text()).get("non_finite_cells", 0)
+    except (OSError, ValueError):
+        return
+    if bad:
+        print(f"criticality: warning: {bad} cells have a non-finite error or loss (NaN/inf); they are the rows "
+              f"with finite=False in {analysis_dir / 'cells.csv'}", file=sys.stderr)
 
 
 def _groups(spec: str) -> str | dict:

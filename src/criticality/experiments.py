@@ -19,9 +19,10 @@ from criticality.train import TrainConfig
 
 SCALES = ("quick", "paper")
 _FCN = dict(lr=0.01, momentum=0.9, batch_size=128, init="glorot")
-_CONV = dict(lr=0.1, momentum=0.9, batch_size=128, weight_decay=5e-4, schedule="cosine", augment=True)
+_CONV = dict(lr=0.1, momentum=0.9, batch_size=128, weight_decay=5e-4, schedule="cosine", augment=True,
+             init="kaiming")
 _QUICK = dict(epochs=5, max_train=10000, max_test=2000)
-_QUICK_CONV = dict(epochs=3, max_train=1000, max_test=500, width=8, lr=0.05)
+_QUICK_CONV = dict(epochs=8, max_train=2000, max_test=500, width=16, lr=0.02, batch_size=64, augment=False)
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,13 @@ def _conv(key: str, fig: str, model: str, data: str, description: str, **kw: Any
                       quick={**_CONV, **_QUICK_CONV}, **kw)
 
 
+def _vgg(depth: int) -> Experiment:
+    exp = _conv(f"fig4/vgg{depth}/cifar10", "4", f"vgg{depth}", "cifar10",
+                f"VGG-{depth} on CIFAR-10 (layers as columns)")
+    # Quick scale trains the BatchNorm variant: a plain VGG at toy size and a few epochs does not leave chance.
+    return dataclasses.replace(exp, quick={**exp.quick, "quick_runs": {"run": {"model": f"vgg{depth}-bn"}}})
+
+
 def _width_sweep() -> Experiment:
     runs = {f"w{w}-s{s}": {"model": f"fcn-3x{w}", "seed": s} for w in (32, 128, 512, 2048) for s in range(3)}
     quick_runs = {f"w{w}-s{s}": {"model": f"fcn-3x{w}", "seed": s} for w in (16, 64, 256) for s in range(2)}
@@ -76,8 +84,7 @@ def _registry() -> dict[str, Experiment]:
         _fcn("fig1/fcn-3x256/mnist", "1", "fcn-3x256", "FCN 3×256: robustness heatmap and weight distances"),
         _fcn("fig2/fcn-5x256/mnist", "2", "fcn-5x256", "FCN 5×256: heatmaps of test error and test loss"),
         _width_sweep(),
-        *[_conv(f"fig4/vgg{d}/cifar10", "4", f"vgg{d}", "cifar10", f"VGG-{d} on CIFAR-10 (layers as columns)")
-          for d in (11, 13, 16, 19)],
+        *[_vgg(d) for d in (11, 13, 16, 19)],
         *[_conv(f"fig5/resnet{d}/cifar10", "5", f"resnet{d}", "cifar10", f"ResNet-{d} V2 by residual block")
           for d in (18, 34, 50)],
         *[_conv(f"fig6/resnet{d}/imagenet", "6", f"resnet{d}", "imagenet", f"ResNet-{d} V2 on ImageNet by block")

@@ -6,6 +6,9 @@ Initialization is part of the experiment, because re-randomization draws from it
   user's module implements there).
 - ``glorot``: TensorFlow's dense/conv default, used by the paper: Glorot-uniform weights, zero biases;
   norm layers get weight 1, bias 0 and fresh running statistics.
+- ``kaiming``: He-normal weights (fan-out, ReLU gain) for convolutions, as torchvision's VGG and ResNet
+  do, PyTorch's default for linear layers, zero conv biases; deep plain nets (VGG without BatchNorm)
+  train from it where the modules' defaults make the signal vanish.
 
 A scheme may also be any callable ``init(model)`` that re-initializes ``model`` in place, drawing from
 torch's global generator. Randomness is always an argument: :func:`initialize` runs the scheme inside
@@ -20,7 +23,7 @@ import torch
 from torch import nn
 
 InitScheme = str | Callable[[nn.Module], None]
-SCHEMES = ("torch", "glorot")
+SCHEMES = ("torch", "glorot", "kaiming")
 
 _NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
@@ -41,6 +44,16 @@ def _glorot(model: nn.Module) -> None:
             module.reset_parameters()  # norm layers: weight 1, bias 0, fresh running stats
 
 
+def _kaiming(model: nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, nn.modules.conv._ConvNd):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+
+
 def scheme_name(scheme: InitScheme) -> str:
     """A printable name for a scheme, recorded in configs and tables."""
     if isinstance(scheme, str):
@@ -57,7 +70,7 @@ def initialize(model: nn.Module, scheme: InitScheme, generator: torch.Generator)
     if isinstance(scheme, str):
         if scheme not in SCHEMES:
             raise ValueError(f"unknown init scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
-        fn = _torch_default if scheme == "torch" else _glorot
+        fn = {"torch": _torch_default, "glorot": _glorot, "kaiming": _kaiming}[scheme]
     else:
         fn = scheme
     with torch.random.fork_rng(devices=[]), torch.no_grad():

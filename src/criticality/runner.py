@@ -24,11 +24,12 @@ import torch
 from criticality import data as datasets
 from criticality import distributed, models, plots, report
 from criticality.analysis import DEFAULT_THRESHOLD, finish, make_plan, run_cells
-from criticality.checkpoints import load_checkpoints
+from criticality.checkpoints import checkpoint_dir, list_epochs, load_checkpoints
 from criticality.errors import CriticalityError
 from criticality.experiments import Experiment, run_configs
 from criticality.files import atomic_path, write_json
 from criticality.provenance import provenance
+from criticality.store import cell_key
 from criticality.train import RUN_FORMAT, TrainConfig, train
 
 
@@ -54,16 +55,20 @@ def analyze_run(run_dir: str | Path, *, groups: str | dict = "model", seeds: int
     """Analyse a training run directory and write ``RUN/analysis``; returns that directory."""
     run_dir = Path(run_dir)
     config = read_run(run_dir)
-    cfg = TrainConfig(**config["config"])
+    try:
+        cfg, build = TrainConfig(**config["config"]), config["model"]["build"]
+    except (KeyError, TypeError) as e:
+        raise CriticalityError(f"{run_dir / 'config.json'} is incomplete or has unknown fields ({e})") from e
     if split not in ("test", "train"):
         raise CriticalityError(f"--split must be test or train, got {split!r}")
+    _check_epochs(run_dir)
     ctx = distributed.setup(device)
     dataset = datasets.load(cfg.data, cfg.data_root, max_train=cfg.max_train, max_test=cfg.max_test,
                             image_size=cfg.image_size)
     split_data = dataset.test if split == "test" else dataset.train
     data = split_data if isinstance(split_data, tuple) else torch.utils.data.DataLoader(
         split_data, batch_size=batch_size, num_workers=cfg.workers)
-    model = models.build(**config["model"]["build"], init=cfg.init)
+    model = models.build(**build, init=cfg.init)
     plan = make_plan(model, load_checkpoints(run_dir), groups, seeds, joint, None, None, None, ("error", "loss"),
                  engine, batch_size, max_examples, buffers)
     out = run_dir / "analysis"
@@ -72,6 +77,7 @@ def analyze_run(run_dir: str | Path, *, groups: str | dict = "model", seeds: int
                      shard=(ctx.rank, ctx.world) if ctx.world > 1 else None, progress=progress and ctx.is_main)
     rows = _merge_shards(distributed.gather(rows), plan)
     if not ctx.is_main:
+        distributed.barrier()  # return once rank 0 has written the tables
         return out
     result = finish(plan, rows, threshold=threshold, provenance={**provenance(), "world_size": ctx.world,
                                                                  "device": str(ctx.device)})
@@ -83,15 +89,33 @@ def analyze_run(run_dir: str | Path, *, groups: str | dict = "model", seeds: int
               "stands_in_for": paper_data if paper_data and paper_data != dataset.name else None,
               "source": dataset.source})
     write_tables(out, result.table, result.distances, result.summary)
+    distributed.barrier()
     return out
 
 
+def _check_epochs(run_dir: Path) -> None:
+    """Refuse before any evaluation a checkpoint set the verdicts cannot use: they need epoch 0 and a later one."""
+    epochs = list_epochs(run_dir)
+    where = checkpoint_dir(run_dir)
+    if epochs and epochs[0] != 0:
+        raise CriticalityError(f"no epoch 0 (the initialization) in {where} (earliest is {epochs[0]}); "
+                               "re-initialization needs it: restore epoch_0000.safetensors/.json or retrain")
+    if epochs == [0]:
+        raise CriticalityError(f"{where} holds only epoch 0; train at least one epoch first "
+                               "(rerun `criticality train` with the same --out to resume)")
+
+
 def _merge_shards(shards: list[list[dict]], plan) -> list[dict]:
-    """Rank-order shards back into grid order (rank r evaluated cells r, r + W, r + 2W, …)."""
+    """Rank-order shards back into grid order (rank r evaluated cells r, r + W, r + 2W, …; a rank beyond
+    the number of cells evaluated none)."""
     world = len(shards)
-    merged: list[dict] = []
-    for i in range(len(plan.cells)):
-        merged.append(shards[i % world][i // world])
+    if [len(s) for s in shards] != [len(plan.cells[r::world]) for r in range(world)]:
+        raise CriticalityError(f"shards of {[len(s) for s in shards]} rows do not split {len(plan.cells)} cells "
+                               f"over {world} processes")
+    merged = [shards[i % world][i // world] for i in range(len(plan.cells))]
+    for row, cell in zip(merged, plan.cells, strict=True):
+        if cell_key(row) != cell_key(cell.as_dict()):
+            raise CriticalityError(f"shard row {cell_key(row)} is out of place (expected {cell_key(cell.as_dict())})")
     return merged
 
 

@@ -36,13 +36,8 @@ class CellStore:
         self.rows: dict[Hashable, dict[str, Any]] = {}
         if self.path.exists() and self.path.stat().st_size > 0:
             self._load()
-        else:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            header = {"kind": KIND, "format": FORMAT, "settings": self.settings}
-            with open(self.path, "w") as f:
-                f.write(json.dumps(header) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
+        else:  # atomically, so that a kill can never leave a torn header
+            write_text(self.path, json.dumps({"kind": KIND, "format": FORMAT, "settings": self.settings}) + "\n")
 
     def add(self, row: Mapping[str, Any]) -> None:
         line = json.dumps(dict(row), allow_nan=True)
@@ -53,10 +48,12 @@ class CellStore:
         self.rows[cell_key(row)] = dict(row)
 
     def _load(self) -> None:
-        lines = self.path.read_text().split("\n")
         try:
+            lines = self.path.read_text().split("\n")
             header = json.loads(lines[0])
-        except json.JSONDecodeError as e:
+            if not isinstance(header, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as e:  # JSONDecodeError (and UnicodeDecodeError above) are ValueErrors
             raise CriticalityError(f"{self.path} has no readable header; delete it to start the analysis anew") from e
         if header.get("kind") != KIND or header.get("format") != FORMAT:
             raise CriticalityError(f"{self.path} was written by an incompatible version "
@@ -67,12 +64,15 @@ class CellStore:
             raise CriticalityError(f"{self.path} holds cells of an analysis with other settings "
                                    f"(differs: {', '.join(differs)}); refusing to mix them — delete it or use "
                                    "another output directory")
+        kept = lines[:1]
         for line in lines[1:]:
             try:
                 row = json.loads(line)
-            except json.JSONDecodeError:
+                self.rows[cell_key(row)] = row
+            except (json.JSONDecodeError, KeyError, TypeError):
                 continue  # an empty trailing line, or one torn by a crash: recompute that cell
-            self.rows[cell_key(row)] = row
-        if lines and lines[-1] and not lines[-1].endswith("}"):
-            # Drop the torn tail so that later appends start on a fresh line.
-            write_text(self.path, "\n".join(lines[:-1]) + "\n")
+            kept.append(line)
+        if lines[-1]:
+            # The file does not end in a newline (a write cut short): keep the whole rows only, so that
+            # later appends start on a fresh line instead of gluing onto a torn one.
+            write_text(self.path, "\n".join(kept) + "\n")

@@ -5,19 +5,24 @@ A run directory after ``train(config, run_dir)``::
     RUN/config.json                          resolved TrainConfig + provenance + data set + effective batch/lr
     RUN/checkpoints/epoch_0000.safetensors   epoch 0 = initialization, always (plus a .json sidecar each)
     RUN/log.jsonl                            one line per epoch: train/test error and loss, seconds, images/s
-    RUN/state/last.safetensors, resume.pt    model, optimizer, scheduler and RNG state after the last epoch
+    RUN/state/resume.pt                      model, optimizer, scheduler and RNG state after the last epoch
+    RUN/state/last.safetensors               the same model weights, for other tools
 
 Rerunning on an existing run directory resumes after the last finished epoch; on CPU the continued run
 ends with the same weights as an uninterrupted one, because every random draw (shuffling, augmentation)
-comes from one explicit generator whose state is saved with the optimizer's.
+comes from one explicit generator whose state is saved with the optimizer's. Each epoch writes its
+checkpoint, then its log line, then resume.pt (one atomic rename), so a kill at any moment (SIGKILL
+included) at worst repeats the unfinished epoch. resume.pt is read with ``torch.load(weights_only=True)``.
 Under ``torchrun`` the model is wrapped in DistributedDataParallel; ``batch_size`` stays the global
-batch (each of W processes takes batch_size / W examples of it), so the learning rate needs no rescaling.
+batch (each of W processes takes batch_size / W examples of it, a short last batch split as evenly), so the
+learning rate needs no rescaling; only rank 0 evaluates and writes.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +36,7 @@ from tqdm.auto import tqdm
 
 from criticality import data as datasets
 from criticality import distributed, engine, models
-from criticality.checkpoints import list_epochs, load_checkpoint, save_checkpoint
+from criticality.checkpoints import check_compatible, list_epochs, load_checkpoint, save_checkpoint
 from criticality.errors import CriticalityError
 from criticality.files import atomic_path, atomic_write, write_json
 from criticality.provenance import provenance
@@ -56,7 +61,8 @@ class TrainConfig:
         default="constant", metadata={"help": "lr schedule: constant | step (x0.1 at 50%%, 75%%) | cosine"}
     )
     augment: bool = field(default=False, metadata={"help": "random crop (pad 4) + flip, for 32x32 images"})
-    init: str = field(default="torch", metadata={"help": "torch (modules' reset_parameters) | glorot (the paper's TF)"})
+    init: str = field(default="torch", metadata={
+        "help": "torch (modules' reset_parameters) | glorot (the paper's TF) | kaiming (He, convs)"})
     width: int | None = field(default=None, metadata={"help": "base channels for vgg/resnet (default 64)"})
     seed: int = field(default=0, metadata={"help": "seed of the init and of every data-order/augmentation draw"})
     checkpoints: str = field(default="auto", metadata={"help": "auto (0,1,2,3,5,10,20,40,… + final) or e.g. 0,1,5,20"})
@@ -73,8 +79,9 @@ class TrainConfig:
                     f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}"
                 )
         for name in ("lr", "momentum", "weight_decay"):
-            if not getattr(self, name) >= 0:
-                raise CriticalityError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+            if not 0 <= getattr(self, name) < math.inf:  # also refuses nan
+                raise CriticalityError(f"--{name.replace('_', '-')} must be a finite number >= 0, "
+                                       f"got {getattr(self, name)}")
         if self.seed < 0:
             raise CriticalityError(f"--seed must be non-negative, got {self.seed}")
         if self.schedule not in ("constant", "step", "cosine"):
@@ -132,8 +139,8 @@ def train(config: TrainConfig, run_dir: str | Path, *, progress: bool = True) ->
         if ctx.is_main:
             if epoch in keep:
                 save_checkpoint(run_dir, epoch, state.model.state_dict(), **_metrics(record))
+            _append_log(run_dir, record)  # before the resume state: a crash in between reruns this epoch
             state.save_resume(run_dir, epoch)
-            _append_log(run_dir, record)
         distributed.barrier()
     return run_dir
 
@@ -142,9 +149,12 @@ def _begin(config: TrainConfig, run_dir: Path, state: _Trainer, ctx: distributed
     """Write config and epoch 0 for a new run, or load the resume state of an existing one."""
     resolved = _resolved(config, state, ctx)
     existing = run_dir / "config.json"
-    if existing.is_file():
-        _check_same_run(json.loads(existing.read_text()), resolved, run_dir)
-        done = state.load_resume(run_dir)
+    done = None
+    # Rank 0's view, taken before it writes: a rank looking later would see the new config.json and resume.
+    if distributed.broadcast(existing.is_file()):
+        _check_same_run(_read_config(existing), resolved, run_dir)
+        done = state.load_resume(run_dir)  # None: killed before epoch 0 was saved, so start afresh
+    if done is not None:
         if done > config.epochs:
             raise CriticalityError(f"{run_dir} already holds {done} epochs, more than --epochs {config.epochs}")
         if ctx.is_main and done < config.epochs:
@@ -154,8 +164,8 @@ def _begin(config: TrainConfig, run_dir: Path, state: _Trainer, ctx: distributed
         write_json(existing, resolved)
         record = {"epoch": 0, **state.evaluate(), "seconds": 0.0}
         save_checkpoint(run_dir, 0, state.model.state_dict(), **_metrics(record))
-        state.save_resume(run_dir, 0)
         _append_log(run_dir, record)
+        state.save_resume(run_dir, 0)
     distributed.barrier()
     return 0
 
@@ -182,13 +192,23 @@ def _resolved(config: TrainConfig, state: _Trainer, ctx: distributed.Context) ->
         "checkpoint_epochs": checkpoint_epochs(config.epochs, config.checkpoints),
         "distributed": {
             "world_size": ctx.world,
-            "per_process_batch": config.batch_size // ctx.world,
-            "effective_batch_size": config.batch_size // ctx.world * ctx.world,
+            "per_process_batch": -(-config.batch_size // ctx.world),  # at most; shares differ by ≤ 1 example
+            "effective_batch_size": config.batch_size,
             "effective_lr": config.lr,
             "device": str(ctx.device),
         },
         "provenance": provenance(),
     }
+
+
+def _read_config(path: Path) -> dict:
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CriticalityError(f"{path} is not readable JSON ({e}); use a new --out") from e
+    if not isinstance(config, dict):
+        raise CriticalityError(f"{path} is not a run configuration (a JSON object); use a new --out")
+    return config
 
 
 def _check_same_run(old: dict, new: dict, run_dir: Path) -> None:
@@ -230,7 +250,8 @@ class _Trainer:
     def __init__(self, config: TrainConfig, model: nn.Module, dataset: datasets.Dataset, ctx):
         self.config, self.dataset, self.ctx, self.module = config, dataset, ctx, model
         self.model = model  # the bare module; `self.net` may wrap it in DDP
-        self.net = nn.parallel.DistributedDataParallel(model) if distributed.active() else model
+        gpu = [ctx.device] if ctx.device.type == "cuda" else None
+        self.net = nn.parallel.DistributedDataParallel(model, device_ids=gpu) if distributed.active() else model
         self.opt = torch.optim.SGD(
             model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
         )
@@ -248,27 +269,31 @@ class _Trainer:
             disable=not progress,
             leave=False,
         )
-        for x, y in bar:
+        for x, y, n in bar:  # this process's share of a global batch of n examples
             x, y = x.to(self.ctx.device, non_blocking=True), y.to(self.ctx.device, non_blocking=True)
-            logits = self.net(x)  # (B, classes)
-            loss = F.cross_entropy(logits, y)
+            logits = self.net(x)  # (B / W, classes)
+            summed = F.cross_entropy(logits, y, reduction="sum")
+            # DDP averages gradients over the W processes, so (Σ over this share) · W / n becomes the mean
+            # over the global batch, exactly, also when a short last batch splits unevenly.
+            loss = summed * self.ctx.world / n
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             self.opt.step()
             seen += len(y)
-            loss_sum += loss.item() * len(y)
+            loss_sum += summed.item()
             wrong += (logits.argmax(1) != y).sum().item()
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", err=f"{wrong / seen:.3f}")
         self.sched.step()
+        seen, loss_sum, wrong = distributed.sum_over_ranks([seen, loss_sum, wrong], self.ctx.device)
         seconds = time.perf_counter() - start
         return {
             "epoch": epoch,
             "train_loss": loss_sum / seen,
             "train_error": wrong / seen,
-            **self.evaluate(),
+            **(self.evaluate() if self.ctx.is_main else {}),  # only rank 0 logs it
             "lr": self.opt.param_groups[0]["lr"],
             "seconds": round(seconds, 3),
-            "images_per_s": round(seen * self.ctx.world / seconds, 1),
+            "images_per_s": round(seen / seconds, 1),
         }
 
     def evaluate(self) -> dict[str, float]:
@@ -279,32 +304,38 @@ class _Trainer:
         return {"test_error": r["error"], "test_loss": r["loss"]}
 
     def _batches(self):
-        """This process's share of each global batch, in an order drawn from ``self.generator``."""
+        """``(x, y, n)``: this process's share of each global batch of ``n`` examples, in an order drawn
+        from ``self.generator`` (the same on every rank). Rank r takes the r-th of W nearly equal slices
+        (``tensor_split``); a last global batch with fewer examples than processes is dropped, so that no
+        process steps on an empty batch."""
         train, c, ctx = self.dataset.train, self.config, self.ctx
         if isinstance(train, tuple):
             augment = (lambda x: datasets.crop_flip(x, self.generator)) if c.augment else None
             for x, y in datasets.batches(*train, c.batch_size, shuffle=True, generator=self.generator, augment=augment):
-                share = len(y) // ctx.world  # a last short batch is split evenly, the remainder dropped
-                yield x[ctx.rank * share : (ctx.rank + 1) * share], y[ctx.rank * share : (ctx.rank + 1) * share]
+                if len(y) >= ctx.world:
+                    yield x.tensor_split(ctx.world)[ctx.rank], y.tensor_split(ctx.world)[ctx.rank], len(y)
             return
-        order = torch.randperm(len(train), generator=self.generator)[ctx.rank :: ctx.world].tolist()
-        loader = torch.utils.data.DataLoader(
-            torch.utils.data.Subset(train, order), batch_size=max(1, c.batch_size // ctx.world), num_workers=4
-        )
-        yield from loader
+        order = torch.randperm(len(train), generator=self.generator)
+        steps = [order[i : i + c.batch_size] for i in range(0, len(order), c.batch_size)]
+        steps = [s for s in steps if len(s) >= ctx.world]
+        shares = [s.tensor_split(ctx.world)[ctx.rank].tolist() for s in steps]
+        loader = torch.utils.data.DataLoader(train, batch_sampler=shares, num_workers=c.workers)
+        for (x, y), s in zip(loader, steps, strict=True):
+            yield x, y, len(s)
 
     def _steps(self) -> int:
         return -(-_size(self.dataset.train) // self.config.batch_size)
 
     def save_resume(self, run_dir: Path, epoch: int) -> None:
+        """resume.pt holds everything a resume needs in one atomically replaced file (so a crash can never
+        pair one epoch's weights with another's optimizer state); last.safetensors is the same weights
+        for other tools."""
+        weights = {k: v.detach().cpu().clone().contiguous() for k, v in self.model.state_dict().items()}
         with atomic_path(run_dir / "state" / "last.safetensors") as tmp:
-            save_file(
-                {k: v.detach().cpu().clone().contiguous() for k, v in self.model.state_dict().items()},
-                str(tmp),
-                metadata={"epoch": str(epoch)},
-            )
+            save_file(weights, str(tmp), metadata={"epoch": str(epoch)})
         extra = {
             "epoch": epoch,
+            "model": weights,
             "optimizer": self.opt.state_dict(),
             "scheduler": self.sched.state_dict(),
             "generator": self.generator.get_state(),
@@ -312,24 +343,38 @@ class _Trainer:
         with atomic_path(run_dir / "state" / "resume.pt") as tmp:
             torch.save(extra, tmp)
 
-    def load_resume(self, run_dir: Path) -> int:
+    def load_resume(self, run_dir: Path) -> int | None:
+        """Restore the state after the last finished epoch and return that epoch; None if nothing was saved."""
         path = run_dir / "state" / "resume.pt"
         if not path.is_file():
             epochs = list_epochs(run_dir)
-            if not epochs:
-                raise CriticalityError(
-                    f"{run_dir} has a config.json but no checkpoints or resume state; use a new --out"
-                )
-            # No resume state (e.g. copied without state/): fall back to the last checkpoint, fresh optimizer.
-            self.model.load_state_dict(load_checkpoint(run_dir, epochs[-1]))
+            if epochs in ([], [0]):
+                return None  # killed before epoch 0's resume state was saved: starting afresh redoes it exactly
+            # No resume state (e.g. copied without state/): the last checkpoint, a fresh optimizer and data order.
+            weights = load_checkpoint(run_dir, epochs[-1])
+            check_compatible(self.model, weights, where=f"checkpoint of epoch {epochs[-1]}")
+            self.model.load_state_dict(weights)
             return epochs[-1]
-        extra = torch.load(path, weights_only=True)  # tensors and plain containers only, never code
-        weights = load_file(str(run_dir / "state" / "last.safetensors"))
+        fix = f"delete {path.parent} to resume from the last checkpoint instead (with a fresh optimizer)"
+        try:  # tensors and plain containers only: a pickle that names any other global is refused, never run
+            extra = torch.load(path, map_location="cpu", weights_only=True)
+            epoch, weights = int(extra["epoch"]), extra.get("model")
+            if weights is None:  # written before resume.pt held the weights
+                weights = load_file(str(path.parent / "last.safetensors"))
+        except Exception as e:  # noqa: BLE001 - an untrusted file can fail in many ways; all mean "unusable"
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            raise CriticalityError(f"{path} is not a resume state this version can load "
+                                   f"({type(e).__name__}: {first}); {fix}") from e
+        check_compatible(self.model, weights, where=str(path))
         self.model.load_state_dict(weights)
-        self.opt.load_state_dict(extra["optimizer"])
-        self.sched.load_state_dict(extra["scheduler"])
-        self.generator.set_state(extra["generator"])
-        return int(extra["epoch"])
+        try:
+            self.opt.load_state_dict(extra["optimizer"])
+            self.sched.load_state_dict(extra["scheduler"])
+            self.generator.set_state(extra["generator"])
+        except (KeyError, ValueError, TypeError, RuntimeError) as e:
+            raise CriticalityError(f"{path}: optimizer or data-order state does not fit this run ({e}); "
+                                   f"{fix}") from e
+        return epoch
 
 
 def _scheduler(opt: torch.optim.Optimizer, config: TrainConfig):
