@@ -120,7 +120,8 @@ def build_model(config: TrainConfig, dataset: datasets.Dataset) -> nn.Module:
 
 def load_data(config: TrainConfig) -> datasets.Dataset:
     return datasets.load(
-        config.data, config.data_root, download=config.download, max_train=config.max_train, max_test=config.max_test
+        config.data, config.data_root, download=config.download, max_train=config.max_train, max_test=config.max_test,
+        image_size=config.image_size,
     )
 
 
@@ -315,6 +316,8 @@ class _Trainer:
                 if len(y) >= ctx.world:
                     yield x.tensor_split(ctx.world)[ctx.rank], y.tensor_split(ctx.world)[ctx.rank], len(y)
             return
+        if hasattr(train, "set_epoch"):  # ImageNet: new random crops each epoch, drawn from our generator
+            train.set_epoch(int(torch.randint(0, 2**31, (), generator=self.generator)))
         order = torch.randperm(len(train), generator=self.generator)
         steps = [order[i : i + c.batch_size] for i in range(0, len(order), c.batch_size)]
         steps = [s for s in steps if len(s) >= ctx.world]
