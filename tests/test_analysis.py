@@ -223,3 +223,30 @@ def test_resume_computes_only_missing_cells(tmp_path, monkeypatch):
     assert again.drop(columns=[]).equals(full)
     with pytest.raises(CriticalityError, match="other settings"):
         analyze(model, states, make_data(), **{**kw, "groups": {"a": ["1"], "b": ["3", "5", "7"]}})
+
+
+def test_recalibrated_buffers_match_an_independent_average():
+    """buffers="recalibrate": the group's BatchNorm statistics are the exact mean/var of its input."""
+    model, states = trajectory("convbn")
+    x, y = make_data(n=200, seed=3)
+    final = states[3]
+    keys = groups.resolve(model, "auto").members["0"]  # conv 0 + BatchNorm 1
+    variant = surgery.reinit(final, states[0], keys)
+    out = surgery.recalibrate(model, variant, keys, [x[:100], x[100:]])
+    conv = nn.Conv2d(1, 6, 3, padding=1)
+    conv.load_state_dict({"weight": variant["0.weight"], "bias": variant["0.bias"]})
+    with torch.no_grad():
+        h = conv(x)  # (200, 6, 6, 6): the BatchNorm's input
+    per_batch = [h[:100], h[100:]]
+    want_mean = torch.stack([b.mean((0, 2, 3)) for b in per_batch]).mean(0)
+    want_var = torch.stack([b.var((0, 2, 3), unbiased=True) for b in per_batch]).mean(0)
+    assert torch.allclose(out["1.running_mean"], want_mean, atol=1e-5)
+    assert torch.allclose(out["1.running_var"], want_var, atol=1e-5)
+    assert torch.equal(out["5.running_mean"], final["5.running_mean"])  # other groups untouched
+    t = analyze(model, states, (x, y), groups="auto", seeds=1, buffers="recalibrate", calibration=(x, y),
+                batch_size=BATCH, progress=False).table
+    naive = analyze(model, states, (x, y), groups="auto", seeds=1, buffers="recalibrate", calibration=(x, y),
+                    batch_size=BATCH, progress=False, engine="naive").table
+    np.testing.assert_array_equal(t.error.to_numpy(), naive.error.to_numpy())
+    with pytest.raises(CriticalityError, match="calibration"):
+        analyze(model, states, (x, y), groups="auto", buffers="recalibrate", progress=False)

@@ -86,7 +86,7 @@ def analyze(model: nn.Module, checkpoints: Mapping[int, StateDict], data: Data, 
             batch_size: int = 1000, device: str | torch.device = "cpu", max_examples: int | None = None,
             threshold: float = DEFAULT_THRESHOLD, buffers: str = "reset", store: str | None = None,
             shard: tuple[int, int] | None = None, progress: bool = True,
-            provenance: Mapping[str, Any] | None = None) -> Result:
+            provenance: Mapping[str, Any] | None = None, calibration: Data | None = None) -> Result:
     """Measure re-initialization and re-randomization robustness of every group of ``model``.
 
     ``checkpoints`` maps epoch → state dict; the final model is the largest epoch unless ``final`` names
@@ -95,9 +95,11 @@ def analyze(model: nn.Module, checkpoints: Mapping[int, StateDict], data: Data, 
     modules' own ``reset_parameters``). ``engine="naive"`` evaluates every cell with the plain
     reference. ``store`` names a cells.jsonl file that makes the run resumable. ``shard=(rank, world)``
     evaluates only this rank's share of the cells (see :mod:`criticality.distributed`).
+    ``buffers``: a group's norm-layer running statistics move with it (``reset``, default), stay as
+    trained (``keep``), or are recomputed for each variant on the ``calibration`` batches (``recalibrate``).
     """
     plan = make_plan(model, checkpoints, groups, seeds, joint, final, reinit_to, init, metrics, engine, batch_size,
-                 max_examples, buffers)
+                     max_examples, buffers, calibration=calibration)
     rows = run_cells(plan, data, device=device, store=store, shard=shard, progress=progress)
     return finish(plan, rows, threshold=threshold, provenance=provenance)
 
@@ -118,6 +120,7 @@ class Plan:
     batch_size: int
     max_examples: int | None
     buffers: str
+    calibration: Data | None = None  # training batches for buffers="recalibrate"
     _fresh: dict[int, StateDict] = field(default_factory=dict)
 
     def keys(self, group: str) -> tuple[str, ...]:
@@ -128,14 +131,19 @@ class Plan:
         final = self.checkpoints[self.final_epoch]
         if cell.op == "final":
             return dict(final)
-        buffer_keys = surgery.buffer_keys(self.model)
+        buffer_keys, keys = surgery.buffer_keys(self.model), self.keys(cell.group)
         if cell.op == "reinit":
-            return surgery.reinit(final, self.checkpoints[cell.checkpoint], self.keys(cell.group),
-                                  buffers=self.buffers, buffer_keys=buffer_keys)
-        if cell.seed not in self._fresh:
-            self._fresh[cell.seed] = self._draw(cell.seed)
-        return surgery.rerandomize(final, self._fresh[cell.seed], self.keys(cell.group),
-                                   buffers=self.buffers, buffer_keys=buffer_keys)
+            state = surgery.reinit(final, self.checkpoints[cell.checkpoint], keys, buffers=self.buffers,
+                                   buffer_keys=buffer_keys)
+        else:
+            if cell.seed not in self._fresh:
+                self._fresh[cell.seed] = self._draw(cell.seed)
+            state = surgery.rerandomize(final, self._fresh[cell.seed], keys, buffers=self.buffers,
+                                        buffer_keys=buffer_keys)
+        if self.buffers == "recalibrate":
+            inputs = (x for x, _ in engine_mod.iter_batches(self.calibration, self.batch_size))
+            state = surgery.recalibrate(self.model, state, keys, inputs)
+        return state
 
     def _draw(self, seed: int) -> StateDict:
         """A fresh model's state from generator seed ``RERANDOMIZE_SALT + seed``.
@@ -168,7 +176,8 @@ class Plan:
 
 
 def make_plan(model, checkpoints, groups, seeds, joint, final, reinit_to, init, metrics, engine, batch_size,
-          max_examples, buffers) -> Plan:
+              max_examples, buffers, *, calibration: Data | None = None) -> Plan:
+    """Check every argument of :func:`analyze` and lay out the grid; raises :class:`CriticalityError`."""
     if not checkpoints:
         raise CriticalityError("no checkpoints given: analysis needs at least the final model and epoch 0")
     if engine not in ENGINES:
@@ -195,8 +204,12 @@ def make_plan(model, checkpoints, groups, seeds, joint, final, reinit_to, init, 
     metric_fns = dict(metrics) if isinstance(metrics, Mapping) else {m: _metric(m) for m in metrics}
     cells = grid(resolved.names, list(joints), reinit_to, seeds, final)
     init = init if init is not None else getattr(model, "init_scheme", "torch")
+    if buffers not in surgery.BUFFER_MODES:
+        raise CriticalityError(f"unknown buffer mode {buffers!r}; choose one of {', '.join(surgery.BUFFER_MODES)}")
+    if buffers == "recalibrate" and calibration is None:
+        raise CriticalityError("buffers='recalibrate' needs calibration data (training batches)")
     return Plan(model, checkpoints, resolved, joints, cells, final, init, metric_fns, engine, batch_size,
-                max_examples, buffers)
+                max_examples, buffers, calibration)
 
 
 def _metric(name: str) -> Metric:

@@ -80,8 +80,9 @@ def _analysis_options(parser: argparse.ArgumentParser) -> None:
                         help="evaluate on the first N examples only (quick look; recorded in the output)")
     parser.add_argument("--threshold", type=NON_NEGATIVE_FLOAT, default=DEFAULT_THRESHOLD,
                         help="Δ test error at epoch 0 up to which a layer counts as robust")
-    parser.add_argument("--buffers", choices=("reset", "keep"), default="reset",
-                        help="norm-layer running statistics: move with the group (reset) or stay as trained")
+    parser.add_argument("--buffers", choices=("reset", "keep", "recalibrate"), default="reset",
+                        help="norm-layer running statistics: move with the group (reset), stay as trained (keep), "
+                             "or are re-estimated on 2048 training images (recalibrate)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
 
 

@@ -70,7 +70,8 @@ def analyze_run(run_dir: str | Path, *, groups: str | dict = "model", seeds: int
         split_data, batch_size=batch_size, num_workers=cfg.workers)
     model = models.build(**build, init=cfg.init)
     plan = make_plan(model, load_checkpoints(run_dir), groups, seeds, joint, None, None, None, ("error", "loss"),
-                 engine, batch_size, max_examples, buffers)
+                     engine, batch_size, max_examples, buffers,
+                     calibration=_calibration(dataset, cfg) if buffers == "recalibrate" else None)
     out = run_dir / "analysis"
     store = out / ("cells.jsonl" if ctx.world == 1 else f"cells.rank{ctx.rank}-of-{ctx.world}.jsonl")
     rows = run_cells(plan, data, device=ctx.device, store=str(store),
@@ -103,6 +104,18 @@ def _check_epochs(run_dir: Path) -> None:
     if epochs == [0]:
         raise CriticalityError(f"{where} holds only epoch 0; train at least one epoch first "
                                "(rerun `criticality train` with the same --out to resume)")
+
+
+CALIBRATION_EXAMPLES = 2048  # training images that re-estimate BatchNorm statistics (buffers="recalibrate")
+
+
+def _calibration(dataset: datasets.Dataset, cfg: TrainConfig):
+    """The first CALIBRATION_EXAMPLES training examples, unaugmented, for buffers="recalibrate"."""
+    train = dataset.train
+    if isinstance(train, tuple):
+        return train[0][:CALIBRATION_EXAMPLES], train[1][:CALIBRATION_EXAMPLES]
+    subset = torch.utils.data.Subset(train, range(min(CALIBRATION_EXAMPLES, len(train))))
+    return torch.utils.data.DataLoader(subset, batch_size=256, num_workers=cfg.workers)
 
 
 def _merge_shards(shards: list[list[dict]], plan) -> list[dict]:

@@ -12,7 +12,7 @@ key that is absent from either side is an error, never a silent no-op.
 from __future__ import annotations
 
 import copy
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -21,7 +21,7 @@ from criticality.errors import CriticalityError
 from criticality.initializers import InitScheme, initialize
 
 StateDict = dict[str, torch.Tensor]
-BUFFER_MODES = ("reset", "keep")
+BUFFER_MODES = ("reset", "keep", "recalibrate")
 
 
 def replace(base: Mapping[str, torch.Tensor], source: Mapping[str, torch.Tensor],
@@ -79,6 +79,36 @@ def fresh_state(model: nn.Module, init: InitScheme, generator: torch.Generator) 
     return {k: v.detach() for k, v in fresh.state_dict().items()}
 
 
+def recalibrate(model: nn.Module, state: Mapping[str, torch.Tensor], keys: Collection[str],
+                batches: Iterable[torch.Tensor]) -> StateDict:
+    """``state`` with the running statistics of the norm layers among ``keys`` recomputed.
+
+    The variant model runs forward over ``batches`` (training inputs) with those norm layers in training
+    mode and ``momentum=None`` (an exact average over the batches); everything else stays in eval mode
+    and no parameter changes. Other groups' buffers stay as they are in ``state``.
+    """
+    m = copy.deepcopy(model).to("cpu").eval()
+    m.load_state_dict(state)
+    keys = set(keys)
+    norms = [mod for name, mod in m.named_modules() if isinstance(mod, nn.modules.batchnorm._BatchNorm)
+             and f"{name}.running_mean" in keys]
+    if not norms:
+        return dict(state)
+    for mod in norms:
+        mod.reset_running_stats()
+        mod.momentum = None
+        mod.train()
+    with torch.no_grad():
+        for x in batches:
+            m(x.to("cpu"))
+    fresh = m.state_dict()
+    out = dict(state)
+    for k in keys:
+        if k.endswith(("running_mean", "running_var", "num_batches_tracked")):
+            out[k] = fresh[k].detach().clone()
+    return out
+
+
 def buffer_keys(model: nn.Module) -> set[str]:
     """The state-dict keys of ``model`` that are buffers (running statistics, counters)."""
     return {name for name, _ in model.named_buffers()}
@@ -89,7 +119,7 @@ def _moving(keys: Collection[str], buffers: str, buffer_keys: Collection[str]) -
         raise CriticalityError(f"unknown buffer mode {buffers!r}; choose one of {', '.join(BUFFER_MODES)}")
     if buffers == "keep":
         return [k for k in keys if k not in set(buffer_keys)]
-    return list(keys)
+    return list(keys)  # "recalibrate" moves them too; recalibrate() then recomputes them
 
 
 def _check_keys(base: Mapping, source: Mapping, keys: Collection[str]) -> None:
