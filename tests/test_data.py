@@ -26,7 +26,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from criticality import data
+from criticality import data, imagenet
 from criticality.errors import CriticalityError
 from fixtures import serve, write_cifar, write_idx, write_mnist, write_png, write_tree
 
@@ -260,11 +260,11 @@ def test_imagenet_tree(tmp_path):
 
 def test_imagenet_crops_are_seeded():
     img = torch.rand(3, 30, 40, generator=torch.Generator().manual_seed(1))
-    crop = lambda seed: data.random_resized_crop(img, 16, torch.Generator().manual_seed(seed))  # noqa: E731
+    crop = lambda seed: imagenet.random_resized_crop(img, 16, torch.Generator().manual_seed(seed))  # noqa: E731
     assert crop(0).shape == (3, 16, 16)
     torch.testing.assert_close(crop(0), crop(0))
     assert not torch.equal(crop(0), crop(1))
-    assert data.resize_center_crop(img, 16).shape == (3, 16, 16)
+    assert imagenet.resize_center_crop(img, 16).shape == (3, 16, 16)
 
 
 def test_imagenet_train_items_repeat_per_epoch(tmp_path):
