@@ -77,17 +77,21 @@ def iter_batches(data: Data, batch_size: int, limit: int | None = None) -> Itera
 
 
 class _Totals:
+    """Running float64 sums of per-example metrics, kept on the device: no host sync per batch."""
+
     def __init__(self, names: Sequence[str]):
-        self.sums = dict.fromkeys(names, 0.0)
+        self.sums: dict[str, torch.Tensor | float] = dict.fromkeys(names, 0.0)
         self.n = 0
 
     def add(self, logits: torch.Tensor, targets: torch.Tensor, metrics: Mapping[str, Metric]) -> None:
         for name, fn in metrics.items():
-            self.sums[name] += float(fn(logits, targets).sum())
+            self.sums[name] = self.sums[name] + fn(logits, targets).to(torch.float64).sum()  # (,) on the device
         self.n += len(targets)
 
     def result(self) -> dict[str, float]:
-        return {**{k: v / self.n for k, v in self.sums.items()}, "n": self.n}
+        if self.n == 0:
+            raise ValueError("no data to evaluate on")
+        return {**{k: float(v) / self.n for k, v in self.sums.items()}, "n": self.n}
 
 
 def evaluate(model: nn.Module, data: Data, *, metrics: Mapping[str, Metric] = METRICS, batch_size: int = 1000,
