@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -223,7 +224,8 @@ def width_bars(df: pd.DataFrame, title: str | None = None) -> Figure:
     ax.set_ylabel("Δ test error (re-init to checkpoint 0)")
     ax.axhline(0, color="0.3", lw=0.8)
     ax.legend(title="layer", fontsize=8, frameon=False)
-    ax.set_title(title or "Re-initialization robustness vs width (mean ± std over seeds)", fontsize=10)
+    title = title or "Re-initialization robustness vs width (mean ± std over seeds)"
+    ax.set_title(textwrap.fill(title, 80), fontsize=10)
     return fig
 
 

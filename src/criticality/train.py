@@ -283,7 +283,7 @@ class _Trainer:
             seen += len(y)
             loss_sum += summed.item()
             wrong += (logits.argmax(1) != y).sum().item()
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", err=f"{wrong / seen:.3f}")
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", err=f"{wrong / seen:.3f}", refresh=False)
         self.sched.step()
         seen, loss_sum, wrong = distributed.sum_over_ranks([seen, loss_sum, wrong], self.ctx.device)
         seconds = time.perf_counter() - start
