@@ -161,10 +161,24 @@ class Plan:
                                    "choose other seeds")
         return fresh
 
-    def variant(self, cell: Cell) -> Variant:
-        state = self.state(cell)
+    def entries(self, cell: Cell) -> dict[str, torch.Tensor]:
+        """The entries in which the cell's variant differs from the final model (surgery's new tensors)."""
         final = self.checkpoints[self.final_epoch]
-        return Variant(cell, {k: v for k, v in state.items() if v is not final[k]})
+        return {k: v for k, v in self.state(cell).items() if v is not final[k]}
+
+    def moved_keys(self, cell: Cell) -> tuple[str, ...]:
+        """The keys :meth:`entries` returns, known without doing the surgery."""
+        if cell.op == "final":
+            return ()
+        keys = self.keys(cell.group)
+        if self.buffers == "keep":
+            kept = surgery.buffer_keys(self.model)
+            keys = tuple(k for k in keys if k not in kept)
+        return tuple(keys)
+
+    def variant(self, cell: Cell) -> Variant:
+        """The cell for the engine: its tensors are made when it is evaluated, not before."""
+        return Variant(cell, lambda: self.entries(cell), keys=self.moved_keys(cell))
 
     def settings(self) -> dict[str, Any]:
         """What must match for stored cells to be reused (see :mod:`criticality.store`)."""
@@ -250,11 +264,7 @@ def _evaluate(plan: Plan, cells: list[Cell], data: Data, device) -> Any:
         return
     fast = Engine(plan.model, plan.checkpoints[plan.final_epoch], data, metrics=plan.metrics,
                   batch_size=plan.batch_size, device=device, limit=plan.max_examples)
-    yield from fast.evaluate(_lazy_variants(plan, cells))
-
-
-def _lazy_variants(plan: Plan, cells: list[Cell]) -> list[Variant]:
-    return [plan.variant(c) for c in cells]
+    yield from fast.evaluate([plan.variant(c) for c in cells])
 
 
 def finish(plan: Plan, rows: list[dict[str, Any]], *, threshold: float = DEFAULT_THRESHOLD,

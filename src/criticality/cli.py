@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import fnmatch
 import json
 import math
 import sys
@@ -181,7 +182,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"report: {report.write_report(args.run_dir)}")
         return 0
     if args.command == "list":
-        for name in (models.names() if args.models else experiments.names(args.pattern)):
+        pattern = args.pattern or "*"
+        names = [m for m in models.names() if pattern in m or fnmatch.fnmatchcase(m, pattern)] if args.models \
+            else experiments.names(args.pattern)
+        for name in names:
             note = "" if args.models else f"  {experiments.REGISTRY[name].description}"
             print(f"{name}{note}")
         return 0

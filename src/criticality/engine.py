@@ -48,10 +48,24 @@ METRICS: dict[str, Metric] = {"error": error, "loss": loss}
 
 @dataclass(frozen=True)
 class Variant:
-    """One cell: ``entries`` are the state-dict entries that differ from the engine's base model."""
+    """One cell: ``entries`` are the state-dict entries that differ from the engine's base model.
+
+    ``entries`` may also be a function that makes them, with ``keys`` naming the keys it will return:
+    then a variant's tensors exist only while it is evaluated, not for the whole grid at once.
+    """
 
     id: Hashable
-    entries: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    entries: Mapping[str, torch.Tensor] | Callable[[], Mapping[str, torch.Tensor]] = field(default_factory=dict)
+    keys: tuple[str, ...] | None = None
+
+    def touched(self) -> tuple[str, ...]:
+        return tuple(self.entries) if self.keys is None else self.keys
+
+    def materialize(self) -> Mapping[str, torch.Tensor]:
+        entries = self.entries() if callable(self.entries) else self.entries
+        if self.keys is not None and set(entries) != set(self.keys):
+            raise KeyError(f"variant {self.id!r} made keys {sorted(entries)}, announced {sorted(self.keys)}")
+        return entries
 
 
 def iter_batches(data: Data, batch_size: int, limit: int | None = None) -> Iterator[Batch]:
@@ -167,7 +181,7 @@ class Engine:
 
     def position(self, variant: Variant) -> int:
         """Index of the first stage the variant touches (len(stages): touches none)."""
-        return min((self._stage_of[k] for k in variant.entries), default=len(self.stages))
+        return min((self._stage_of[k] for k in variant.touched()), default=len(self.stages))
 
     def evaluate(self, variants: Iterable[Variant]) -> Iterator[tuple[Hashable, dict[str, float]]]:
         variants = sorted(variants, key=self.position)
@@ -192,7 +206,7 @@ class Engine:
                 pos = self.position(v)
                 acts, at = self._advance(acts, at, pos), pos
                 self.cache_bytes = max(self.cache_bytes, sum(a.numel() * a.element_size() for a in acts))
-                with swapped(self.model, v.entries), torch.inference_mode():
+                with swapped(self.model, v.materialize()), torch.inference_mode():
                     for a, (_, y) in zip(acts, chunk, strict=True):
                         totals[i].add(self._run(a, pos, len(self.stages)), y, self.metrics)
                 if last_chunk:
