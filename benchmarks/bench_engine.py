@@ -123,13 +123,13 @@ def stage_flops(model: torch.nn.Module, x: torch.Tensor) -> list[float]:
 
 
 def engine_flops(model: torch.nn.Module, final: dict[str, torch.Tensor], cells: list[list[str]],
-                 per_stage: list[float], n: int) -> float:
+                 per_stage: list[float], probe_data: tuple[torch.Tensor, torch.Tensor], n: int) -> float:
     """FLOPs the engine runs for ``cells`` (each a list of modified keys) over ``n`` examples.
 
     Assumes the engine makes one pass (its cached activations fit ``max_cache_bytes``, 1 GiB: true for every
     case here, at most 131 MB); with several chunks it re-runs the prefix once per position.
     """
-    probe = Engine(model, final, (torch.zeros(2, 1), torch.zeros(2, dtype=torch.long)))
+    probe = Engine(model, final, probe_data)  # only for the positions it assigns to keys
     positions = [probe.position(Variant(i, dict.fromkeys(keys))) for i, keys in enumerate(cells)]
     prefix = sum(per_stage[:max(positions)])  # activations advanced once, stage by stage
     suffixes = sum(sum(per_stage[p:]) for p in positions)
@@ -171,7 +171,7 @@ def run_case(case: Case, ds: data.Dataset, device: torch.device) -> dict:
     groups = resolve(model)
     cells = [list(groups.members[g]) if op != "final" else [] for op, g in zip(naive.op, naive.group, strict=True)]
     per_stage = stage_flops(model, x_test[:8])
-    fast_flops = engine_flops(model, final, cells, per_stage, len(x_test))
+    fast_flops = engine_flops(model, final, cells, per_stage, (x_test[:2], y_test[:2]), len(x_test))
     naive_flops = len(cells) * sum(per_stage) * len(x_test)
     naive_t, fast_t = min(times["naive"]), min(times["fast"])
     return {"case": case.key, "model": case.model, "width": case.width, "cells": len(cells), "examples": len(x_test),

@@ -12,17 +12,19 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from torch import nn
 
 import criticality
 from criticality import engine, groups, surgery
-from criticality.analysis import analyze, distances
+from criticality.analysis import analyze, distances, tabulate, verdicts
 from criticality.errors import CriticalityError
-from toy import ARCHS
+from toy import ARCHS, TRICKY
 
 BATCH = 64
 
@@ -250,3 +252,59 @@ def test_recalibrated_buffers_match_an_independent_average():
     np.testing.assert_array_equal(t.error.to_numpy(), naive.error.to_numpy())
     with pytest.raises(CriticalityError, match="calibration"):
         analyze(model, states, (x, y), groups="auto", buffers="recalibrate", progress=False)
+
+
+@pytest.mark.parametrize("arch", list(TRICKY))
+def test_engine_is_never_fooled_by_a_chain_that_is_not_the_forward(arch):
+    """Each model here breaks an assumption of prefix caching; the engine must still equal the reference."""
+    torch.manual_seed(0)
+    model = TRICKY[arch]()
+    x, y = make_data(seed=2)
+    states = {0: copy.deepcopy(model.state_dict())}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    states[1] = copy.deepcopy(model.state_dict())
+    kw = dict(groups="auto", seeds=1, batch_size=BATCH, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the engine warns when it falls back to the full forward
+        fast = analyze(model, states, (x, y), **kw).table
+    naive = analyze(model, states, (x, y), engine="naive", **kw).table
+    np.testing.assert_array_equal(fast.error.to_numpy(), naive.error.to_numpy())
+    np.testing.assert_allclose(fast.loss.to_numpy(), naive.loss.to_numpy(), rtol=0, atol=1e-5)
+
+
+def test_a_parameter_the_init_scheme_does_not_draw_is_an_error():
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(36, 5)
+            self.scale = nn.Parameter(torch.ones(5))  # no reset_parameters draws it
+
+        def forward(self, x):
+            return self.fc(x.flatten(1)) * self.scale
+
+    with pytest.raises(CriticalityError, match="does not draw scale"):
+        surgery.fresh_state(Scaled(), "torch", torch.Generator().manual_seed(0))
+    attention = nn.MultiheadAttention(8, 2)  # initialized by _reset_parameters only
+    fresh = surgery.fresh_state(attention, "torch", torch.Generator().manual_seed(0))
+    assert not torch.equal(fresh["in_proj_weight"], attention.in_proj_weight)
+
+
+def test_a_delta_equal_to_the_threshold_is_robust():
+    table = pd.DataFrame([
+        {"op": "final", "group": "", "joint": False, "checkpoint": 3, "seed": None, "error": 0.1001,
+         "loss": 1.0, "n": 10000},
+        {"op": "reinit", "group": "a", "joint": False, "checkpoint": 0, "seed": None, "error": 0.1201,
+         "loss": 1.0, "n": 10000}])
+    assert tabulate(table.to_dict("records"), ["error", "loss"]).delta_error.iloc[1] > 0.02  # float noise
+    v = verdicts(tabulate(table.to_dict("records"), ["error", "loss"]), 0.02)
+    assert v.verdict.iloc[0] == "robust"
+
+
+def test_stored_cells_are_not_reused_for_other_data(tmp_path):
+    model, states = trajectory("fcn")
+    store = str(tmp_path / "cells.jsonl")
+    analyze(model, states, make_data(seed=1), groups="auto", seeds=1, progress=False, store=store)
+    with pytest.raises(CriticalityError, match="data"):
+        analyze(model, states, make_data(seed=2), groups="auto", seeds=1, progress=False, store=store)

@@ -88,3 +88,14 @@ def test_fashion_mnist_shows_the_papers_pattern(tmp_path):
     verdicts = {v["group"]: v["verdict"] for v in json.loads((tmp_path / "analysis" / "summary.json").read_text())
                 ["verdicts"]}
     assert verdicts["fc1"] == "critical"
+
+
+def test_train_split_analysis_goes_beside_the_test_one(tmp_path):
+    assert main(["--no-progress", "train", "fcn-1x16", "--data", "digits", "--epochs", "2", "--device", "cpu",
+                 "--out", str(tmp_path)]) == 0
+    assert main(["--no-progress", "analyze", str(tmp_path), "--seeds", "1", "--device", "cpu"]) == 0
+    assert main(["--no-progress", "analyze", str(tmp_path), "--seeds", "1", "--split", "train",
+                 "--device", "cpu"]) == 0
+    test = json.loads((tmp_path / "analysis" / "summary.json").read_text())["data"]
+    train = json.loads((tmp_path / "analysis_train" / "summary.json").read_text())["data"]
+    assert (test["split"], test["n_test"]) == ("test", 360) and (train["split"], train["n_test"]) == ("train", 1437)

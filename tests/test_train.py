@@ -91,3 +91,15 @@ def test_fashion_mnist_subset_learns(tmp_path):
                             device="cpu"), tmp_path / "run", progress=False)
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert log[-1]["test_error"] < 0.25
+
+
+def test_extending_a_run(tmp_path):
+    """More epochs: refused when the lr schedule depends on the length; recorded in config.json otherwise."""
+    train(TrainConfig(**{**TINY, "epochs": 2, "schedule": "cosine"}), tmp_path / "cos", progress=False)
+    with pytest.raises(CriticalityError, match="cosine schedule over 2 epochs"):
+        train(TrainConfig(**{**TINY, "schedule": "cosine"}), tmp_path / "cos", progress=False)
+    run = train(TrainConfig(**{**TINY, "epochs": 2}), tmp_path / "const", progress=False)
+    train(TrainConfig(**TINY), run, progress=False)
+    config = json.loads((run / "config.json").read_text())
+    assert config["config"]["epochs"] == 4 and config["checkpoint_epochs"] == [0, 1, 2, 3, 4]
+    assert config["extended"][0]["from_epochs"] == 2

@@ -186,7 +186,7 @@ class Plan:
                 "checkpoints": {e: _fingerprint(sd) for e, sd in sorted(self.checkpoints.items())},
                 "final": self.final_epoch, "init": scheme_name(self.init), "metrics": sorted(self.metrics),
                 "groups": {g: list(k) for g, k in {**self.groups.members, **self.joint}.items()},
-                "max_examples": self.max_examples, "buffers": self.buffers}
+                "max_examples": self.max_examples, "buffers": self.buffers, "batch_size": self.batch_size}
 
 
 def make_plan(model, checkpoints, groups, seeds, joint, final, reinit_to, init, metrics, engine, batch_size,
@@ -236,7 +236,7 @@ def run_cells(plan: Plan, data: Data, *, device: str | torch.device = "cpu", sto
               shard: tuple[int, int] | None = None, progress: bool = True) -> list[dict[str, Any]]:
     """Evaluate the plan's cells (this shard's share), reusing and extending ``store``; rows in grid order."""
     cells = plan.cells if shard is None else plan.cells[shard[0]::shard[1]]
-    saved = CellStore(store, plan.settings()) if store else None
+    saved = CellStore(store, {**plan.settings(), "data": data_fingerprint(data, plan.max_examples)}) if store else None
     done = {k: r for k, r in (saved.rows.items() if saved else []) if k in {cell_key(c.as_dict()) for c in cells}}
     todo = [c for c in cells if cell_key(c.as_dict()) not in done]
     if done:
@@ -318,7 +318,8 @@ def verdicts(table: pd.DataFrame, threshold: float = DEFAULT_THRESHOLD) -> pd.Da
     for group, cells in table[table.op != "final"].groupby("group", sort=False):
         at0 = cells[(cells.op == "reinit") & (cells.checkpoint == 0)].iloc[0]
         rand = cells[cells.op == "rerandomize"]["error"]
-        robust = bool(at0.delta_error <= threshold)
+        # Errors are k/n: a Δ of exactly the threshold must not read as 0.020000000000000004 > 0.02.
+        robust = bool(at0.delta_error <= threshold + 1e-9)
         out.append({"group": group, "joint": bool(at0.joint), "delta_error": float(at0.delta_error),
                     "threshold": threshold, "verdict": "robust" if robust else "critical",
                     "rerandomize_error_mean": float(rand.mean()) if len(rand) else float("nan"),
@@ -354,6 +355,23 @@ def _distance(theta: torch.Tensor, theta0: torch.Tensor) -> dict[str, float]:
     return {"l2": diff.norm().item() / n2 if n2 > 0 else float("nan"),
             "linf": diff.abs().max().item() / ninf if ninf > 0 else float("nan"),
             "cosine": 1.0 - cos}
+
+
+def data_fingerprint(data: Data, limit: int | None = None) -> str:
+    """An identity of the evaluation data: all of it for tensors; size and first batch for a loader."""
+    h = hashlib.sha256()
+    if isinstance(data, tuple) and isinstance(data[0], torch.Tensor):
+        tensors = [t[:limit] if limit else t for t in data]
+    else:
+        first = next(engine_mod.iter_batches(data, 1000, limit), (torch.empty(0), torch.empty(0)))
+        tensors = list(first)
+        h.update(f"{type(data).__name__}:{len(getattr(data, 'dataset', data)) if hasattr(data, '__len__') else '?'}"
+                 .encode())
+    for t in tensors:
+        t = t.detach().cpu().contiguous()
+        h.update(f"{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
 
 
 def _fingerprint(state: StateDict) -> str:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import warnings
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -73,6 +74,9 @@ def iter_batches(data: Data, batch_size: int, limit: int | None = None) -> Itera
 
     ``limit`` keeps only the first ``limit`` examples (a fixed subset, for quick looks).
     """
+    if isinstance(data, Iterator):
+        raise TypeError("data must be tensors (x, y) or a re-iterable loader (e.g. a DataLoader), not a one-shot "
+                        "iterator: every cell reads it again")
     if isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], torch.Tensor):
         x, y = data
         n = len(x) if limit is None else min(limit, len(x))
@@ -153,11 +157,16 @@ def swapped(model: nn.Module, entries: Mapping[str, torch.Tensor]) -> Iterator[n
 
 
 def chain_of(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The model as a list of ``(module prefix, stage)``; one full-model stage when it declares none."""
-    if hasattr(model, "stages"):
+    """The model as a list of ``(module prefix, stage)``; one full-model stage when it declares none.
+
+    A declared ``stages()`` method wins; a plain ``nn.Sequential`` (not a subclass with its own forward)
+    is its children, a module registered twice included. The engine checks the chain against
+    ``model(x)`` before trusting it.
+    """
+    if callable(getattr(type(model), "stages", None)):
         return list(model.stages())
-    if isinstance(model, nn.Sequential):
-        return [(name, child) for name, child in model.named_children()]
+    if isinstance(model, nn.Sequential) and type(model).forward is nn.Sequential.forward:
+        return list(model._modules.items())
     return [("", model)]
 
 
@@ -175,7 +184,7 @@ class Engine:
         self.model.load_state_dict(base)
         self.data, self.metrics, self.batch_size = data, dict(metrics), batch_size
         self.device, self.limit, self.max_cache_bytes = torch.device(device), limit, max_cache_bytes
-        self.stages = chain_of(self.model) if prefix_cache else [("", self.model)]
+        self.stages = self._verified(chain_of(self.model)) if prefix_cache else [("", self.model)]
         self._stage_of = self._key_positions()
         self.cache_bytes = 0  # peak bytes of activations held for one chunk, measured
 
@@ -208,7 +217,10 @@ class Engine:
                 self.cache_bytes = max(self.cache_bytes, sum(a.numel() * a.element_size() for a in acts))
                 with swapped(self.model, v.materialize()), torch.inference_mode():
                     for a, (_, y) in zip(acts, chunk, strict=True):
-                        totals[i].add(self._run(a, pos, len(self.stages)), y, self.metrics)
+                        # The suffix gets a copy: a stage may work in place on its input (inplace=True),
+                        # and the cached activation must survive for the next cell.
+                        suffix_input = a.clone() if pos < len(self.stages) else a
+                        totals[i].add(self._run(suffix_input, pos, len(self.stages)), y, self.metrics)
                 if last_chunk:
                     yield v.id, totals.pop(i).result()
         if totals:
@@ -240,10 +252,7 @@ class Engine:
 
     def _bytes_per_example(self) -> int:
         """Largest activation (bytes per example) at any stage boundary, from one small probe batch."""
-        first = next(iter_batches(self.data, 2, self.limit), None)
-        if first is None:
-            raise ValueError("no data to evaluate on")
-        x = first[0][:2]
+        x = self._probe()
         h, largest = x.to(self.device), x[:1].numel() * x.element_size()
         with torch.inference_mode():
             for _, stage in self.stages:
@@ -251,12 +260,38 @@ class Engine:
                 largest = max(largest, h[:1].numel() * h.element_size())
         return largest
 
+    def _verified(self, stages: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
+        """``stages`` if running them equals ``model(x)`` bit for bit on a probe batch, else the whole model.
+
+        A chain that is not the model's forward (a functional op or a skip connection between stages, a
+        subclass with its own forward) would make prefix caching give other numbers than the reference.
+        """
+        if len(stages) <= 1:
+            return [("", self.model)]
+        x = self._probe().to(self.device)
+        with torch.inference_mode():
+            whole, h = self.model(x), x.clone()
+            for _, stage in stages:
+                h = stage(h)
+        if h.shape == whole.shape and torch.equal(h, whole):
+            return stages
+        warnings.warn(f"{type(self.model).__name__}: its chain of stages does not reproduce its forward; "
+                      "evaluating every cell with the full forward (no prefix caching)", stacklevel=3)
+        return [("", self.model)]
+
+    def _probe(self) -> torch.Tensor:
+        first = next(iter_batches(self.data, 2, self.limit), None)
+        if first is None:
+            raise ValueError("no data to evaluate on")
+        return first[0][:2]
+
     def _key_positions(self) -> dict[str, int]:
+        """Stage index of each state-dict key, by tensor identity (names can mislead)."""
+        owned = [{id(t) for t in stage.state_dict(keep_vars=True).values()} for _, stage in self.stages]
         positions = {}
-        for key in self.model.state_dict():
-            hits = [i for i, (prefix, _) in enumerate(self.stages)
-                    if prefix == "" or key == prefix or key.startswith(prefix + ".")]
-            positions[key] = min(hits) if hits else 0  # a key outside the chain: re-run everything
+        for key, tensor in self.model.state_dict(keep_vars=True).items():
+            hits = [i for i, ids in enumerate(owned) if id(tensor) in ids]
+            positions[key] = min(hits) if hits else 0  # a tensor outside the chain: re-run everything
         return positions
 
 

@@ -25,13 +25,20 @@ from torch import nn
 InitScheme = str | Callable[[nn.Module], None]
 SCHEMES = ("torch", "glorot", "kaiming")
 
-_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+
+
+def _reset(module: nn.Module) -> None:
+    """The module's own initialization (``_reset_parameters``: nn.MultiheadAttention, Transformer)."""
+    for name in ("reset_parameters", "_reset_parameters"):
+        fn = getattr(module, name, None)
+        if callable(fn):
+            fn()
+            return
 
 
 def _torch_default(model: nn.Module) -> None:
     for module in model.modules():
-        if hasattr(module, "reset_parameters") and callable(module.reset_parameters):
-            module.reset_parameters()
+        _reset(module)
 
 
 def _glorot(model: nn.Module) -> None:
@@ -40,8 +47,8 @@ def _glorot(model: nn.Module) -> None:
             nn.init.xavier_uniform_(module.weight)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
-        elif isinstance(module, _NORMS) or hasattr(module, "reset_parameters"):
-            module.reset_parameters()  # norm layers: weight 1, bias 0, fresh running stats
+        else:
+            _reset(module)  # norm layers: weight 1, bias 0, fresh running stats; others: their own scheme
 
 
 def _kaiming(model: nn.Module) -> None:
@@ -50,8 +57,8 @@ def _kaiming(model: nn.Module) -> None:
             nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
-        elif hasattr(module, "reset_parameters"):
-            module.reset_parameters()
+        else:
+            _reset(module)
 
 
 def scheme_name(scheme: InitScheme) -> str:

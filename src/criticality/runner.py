@@ -52,7 +52,8 @@ def analyze_run(run_dir: str | Path, *, groups: str | dict = "model", seeds: int
                 joint: Sequence[Sequence[str]] | None = None, split: str = "test", engine: str = "fast",
                 batch_size: int = 1000, device: str = "auto", max_examples: int | None = None,
                 threshold: float = DEFAULT_THRESHOLD, buffers: str = "reset", progress: bool = True) -> Path:
-    """Analyse a training run directory and write ``RUN/analysis``; returns that directory."""
+    """Analyse a training run directory and write ``RUN/analysis`` (``RUN/analysis_train`` for the training
+    split); returns that directory."""
     run_dir = Path(run_dir)
     config = read_run(run_dir)
     try:
@@ -72,7 +73,7 @@ def analyze_run(run_dir: str | Path, *, groups: str | dict = "model", seeds: int
     plan = make_plan(model, load_checkpoints(run_dir), groups, seeds, joint, None, None, None, ("error", "loss"),
                      engine, batch_size, max_examples, buffers,
                      calibration=_calibration(dataset, cfg) if buffers == "recalibrate" else None)
-    out = run_dir / "analysis"
+    out = run_dir / ("analysis" if split == "test" else f"analysis_{split}")  # the report reads analysis/
     store = out / ("cells.jsonl" if ctx.world == 1 else f"cells.rank{ctx.rank}-of-{ctx.world}.jsonl")
     rows = run_cells(plan, data, device=ctx.device, store=str(store),
                      shard=(ctx.rank, ctx.world) if ctx.world > 1 else None, progress=progress and ctx.is_main)

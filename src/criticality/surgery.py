@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from criticality.errors import CriticalityError
-from criticality.initializers import InitScheme, initialize
+from criticality.initializers import InitScheme, initialize, scheme_name
 
 StateDict = dict[str, torch.Tensor]
 BUFFER_MODES = ("reset", "keep", "recalibrate")
@@ -72,10 +72,21 @@ def fresh_state(model: nn.Module, init: InitScheme, generator: torch.Generator) 
     """The state dict of a fresh copy of ``model`` initialized by ``init`` from ``generator``.
 
     The copy is made on the CPU, so the draw is the same whatever device ``model`` sits on; custom
-    initialization schemes are honoured because the scheme runs on the model's own modules.
+    initialization schemes are honoured because the scheme runs on the model's own modules. Every
+    parameter must be drawn anew: one that the scheme leaves alone would keep the values of the model
+    passed in (its trained or initial values), which is not a re-randomization, so it is an error.
     """
     fresh = copy.deepcopy(model).to("cpu")
+    with torch.no_grad():
+        for p in fresh.parameters():
+            if p.is_floating_point():
+                p.fill_(float("nan"))  # a marker: whatever the scheme does not draw stays NaN
     initialize(fresh, init, generator)
+    missed = [k for k, p in fresh.named_parameters() if p.is_floating_point() and torch.isnan(p).any()]
+    if missed:
+        raise CriticalityError(f"the init scheme {scheme_name(init)!r} does not draw {', '.join(missed[:6])}"
+                               f"{' …' if len(missed) > 6 else ''}: give analyze() an init=callable that "
+                               "initializes every parameter (e.g. the model's own init function)")
     return {k: v.detach() for k, v in fresh.state_dict().items()}
 
 

@@ -158,8 +158,10 @@ def _begin(config: TrainConfig, run_dir: Path, state: _Trainer, ctx: distributed
     if done is not None:
         if done > config.epochs:
             raise CriticalityError(f"{run_dir} already holds {done} epochs, more than --epochs {config.epochs}")
-        if ctx.is_main and done < config.epochs:
-            print(f"resuming {run_dir} after epoch {done}")
+        if ctx.is_main:
+            _record_extension(existing, resolved)
+            if done < config.epochs:
+                print(f"resuming {run_dir} after epoch {done}")
         return done
     if ctx.is_main:
         write_json(existing, resolved)
@@ -169,6 +171,19 @@ def _begin(config: TrainConfig, run_dir: Path, state: _Trainer, ctx: distributed
         state.save_resume(run_dir, 0)
     distributed.barrier()
     return 0
+
+
+def _record_extension(path: Path, resolved: dict[str, Any]) -> None:
+    """Keep config.json true when a resumed run trains for more epochs or keeps other checkpoints."""
+    old = _read_config(path)
+    new_epochs, new_spec = resolved["config"]["epochs"], resolved["config"]["checkpoints"]
+    if (old["config"]["epochs"], old["config"]["checkpoints"]) == (new_epochs, new_spec):
+        return
+    old.setdefault("extended", []).append({"from_epochs": old["config"]["epochs"], "to_epochs": new_epochs,
+                                           "provenance": resolved["provenance"]})
+    old["config"].update(epochs=new_epochs, checkpoints=new_spec)
+    old["checkpoint_epochs"] = sorted(set(old.get("checkpoint_epochs", [])) | set(resolved["checkpoint_epochs"]))
+    write_json(path, old)
 
 
 def _resolved(config: TrainConfig, state: _Trainer, ctx: distributed.Context) -> dict[str, Any]:
@@ -218,8 +233,13 @@ def _check_same_run(old: dict, new: dict, run_dir: Path) -> None:
             f"{run_dir} was written by an incompatible version of criticality "
             f"(run format {old.get('format')!r}, this version reads {RUN_FORMAT}); use a new --out"
         )
-    ignore = {"epochs", "checkpoints", "device", "download", "data_root"}
+    ignore = {"epochs", "checkpoints", "device", "download", "data_root", "workers"}
     a, b = old.get("config", {}), new["config"]
+    if a.get("epochs") != b["epochs"] and b["schedule"] != "constant":
+        raise CriticalityError(
+            f"{run_dir} was trained with a {b['schedule']} schedule over {a.get('epochs')} epochs; "
+            f"--epochs {b['epochs']} would change that schedule midway. Use a new --out"
+        )
     differs = sorted(k for k in set(a) | set(b) if k not in ignore and a.get(k) != b.get(k))
     if differs:
         raise CriticalityError(
