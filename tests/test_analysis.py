@@ -308,3 +308,9 @@ def test_stored_cells_are_not_reused_for_other_data(tmp_path):
     analyze(model, states, make_data(seed=1), groups="auto", seeds=1, progress=False, store=store)
     with pytest.raises(CriticalityError, match="data"):
         analyze(model, states, make_data(seed=2), groups="auto", seeds=1, progress=False, store=store)
+
+
+def test_warns_when_the_init_scheme_is_a_guess():
+    model, states = trajectory("fcn")
+    with pytest.warns(UserWarning, match="records no init_scheme"):
+        analyze(model, states, make_data(), groups="auto", seeds=1, progress=False)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import sys
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -217,6 +218,9 @@ def make_plan(model, checkpoints, groups, seeds, joint, final, reinit_to, init, 
     joints = dict(joint_group(resolved, members) for members in (joint or []))
     metric_fns = dict(metrics) if isinstance(metrics, Mapping) else {m: _metric(m) for m in metrics}
     cells = grid(resolved.names, list(joints), reinit_to, seeds, final)
+    if init is None and seeds and not hasattr(model, "init_scheme"):
+        warnings.warn(f"{type(model).__name__} records no init_scheme: re-randomizing with its modules' own "
+                      "reset_parameters (init='torch'); pass init= if training used another scheme", stacklevel=3)
     init = init if init is not None else getattr(model, "init_scheme", "torch")
     if buffers not in surgery.BUFFER_MODES:
         raise CriticalityError(f"unknown buffer mode {buffers!r}; choose one of {', '.join(surgery.BUFFER_MODES)}")

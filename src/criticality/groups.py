@@ -4,7 +4,9 @@ A group is an ordered tuple of state-dict keys (parameters *and* buffers). Ways 
 
 - ``"model"``: the model's own ``layer_groups()`` (every zoo model declares one; the default when present);
 - ``"auto"``: each module that owns parameters, with a following norm layer (BatchNorm, LayerNorm,
-  GroupNorm) merged into it, so running statistics and affine parameters travel with their layer;
+  GroupNorm) merged into it, so running statistics and affine parameters travel with their layer.
+  "Following" means registration order, which suits post-norm nets; in a pre-activation net the norm
+  comes *before* its conv, so use ``"blocks"`` or a mapping there;
 - ``"blocks"``: each child of an ``nn.Sequential``/``nn.ModuleList`` stage (e.g. residual blocks), and
   each other top-level module that holds state;
 - an explicit mapping ``{name: [keys, module prefixes or glob patterns]}``.
