@@ -281,7 +281,10 @@ class _Trainer:
 
     def epoch(self, epoch: int, progress: bool) -> dict[str, Any]:
         self.net.train()
-        start, seen, loss_sum, wrong = time.perf_counter(), 0, 0.0, 0
+        start, seen = time.perf_counter(), 0
+        # Running sums stay on the device: reading them every step would stall a GPU once per step.
+        loss_acc = torch.zeros((), dtype=torch.float64, device=self.ctx.device)
+        wrong_acc = torch.zeros((), dtype=torch.int64, device=self.ctx.device)
         bar = tqdm(
             self._batches(),
             total=self._steps(),
@@ -290,7 +293,7 @@ class _Trainer:
             disable=not progress,
             leave=False,
         )
-        for x, y, n in bar:  # this process's share of a global batch of n examples
+        for step, (x, y, n) in enumerate(bar):  # this process's share of a global batch of n examples
             x, y = x.to(self.ctx.device, non_blocking=True), y.to(self.ctx.device, non_blocking=True)
             logits = self.net(x)  # (B / W, classes)
             summed = F.cross_entropy(logits, y, reduction="sum")
@@ -301,11 +304,14 @@ class _Trainer:
             loss.backward()
             self.opt.step()
             seen += len(y)
-            loss_sum += summed.item()
-            wrong += (logits.argmax(1) != y).sum().item()
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", err=f"{wrong / seen:.3f}", refresh=False)
+            loss_acc += summed.detach().double()
+            wrong_acc += (logits.argmax(1) != y).sum()
+            if progress and step % 20 == 0:
+                bar.set_postfix(loss=f"{loss_acc.item() / seen:.3f}", err=f"{wrong_acc.item() / seen:.3f}",
+                                refresh=False)
         self.sched.step()
-        seen, loss_sum, wrong = distributed.sum_over_ranks([seen, loss_sum, wrong], self.ctx.device)
+        seen, loss_sum, wrong = distributed.sum_over_ranks([seen, loss_acc.item(), wrong_acc.item()],
+                                                           self.ctx.device)
         seconds = time.perf_counter() - start
         return {
             "epoch": epoch,
