@@ -184,7 +184,7 @@ class Engine:
         self.model.load_state_dict(base)
         self.data, self.metrics, self.batch_size = data, dict(metrics), batch_size
         self.device, self.limit, self.max_cache_bytes = torch.device(device), limit, max_cache_bytes
-        self.stages = self._verified(chain_of(self.model)) if prefix_cache else [("", self.model)]
+        self.stages, self._per_example = self._settle_chain(chain_of(self.model) if prefix_cache else [])
         self._stage_of = self._key_positions()
         self.cache_bytes = 0  # peak bytes of activations held for one chunk, measured
 
@@ -239,7 +239,7 @@ class Engine:
 
     def _batches_per_chunk(self) -> int:
         """Batches per chunk, so that the cached activations of one chunk fit ``max_cache_bytes``."""
-        return max(1, self.max_cache_bytes // max(1, self._bytes_per_example() * self.batch_size))
+        return max(1, self.max_cache_bytes // max(1, self._per_example * self.batch_size))
 
     def _n_batches(self) -> int | None:
         """How many batches the data holds, when that is known without reading it."""
@@ -250,34 +250,29 @@ class Engine:
             return len(self.data)
         return None
 
-    def _bytes_per_example(self) -> int:
-        """Largest activation (bytes per example) at any stage boundary, from one small probe batch."""
-        x = self._probe()
-        h, largest = x.to(self.device), x[:1].numel() * x.element_size()
-        with torch.inference_mode():
-            for _, stage in self.stages:
-                h = stage(h)
-                largest = max(largest, h[:1].numel() * h.element_size())
-        return largest
+    def _settle_chain(self, stages: list[tuple[str, nn.Module]]) -> tuple[list[tuple[str, nn.Module]], int]:
+        """The stages to cache between, and the largest activation at their boundaries (bytes per example),
+        both from one probe batch.
 
-    def _verified(self, stages: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
-        """``stages`` if running them equals ``model(x)`` bit for bit on a probe batch, else the whole model.
-
-        A chain that is not the model's forward (a functional op or a skip connection between stages, a
-        subclass with its own forward) would make prefix caching give other numbers than the reference.
+        ``stages`` are kept only if running them equals ``model(x)`` bit for bit: a chain that is not the
+        model's forward (a functional op or a skip connection between stages, a subclass with its own
+        forward) would make prefix caching give other numbers than the reference. Otherwise the whole model
+        is one stage.
         """
-        if len(stages) <= 1:
-            return [("", self.model)]
         x = self._probe().to(self.device)
+        size = lambda t: t[:1].numel() * t.element_size()  # noqa: E731
+        chained = len(stages) > 1
         with torch.inference_mode():
-            whole, h = self.model(x), x.clone()
-            for _, stage in stages:
+            whole, h, largest = self.model(x), x.clone(), size(x)
+            for _, stage in stages if chained else []:
                 h = stage(h)
-        if h.shape == whole.shape and torch.allclose(h, whole, rtol=0, atol=0, equal_nan=True):  # bit for bit
-            return stages
-        warnings.warn(f"{type(self.model).__name__}: its chain of stages does not reproduce its forward; "
-                      "evaluating every cell with the full forward (no prefix caching)", stacklevel=3)
-        return [("", self.model)]
+                largest = max(largest, size(h))
+        if chained and h.shape == whole.shape and torch.allclose(h, whole, rtol=0, atol=0, equal_nan=True):
+            return stages, largest
+        if chained:
+            warnings.warn(f"{type(self.model).__name__}: its chain of stages does not reproduce its forward; "
+                          "evaluating every cell with the full forward (no prefix caching)", stacklevel=3)
+        return [("", self.model)], max(size(x), size(whole))
 
     def _probe(self) -> torch.Tensor:
         first = next(iter_batches(self.data, 2, self.limit), None)
