@@ -188,7 +188,7 @@ CASES = {
     "config.json not JSON": (lambda t, r, runs: analyze(write(r / "config.json", "{").parent),
                              "config.json is not valid JSON"),
     "config.json not JSON (train)": (lambda t, r, runs: [*RESUME, write(r / "config.json", "{").parent],
-                                     "config.json is not readable JSON"),
+                                     "config.json is not valid JSON"),
     "incompatible version (analyze)": (lambda t, r, runs: analyze(edit_config(r, set_format)),
                                        "incompatible version of criticality (run format 999"),
     "incompatible version (train)": (lambda t, r, runs: [*RESUME, edit_config(r, set_format)],

@@ -13,7 +13,6 @@ draws the figures (``RUN/figures``) and writes ``RUN/report.html``.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,7 @@ from criticality.experiments import Experiment, run_configs
 from criticality.files import atomic_path, write_json
 from criticality.provenance import provenance
 from criticality.store import cell_key
-from criticality.train import RUN_FORMAT, TrainConfig, train
+from criticality.train import RUN_FORMAT, TrainConfig, read_config, train
 
 
 def read_run(run_dir: str | Path) -> dict[str, Any]:
@@ -38,10 +37,7 @@ def read_run(run_dir: str | Path) -> dict[str, Any]:
     path = Path(run_dir) / "config.json"
     if not path.is_file():
         raise CriticalityError(f"{run_dir} is not a run directory (no config.json); train one with `criticality train`")
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CriticalityError(f"{path} is not valid JSON: {e}") from e
+    config = read_config(path)
     if config.get("format") != RUN_FORMAT:
         raise CriticalityError(f"{run_dir} was written by an incompatible version of criticality "
                                f"(run format {config.get('format')!r}, this version reads {RUN_FORMAT})")

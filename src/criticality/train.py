@@ -153,7 +153,7 @@ def _begin(config: TrainConfig, run_dir: Path, state: _Trainer, ctx: distributed
     done = None
     # Rank 0's view, taken before it writes: a rank looking later would see the new config.json and resume.
     if distributed.broadcast(existing.is_file()):
-        _check_same_run(_read_config(existing), resolved, run_dir)
+        _check_same_run(read_config(existing), resolved, run_dir)
         done = state.load_resume(run_dir)  # None: killed before epoch 0 was saved, so start afresh
     if done is not None:
         if done > config.epochs:
@@ -175,7 +175,7 @@ def _begin(config: TrainConfig, run_dir: Path, state: _Trainer, ctx: distributed
 
 def _record_extension(path: Path, resolved: dict[str, Any]) -> None:
     """Keep config.json true when a resumed run trains for more epochs or keeps other checkpoints."""
-    old = _read_config(path)
+    old = read_config(path)
     new_epochs, new_spec = resolved["config"]["epochs"], resolved["config"]["checkpoints"]
     if (old["config"]["epochs"], old["config"]["checkpoints"]) == (new_epochs, new_spec):
         return
@@ -217,13 +217,14 @@ def _resolved(config: TrainConfig, state: _Trainer, ctx: distributed.Context) ->
     }
 
 
-def _read_config(path: Path) -> dict:
+def read_config(path: Path) -> dict:
+    """A run's ``config.json`` as a dict; anything else is a one-line error naming the file."""
     try:
         config = json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise CriticalityError(f"{path} is not readable JSON ({e}); use a new --out") from e
+        raise CriticalityError(f"{path} is not valid JSON ({e})") from e
     if not isinstance(config, dict):
-        raise CriticalityError(f"{path} is not a run configuration (a JSON object); use a new --out")
+        raise CriticalityError(f"{path} is not a run configuration (a JSON object)")
     return config
 
 
