@@ -212,6 +212,15 @@ def make_plan(model, checkpoints, groups, seeds, joint, final, reinit_to, init, 
     for e in reinit_to:
         if e not in checkpoints:
             raise CriticalityError(f"cannot re-initialize to epoch {e}: no such checkpoint (have {epochs})")
+    # The verdicts compare against re-initialization to epoch 0: refuse now, not after every cell has run.
+    if epochs[0] != 0:
+        raise CriticalityError(f"no epoch 0 (the initialization) among the checkpoints (earliest is {epochs[0]}); "
+                               "re-initialization and the verdicts need it")
+    if final == 0:
+        raise CriticalityError("the checkpoint set holds only epoch 0 (the initialization); train at least one "
+                               "epoch first")
+    if 0 not in reinit_to:
+        raise CriticalityError(f"reinit_to {reinit_to} leaves out epoch 0, which the verdicts compare against")
     for e, sd in checkpoints.items():
         check_compatible(model, sd, where=f"checkpoint of epoch {e}")
     resolved = groups if isinstance(groups, Groups) else resolve(model, groups)

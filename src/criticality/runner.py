@@ -23,7 +23,7 @@ import torch
 from criticality import data as datasets
 from criticality import distributed, models, plots, report
 from criticality.analysis import DEFAULT_THRESHOLD, finish, make_plan, run_cells
-from criticality.checkpoints import checkpoint_dir, list_epochs, load_checkpoints
+from criticality.checkpoints import load_checkpoints
 from criticality.errors import CriticalityError
 from criticality.experiments import Experiment, run_configs
 from criticality.files import atomic_path, write_json
@@ -58,7 +58,6 @@ def analyze_run(run_dir: str | Path, *, groups: str | dict = "model", seeds: int
         raise CriticalityError(f"{run_dir / 'config.json'} is incomplete or has unknown fields ({e})") from e
     if split not in ("test", "train"):
         raise CriticalityError(f"--split must be test or train, got {split!r}")
-    _check_epochs(run_dir)
     ctx = distributed.setup(device)
     dataset = datasets.load(cfg.data, cfg.data_root, max_train=cfg.max_train, max_test=cfg.max_test,
                             image_size=cfg.image_size)
@@ -89,18 +88,6 @@ def analyze_run(run_dir: str | Path, *, groups: str | dict = "model", seeds: int
     write_tables(out, result.table, result.distances, result.summary)
     distributed.barrier()
     return out
-
-
-def _check_epochs(run_dir: Path) -> None:
-    """Refuse before any evaluation a checkpoint set the verdicts cannot use: they need epoch 0 and a later one."""
-    epochs = list_epochs(run_dir)
-    where = checkpoint_dir(run_dir)
-    if epochs and epochs[0] != 0:
-        raise CriticalityError(f"no epoch 0 (the initialization) in {where} (earliest is {epochs[0]}); "
-                               "re-initialization needs it: restore epoch_0000.safetensors/.json or retrain")
-    if epochs == [0]:
-        raise CriticalityError(f"{where} holds only epoch 0; train at least one epoch first "
-                               "(rerun `criticality train` with the same --out to resume)")
 
 
 CALIBRATION_EXAMPLES = 2048  # training images that re-estimate BatchNorm statistics (buffers="recalibrate")
