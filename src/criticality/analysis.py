@@ -250,8 +250,10 @@ def run_cells(plan: Plan, data: Data, *, device: str | torch.device = "cpu", sto
     """Evaluate the plan's cells (this shard's share), reusing and extending ``store``; rows in grid order."""
     cells = plan.cells if shard is None else plan.cells[shard[0]::shard[1]]
     saved = CellStore(store, {**plan.settings(), "data": data_fingerprint(data, plan.max_examples)}) if store else None
-    done = {k: r for k, r in (saved.rows.items() if saved else []) if k in {cell_key(c.as_dict()) for c in cells}}
-    todo = [c for c in cells if cell_key(c.as_dict()) not in done]
+    keys = [cell_key(c.as_dict()) for c in cells]
+    wanted = set(keys)
+    done = {k: r for k, r in (saved.rows.items() if saved else []) if k in wanted}
+    todo = [c for c, k in zip(cells, keys, strict=True) if k not in done]
     if done:
         print(f"resuming: {len(done)} of {len(cells)} cells already done ({store}), computing {len(todo)}",
               file=sys.stderr)
@@ -263,7 +265,7 @@ def run_cells(plan: Plan, data: Data, *, device: str | torch.device = "cpu", sto
             saved.add(row)
         bar.update()
     bar.close()
-    return [done[cell_key(c.as_dict())] for c in cells]
+    return [done[k] for k in keys]
 
 
 def _evaluate(plan: Plan, cells: list[Cell], data: Data, device) -> Any:
