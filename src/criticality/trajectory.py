@@ -82,8 +82,12 @@ class TensorFile:
         self._handle = None
 
     def _open(self):
+        # A safetensors handle is opened per call and dropped: a mapping kept open would keep every page
+        # read through it in this process's resident memory. A pickle is loaded once (memory-mapped).
+        if self.path.suffix not in PICKLES:
+            return _safe_open(self.path)
         if self._handle is None:
-            self._handle = _read_pickle(self.path) if self.path.suffix in PICKLES else _safe_open(self.path)
+            self._handle = _read_pickle(self.path)
         return self._handle
 
     def __getstate__(self):  # handles are not picklable; reopen in the other process
