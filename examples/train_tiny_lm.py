@@ -1,6 +1,6 @@
 """Train a tiny Llama-style byte-level LM offline and save an HF Trainer-style checkpoint folder.
 
-Run (about 2 minutes on one CPU thread):
+Run (about 2 to 3 minutes on one CPU thread):
 
     python examples/train_tiny_lm.py --out runs/tiny-lm
     criticality analyze-hf runs/tiny-lm --data runs/tiny-lm/eval.txt --groups blocks
@@ -23,7 +23,7 @@ from criticality.tiny_lm import CORPUS, SAVE_AT, train_tiny_lm
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/tiny-lm", help="output folder (default runs/tiny-lm)")
-    parser.add_argument("--steps", type=int, default=300, help="optimizer steps (batches of 32 × 64 bytes)")
+    parser.add_argument("--steps", type=int, default=600, help="optimizer steps (batches of 32 × 64 bytes)")
     parser.add_argument("--save-at", default=",".join(map(str, SAVE_AT)), help="steps with a checkpoint")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--corpus", default=None, help=f"text file or folder (default {CORPUS})")

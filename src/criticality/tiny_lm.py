@@ -31,7 +31,7 @@ from criticality.errors import CriticalityError
 from criticality.files import write_json, write_text
 
 CORPUS = Path("/usr/share/common-licenses")  # Debian base-files; present on every Debian/Ubuntu system
-SAVE_AT = (0, 10, 20, 50, 100, 200, 300)  # steps with a checkpoint
+SAVE_AT = (0, 10, 20, 50, 100, 200, 400, 600)  # steps with a checkpoint
 HOLDOUT = 0.1  # fraction of every corpus file (its end) kept for evaluation
 EVAL_SEQUENCES = 64  # held-out sequences scored at every checkpoint (trainer_state.json)
 
@@ -69,7 +69,7 @@ def tiny_config(seq_len: int = 64, layers: int = 4, hidden: int = 64, heads: int
                                     pad_token_id=None, use_cache=False)
 
 
-def train_tiny_lm(out_dir: str | Path, steps: int = 300, save_at: Sequence[int] = SAVE_AT, seed: int = 0, *,
+def train_tiny_lm(out_dir: str | Path, steps: int = 600, save_at: Sequence[int] = SAVE_AT, seed: int = 0, *,
                   corpus: str | Path | None = None, seq_len: int = 64, batch_size: int = 32, lr: float = 3e-3,
                   layers: int = 4, hidden: int = 64, progress: bool = True) -> Path:
     """Train the tiny LM for ``steps`` AdamW steps (batches of ``batch_size`` random windows of ``seq_len``
