@@ -82,13 +82,16 @@ class TensorFile:
         self._handle = None
 
     def _open(self):
-        # A safetensors handle is opened per call and dropped: a mapping kept open would keep every page
-        # read through it in this process's resident memory. A pickle is loaded once (memory-mapped).
+        # Opened per call and dropped: a mapping kept open would keep every page read through it in this
+        # process's resident memory. Only a pickle too old to memory-map is loaded once and kept.
         if self.path.suffix not in PICKLES:
             return _safe_open(self.path)
-        if self._handle is None:
-            self._handle = _read_pickle(self.path)
-        return self._handle
+        if self._handle is not None:
+            return self._handle
+        state, mapped = _read_pickle(self.path)
+        if not mapped:
+            self._handle = state
+        return state
 
     def __getstate__(self):  # handles are not picklable; reopen in the other process
         return {**self.__dict__, "_handle": None}
@@ -101,14 +104,17 @@ def _safe_open(path: Path):
         raise CriticalityError(f"checkpoint {path} is not a readable safetensors file: {e}") from e
 
 
-def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
-    """A torch-saved state dict, with ``weights_only=True`` (never runs code from the file)."""
+def _read_pickle(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
+    """A torch-saved state dict, with ``weights_only=True`` (never runs code from the file), and whether
+    its tensors are memory-mapped (copy-on-write: the file is never written)."""
+    mapped = True
     try:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except RuntimeError as e:
             if "mmap" not in str(e):
                 raise
+            mapped = False
             obj = torch.load(path, map_location="cpu", weights_only=True)  # an old, non-zip file
     except pickle.UnpicklingError as e:
         raise CriticalityError(f"{path} holds pickled objects other than tensors (code?); refusing to unpickle it "
@@ -120,7 +126,7 @@ def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
             obj = obj[key]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CriticalityError(f"{path} does not hold a state dict (a mapping of names to tensors)")
-    return obj
+    return obj, mapped
 
 
 class LazyCheckpoint(Mapping):
