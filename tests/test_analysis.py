@@ -155,7 +155,7 @@ def test_groups_auto_blocks_patterns_and_ties():
         groups.resolve(conv, {"x": ["conv99.*"]})
     explicit = groups.resolve(conv, {"first": ["0", "1"], "last": ["9.*"]})
     assert set(explicit.unassigned) == set(auto.members["4"])
-    assert groups.resolve(ARCHS["residual"](), "blocks").names == ["stem", "block1", "block2", "head.2"]
+    assert groups.resolve(ARCHS["residual"](), "blocks").names == ["stem", "block1", "block2", "head"]
     with pytest.raises(CriticalityError, match="declares no layer_groups"):
         groups.resolve(conv, "model")
 

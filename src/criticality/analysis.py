@@ -34,7 +34,7 @@ from criticality import surgery
 from criticality.checkpoints import check_compatible
 from criticality.engine import METRICS, Data, Engine, Metric, Variant
 from criticality.errors import CriticalityError
-from criticality.groups import Groups, GroupSpec, resolve
+from criticality.groups import Groups, GroupSpec, default_spec, resolve
 from criticality.groups import joint as joint_group
 from criticality.initializers import InitScheme, scheme_name
 from criticality.store import CellStore, cell_key
@@ -80,7 +80,7 @@ def grid(group_names: Sequence[str], joint_names: Sequence[str], reinit_to: Sequ
 
 
 def analyze(model: nn.Module, checkpoints: Mapping[int, StateDict], data: Data, *,
-            groups: GroupSpec | Groups = "model", seeds: int | Sequence[int] = 3,
+            groups: GroupSpec | Groups | None = None, seeds: int | Sequence[int] = 3,
             joint: Sequence[Sequence[str]] | None = None, final: int | None = None,
             reinit_to: Sequence[int] | None = None, init: InitScheme | None = None,
             metrics: Sequence[str] | Mapping[str, Metric] = ("error", "loss"), engine: str = "fast",
@@ -91,9 +91,13 @@ def analyze(model: nn.Module, checkpoints: Mapping[int, StateDict], data: Data, 
     """Measure re-initialization and re-randomization robustness of every group of ``model``.
 
     ``checkpoints`` maps epoch → state dict; the final model is the largest epoch unless ``final`` names
-    one. ``reinit_to`` defaults to every epoch before the final one. ``seeds`` is a count or a list of
-    generator seeds for the fresh draws, which use ``init`` (default: ``model.init_scheme``, else the
-    modules' own ``reset_parameters``). ``engine="naive"`` evaluates every cell with the plain
+    one. ``groups`` defaults to the model's own ``layer_groups()`` when it declares them, else one group
+    per block of its stack (``"blocks"``), else ``"auto"`` (see :mod:`criticality.groups`); the spec used
+    is said on stderr and recorded as ``summary["groups_spec"]``. ``reinit_to`` defaults to every epoch
+    before the final one. ``seeds`` is a count or a list of seeds for the fresh draws, which use ``init``
+    (default: chosen by :func:`criticality.initializers.choose`: ``hf`` for Hugging Face models, ``timm``
+    for timm models, ``model.init_scheme``, else the modules' own ``reset_parameters``; ``"shuffle"``
+    works for any model). ``engine="naive"`` evaluates every cell with the plain
     reference. ``store`` names a cells.jsonl file that makes the run resumable. ``shard=(rank, world)``
     evaluates only this rank's share of the cells (see :mod:`criticality.distributed`).
     ``buffers``: a group's norm-layer running statistics move with it (``reset``, default), stay as
@@ -223,6 +227,11 @@ def make_plan(model, checkpoints, groups, seeds, joint, final, reinit_to, init, 
         raise CriticalityError(f"reinit_to {reinit_to} leaves out epoch 0, which the verdicts compare against")
     for e, sd in checkpoints.items():
         check_compatible(model, sd, where=f"checkpoint of epoch {e}")
+    if groups is None:
+        groups = default_spec(model)
+        print(f"criticality: groups={groups!r} ({type(model).__name__}: "
+              f"{'it declares layer_groups()' if groups == 'model' else 'no layer_groups() declared'})",
+              file=sys.stderr)
     resolved = groups if isinstance(groups, Groups) else resolve(model, groups)
     joints = dict(joint_group(resolved, members) for members in (joint or []))
     metric_fns = dict(metrics) if isinstance(metrics, Mapping) else {m: _metric(m) for m in metrics}
@@ -294,6 +303,7 @@ def finish(plan: Plan, rows: list[dict[str, Any]], *, threshold: float = DEFAULT
         **{f"final_{m}": float(final[m]) for m in plan.metrics},
         "threshold": threshold,
         "verdicts": verdict_table.to_dict(orient="records"),
+        "groups_spec": plan.groups.spec,
         "coverage": plan.groups.coverage(),
         "joint": {g: list(k) for g, k in plan.joint.items()},
         "settings": {"init": scheme_name(plan.init), "engine": plan.engine, "batch_size": plan.batch_size,
