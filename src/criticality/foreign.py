@@ -11,13 +11,16 @@ group module by module:
   are cleared first. Norm layers get weight 1 / bias 0 before (their construction values; older Llama
   ``_init_weights`` leaves RMSNorm alone). GPT-2's ``c_proj`` weights get std 0.02/√(2·n_layer) because
   the init runs on the real ``GPT2Attention``/``GPT2MLP`` modules after their children.
-- ``timm`` (:func:`timm_init`): the patterns of timm's ``init_weights``: ``nn.Linear`` trunc-normal
-  std 0.02 with zero bias; raw parameters ``pos_embed*`` trunc-normal std 0.02, ``cls_token``,
-  ``reg_token``, ``dist_token`` normal std 1e-6; every other module its own ``reset_parameters()`` (or,
-  below the root, ``init_weights()``); then a block's ``zero_init_last()`` when it has one (timm
-  ResNets: the last BatchNorm of each residual branch gets weight 0, so a fresh draw of such a block is
-  an *identity* residual branch — re-randomizing it equals skipping its branch; see
-  :func:`identity_blocks`).
+- ``timm`` (:func:`timm_init`): the patterns of timm's ``init_weights`` for its ViT and ResNet
+  families: ``nn.Linear`` trunc-normal std 0.02 with zero bias; ``nn.Conv2d`` weights kaiming-normal
+  (fan-out, ReLU) in CNNs (no ``pos_embed`` on the model; a ViT's patch embedding keeps torch's
+  default); raw parameters ``pos_embed*`` trunc-normal std 0.02, ``cls_token``, ``reg_token``,
+  ``dist_token`` normal std 1e-6; every other module its own ``reset_parameters()`` (or, below the
+  root, ``init_weights()``); then a block's ``zero_init_last()`` when it has one (timm ResNets: the
+  last BatchNorm of each residual branch gets weight 0, so a fresh draw of such a block is an
+  *identity* residual branch — re-randomizing it equals skipping its branch; see
+  :func:`identity_blocks`). Other timm families initialize otherwise (ConvNeXt: trunc-normal convs;
+  EfficientNet: its own fan-out rules): give them ``init="shuffle"`` or a callable.
 """
 
 from __future__ import annotations
@@ -81,6 +84,9 @@ def timm_init(module: nn.Module, path: str, root: nn.Module) -> None:
         nn.init.trunc_normal_(module.weight, std=TIMM_STD)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Conv2d) and not hasattr(root, "pos_embed"):  # a CNN, not a ViT's patch embedding
+        module.reset_parameters()  # the bias (if any) as torch draws it; timm redraws the weight only
+        nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
     else:
         for name in ("reset_parameters", "_reset_parameters", *(("init_weights",) if path else ())):
             if callable(getattr(module, name, None)):

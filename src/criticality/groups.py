@@ -176,7 +176,7 @@ def _auto(model: nn.Module) -> dict[str, list[str]]:
         elif is_norm(module):
             orphans.append((None, own))  # a leading norm: joins the first layer
         else:
-            last = name or type(module).__name__
+            last = name or "+".join(own)  # the root's raw tensors: cls_token+pos_embed
             groups[last] = own
             owner_of[name] = last
     for target, own in orphans:

@@ -11,7 +11,8 @@ Where the stack is looked for, first match wins:
    ``encoder.layer``, …; timm ``blocks``, ``stages.*.blocks``, ``layer1`` … ``layerN``), each a dotted path
    in which ``*`` stands for every child and a glob for the matching children. A path that ends on an
    ``nn.ModuleList``/``nn.Sequential`` contributes its children; several containers (stages) are
-   flattened in registration order;
+   flattened in registration order. The table is tried on the model, then on each of its children (a
+   wrapper around an HF model);
 4. a generic fallback: the ``nn.ModuleList``/``nn.Sequential`` with at least two children, all of one
    class and holding state, that holds the most parameters.
 
@@ -46,10 +47,11 @@ def find_stack(model: nn.Module) -> Stack:
         return list(model.stages())
     if type(model) is nn.Sequential:
         return list(model.named_children())
-    for layout in LAYOUTS:
-        stack = _follow(model, layout)
-        if len(stack) >= 2:
-            return stack
+    for prefix, base in [("", model), *model.named_children()]:  # the model, or the model a wrapper holds
+        for layout in LAYOUTS:
+            stack = _follow(base, layout)
+            if len(stack) >= 2:
+                return [(f"{prefix}.{path}" if prefix else path, block) for path, block in stack]
     return _largest_uniform_container(model)
 
 
