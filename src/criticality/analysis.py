@@ -163,11 +163,14 @@ class Plan:
 
         The salt keeps draw ``seed`` apart from a training run initialized with the same small seed: a
         "fresh" draw equal to the layer's own initial values would be re-initialization, not
-        re-randomization. Such a collision (every float tensor of the group equal to epoch 0) is refused.
+        re-randomization. Such a collision (every drawn, non-constant tensor of the group equal to epoch 0)
+        is refused.
         """
         start = self.checkpoints[self.start_epoch]
         fresh = surgery.fresh_group(self.model, self.init, RERANDOMIZE_SALT + seed, self.keys(group), start=start)
-        floats = [k for k in fresh if fresh[k].is_floating_point() and fresh[k].numel() > 1]
+        # Only drawn tensors count: a constant one (a norm's weight 1) equals its initial value by design.
+        floats = [k for k in fresh if fresh[k].is_floating_point() and fresh[k].numel() > 1
+                  and not torch.all(fresh[k] == fresh[k].flatten()[0])]
         same = [k for k in floats if torch.equal(fresh[k], start[k].to(fresh[k].device))]
         if same and len(same) == len(floats):
             raise CriticalityError(f"re-randomization seed {seed} reproduces the initialization of group {group!r} "

@@ -6,7 +6,8 @@ its init writes into its children, as the package does), so :mod:`criticality.su
 group module by module:
 
 - ``hf`` (:func:`hf_init`): Hugging Face ``PreTrainedModel._init_weights(module)`` of the nearest
-  ``PreTrainedModel`` that contains the module (composite models dispatch to their sub-models' own
+  ``PreTrainedModel`` that contains the module (a module of a wrapper, outside any HF model: its own
+  ``reset_parameters``) (composite models dispatch to their sub-models' own
   init, as ``post_init`` does). Transformers 5 skips tensors flagged ``_is_hf_initialized``: the flags
   are cleared first. Norm layers get weight 1 / bias 0 before (their construction values; older Llama
   ``_init_weights`` leaves RMSNorm alone). GPT-2's ``c_proj`` weights get std 0.02/√(2·n_layer) because
@@ -48,7 +49,7 @@ def is_timm(model: nn.Module) -> bool:
 
 def hf_init(module: nn.Module, path: str, root: nn.Module) -> None:
     """One module drawn by the ``_init_weights`` of the nearest ``PreTrainedModel`` that contains it."""
-    owner = root
+    owner = None
     parts = path.split(".") if path else []
     for i in range(len(parts) + 1):
         candidate = root.get_submodule(".".join(parts[:i]))
@@ -57,7 +58,10 @@ def hf_init(module: nn.Module, path: str, root: nn.Module) -> None:
     _clear_hf_flags(module)
     if is_norm(module):
         _norm_defaults(module)
-    owner._init_weights(module)
+    if owner is not None:
+        owner._init_weights(module)
+    elif callable(getattr(module, "reset_parameters", None)):  # outside any HF model (a user's wrapper)
+        module.reset_parameters()
 
 
 def _clear_hf_flags(module: nn.Module) -> None:

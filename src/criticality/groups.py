@@ -211,6 +211,8 @@ def _blocks(model: nn.Module, split: bool = False) -> dict[str, list[str]]:
 
     def walk(path: str, module: nn.Module) -> None:
         if path in stack:
+            if not holds_state(module):  # a declared stage without state (flatten, pooling)
+                return
             parts = sublayer_parts(module) if split else []
             for part in parts:
                 groups[f"{path}.{'+'.join(part.layers)}"] = [f"{path}.{c}" for c in (*part.norms, *part.layers)]
