@@ -205,3 +205,14 @@ def test_rerandomize_cells_equal_the_reference(hf, name):
     if name == "timm_resnet":
         assert result.summary["draws"]["identity_blocks"] == [f"layer{i}.{b}" for i in range(1, 5) for b in (0, 1)]
         assert "identity" in result.summary["draws"]["note"]
+
+
+def test_a_group_draw_holds_only_the_group_s_tensors(hf, monkeypatch):
+    copies = []
+    real_copy = surgery._copy
+    monkeypatch.setattr(surgery, "_copy", lambda model, real: copies.append(real_copy(model, real)) or copies[-1])
+    llama = hf["llama"]
+    keys = groups.resolve(llama, "blocks").members["model.layers.1"]
+    surgery.fresh_group(llama, "hf", 0, keys)
+    held = {k for k, v in copies[-1].state_dict(keep_vars=True).items() if v.device.type != "meta"}
+    assert held == set(keys)  # the rest of the model is on the meta device: no memory
