@@ -43,7 +43,7 @@ from criticality.store import CellStore, cell_key
 StateDict = Mapping[str, torch.Tensor]
 DEFAULT_THRESHOLD = 0.02  # Δ test error at checkpoint 0 at or below which a layer counts as robust
 ENGINES = ("fast", "naive")
-RERANDOMIZE_SALT = 1_000_003  # draw seed s uses generator seed SALT + s (see Plan._draw)
+RERANDOMIZE_SALT = 1_000_003  # draw seed s: each module drawn from draw_seed(SALT + s, its path) (Plan._draw)
 
 
 @dataclass(frozen=True)
