@@ -225,7 +225,7 @@ def _blocks(model: nn.Module, split: bool = False) -> dict[str, list[str]]:
             return
         own = _own_keys(module, f"{path}." if path else "")
         if own:  # raw tensors on an ancestor (timm's cls_token, pos_embed): one group, named by them
-            groups["+".join(k.rsplit(".", 1)[-1] for k in own) if not path else f"{path}.own"] = own
+            groups["+".join(own)] = own
         for name, child in module.named_children():
             walk(f"{path}.{name}" if path else name, child)
 
@@ -273,10 +273,10 @@ def sublayer_parts(block: nn.Module) -> list[Part]:
             continue
         if not is_norm(child):
             layers[(before or after)[-1 if before else 0]].append(name)
+        elif _NORM_TO_MLP.search(name):  # before the attention test: "post_attention_norm" feeds the MLP
+            norms[mlp[0]].append(name)
         elif _NORM_TO_ATTENTION.search(name):
             norms[attention[0]].append(name)
-        elif _NORM_TO_MLP.search(name):
-            norms[mlp[0]].append(name)
         else:  # pre-norm: the next part in registration order, else the last one
             norms[after[0] if after else list(layers)[-1]].append(name)
     return [Part(tuple(layers[n]), tuple(norms[n])) for n in layers]
