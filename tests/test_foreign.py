@@ -216,3 +216,15 @@ def test_a_group_draw_holds_only_the_group_s_tensors(hf, monkeypatch):
     surgery.fresh_group(llama, "hf", 0, keys)
     held = {k for k, v in copies[-1].state_dict(keep_vars=True).items() if v.device.type != "meta"}
     assert held == set(keys)  # the rest of the model is on the meta device: no memory
+
+
+def test_analyze_with_default_arguments_on_a_wrapped_hf_model(hf, capsys):
+    model = Logits(copy.deepcopy(hf["llama"])).eval()
+    assert choose(model) == ("hf", False)  # a wrapper around an HF model draws with HF's init
+    x = hf_models()["llama"][1](12, torch.Generator().manual_seed(0))
+    states = trained(model)
+    result = analyze(model, states, (x, torch.arange(12) % 64), seeds=1, progress=False)
+    assert result.summary["groups_spec"] == "blocks" and result.summary["draws"]["init"] == "hf"
+    assert result.groups.names == ["m.model.embed_tokens", "m.model.layers.0", "m.model.layers.1", "m.model.norm",
+                                   "m.lm_head"]
+    assert "groups='blocks'" in capsys.readouterr().err

@@ -91,8 +91,9 @@ def module_scheme(scheme: str) -> ModuleInit:
 
 def choose(model: nn.Module, init: InitScheme | None = None) -> tuple[InitScheme, bool]:
     """The scheme for fresh draws and whether it was a guess: ``init`` when given, else ``hf`` for a
-    Hugging Face model, ``timm`` for a timm model, ``model.init_scheme`` (zoo models), else ``torch``
-    (each module's ``reset_parameters``; the only guess)."""
+    Hugging Face model, ``timm`` for a timm model, ``model.init_scheme`` (zoo models), ``hf``/``timm``
+    for a model that contains one (a wrapper), else ``torch`` (each module's ``reset_parameters``; the
+    only guess)."""
     if init is not None:
         return init, False
     if foreign.is_hf(model):
@@ -100,7 +101,14 @@ def choose(model: nn.Module, init: InitScheme | None = None) -> tuple[InitScheme
     if foreign.is_timm(model):
         return "timm", False
     scheme = getattr(model, "init_scheme", None)
-    return (scheme, False) if scheme is not None else ("torch", True)
+    if scheme is not None:
+        return scheme, False
+    inner = list(model.modules())[1:]  # a user's wrapper around a foreign model
+    if any(foreign.is_hf(m) for m in inner):
+        return "hf", False
+    if any(foreign.is_timm(m) for m in inner):
+        return "timm", False
+    return "torch", True
 
 
 def draw_seed(seed: int, name: str) -> int:
