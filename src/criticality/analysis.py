@@ -34,7 +34,7 @@ from criticality import surgery
 from criticality.checkpoints import check_compatible
 from criticality.engine import METRICS, Data, Engine, Metric, Variant
 from criticality.errors import CriticalityError
-from criticality.foreign import identity_blocks
+from criticality.foreign import draws_summary
 from criticality.groups import Groups, GroupSpec, default_spec, resolve
 from criticality.groups import joint as joint_group
 from criticality.initializers import DRAW_SCHEMES, InitScheme, choose, scheme_name
@@ -324,23 +324,11 @@ def finish(plan: Plan, rows: list[dict[str, Any]], *, threshold: float = DEFAULT
         "settings": {"init": scheme_name(plan.init), "engine": plan.engine, "batch_size": plan.batch_size,
                      "max_examples": plan.max_examples, "buffers": plan.buffers,
                      "seeds": sorted({c.seed for c in plan.cells if c.seed is not None})},
-        "draws": _draws_summary(plan),
+        "draws": draws_summary(plan.model, scheme_name(plan.init), {**plan.groups.members, **plan.joint}),
         "non_finite_cells": int((~table.finite).sum()),
         "provenance": dict(provenance or {}),
     }
     return Result(table, dist, verdict_table, plan.groups, plan.joint, summary)
-
-
-def _draws_summary(plan: Plan) -> dict[str, Any]:
-    """Which initializer the fresh draws ran, and the groups whose draw is an identity residual branch."""
-    out: dict[str, Any] = {"init": scheme_name(plan.init)}
-    if plan.init == "timm":
-        same = identity_blocks(plan.model, {**plan.groups.members, **plan.joint})
-        if same:
-            out["identity_blocks"] = same
-            out["note"] = ("timm's zero_init_last zeroes the last norm of these residual blocks in a fresh draw: "
-                           "re-randomizing such a block makes its residual branch the identity (= skipping it)")
-    return out
 
 
 def tabulate(rows: Sequence[Mapping[str, Any]], metric_names: Sequence[str]) -> pd.DataFrame:

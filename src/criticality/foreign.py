@@ -110,3 +110,15 @@ def identity_blocks(model: nn.Module, groups: dict[str, tuple[str, ...]]) -> lis
     zeroing = [path for path, m in model.named_modules() if callable(getattr(m, "zero_init_last", None))]
     return [g for g, keys in groups.items()
             if any(k.startswith(f"{p}.") for p in zeroing for k in keys)]
+
+
+def draws_summary(model: nn.Module, init: str, groups: dict[str, tuple[str, ...]]) -> dict[str, object]:
+    """For the analysis summary: the initializer the fresh draws ran, and the groups whose draw is an
+    identity residual branch (timm's ``zero_init_last``), with a note saying what that means."""
+    out: dict[str, object] = {"init": init}
+    same = identity_blocks(model, groups) if init == "timm" else []
+    if same:
+        out["identity_blocks"] = same
+        out["note"] = ("timm's zero_init_last zeroes the last norm of these residual blocks in a fresh draw: "
+                       "re-randomizing such a block makes its residual branch the identity (= skipping it)")
+    return out
