@@ -120,6 +120,8 @@ def test_timm_draws_follow_timm_patterns():
             fan_out = m.out_channels * m.kernel_size[0] * m.kernel_size[1]
             assert fresh[f"{name}.weight"].std().item() == pytest.approx(math.sqrt(2 / fan_out), rel=0.1), name
     assert all(torch.all(fresh[f"layer{i}.{b}.bn2.weight"] == 0) for i in range(1, 5) for b in (0, 1))
+    bound = 1 / math.sqrt(resnet.fc.in_features)  # timm leaves a CNN's classifier at torch's default
+    assert fresh["fc.weight"].abs().max() <= bound and fresh["fc.weight"].std() > 0.5 * bound / math.sqrt(3)
 
 
 def test_shuffle_permutes_the_initial_values():

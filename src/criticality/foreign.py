@@ -6,22 +6,22 @@ its init writes into its children, as the package does), so :mod:`criticality.su
 group module by module:
 
 - ``hf`` (:func:`hf_init`): Hugging Face ``PreTrainedModel._init_weights(module)`` of the nearest
-  ``PreTrainedModel`` that contains the module (a module of a wrapper, outside any HF model: its own
-  ``reset_parameters``) (composite models dispatch to their sub-models' own
-  init, as ``post_init`` does). Transformers 5 skips tensors flagged ``_is_hf_initialized``: the flags
-  are cleared first. Norm layers get weight 1 / bias 0 before (their construction values; older Llama
-  ``_init_weights`` leaves RMSNorm alone). GPT-2's ``c_proj`` weights get std 0.02/√(2·n_layer) because
-  the init runs on the real ``GPT2Attention``/``GPT2MLP`` modules after their children.
+  ``PreTrainedModel`` that contains the module (composite models dispatch to their sub-models' own
+  init, as ``post_init`` does; a module of a user's wrapper, outside any HF model, gets its own
+  ``reset_parameters``). Transformers 5 skips tensors flagged ``_is_hf_initialized``: the flags are
+  cleared first. Norm layers get weight 1 / bias 0 before (their construction values; older Llama
+  ``_init_weights`` leaves RMSNorm alone). GPT-2's ``c_proj`` weights get std 0.02/√(2·n_layer)
+  because the init runs on the real ``GPT2Attention``/``GPT2MLP`` modules after their children.
 - ``timm`` (:func:`timm_init`): the patterns of timm's ``init_weights`` for its ViT and ResNet
-  families: ``nn.Linear`` trunc-normal std 0.02 with zero bias; ``nn.Conv2d`` weights kaiming-normal
-  (fan-out, ReLU) in CNNs (no ``pos_embed`` on the model; a ViT's patch embedding keeps torch's
-  default); raw parameters ``pos_embed*`` trunc-normal std 0.02, ``cls_token``, ``reg_token``,
-  ``dist_token`` normal std 1e-6; every other module its own ``reset_parameters()`` (or, below the
-  root, ``init_weights()``); then a block's ``zero_init_last()`` when it has one (timm ResNets: the
-  last BatchNorm of each residual branch gets weight 0, so a fresh draw of such a block is an
-  *identity* residual branch — re-randomizing it equals skipping its branch; see
-  :func:`identity_blocks`). Other timm families initialize otherwise (ConvNeXt: trunc-normal convs;
-  EfficientNet: its own fan-out rules): give them ``init="shuffle"`` or a callable.
+  families. ViTs (a model with ``pos_embed`` or ``cls_token``): ``nn.Linear`` trunc-normal std 0.02
+  with zero bias, the patch-embedding conv torch's default; CNNs: ``nn.Conv2d`` weights kaiming-normal
+  (fan-out, ReLU), the classifier torch's default. Raw parameters ``pos_embed*`` trunc-normal std
+  0.02, ``cls_token``, ``reg_token``, ``dist_token`` normal std 1e-6; every other module its own
+  ``reset_parameters()`` (or, below the root, ``init_weights()``); then a block's ``zero_init_last()``
+  when it has one (timm ResNets: the last BatchNorm of each residual branch gets weight 0, so a fresh
+  draw of such a block is an *identity* residual branch — re-randomizing it equals skipping its
+  branch; see :func:`identity_blocks`). Other timm families initialize otherwise (ConvNeXt:
+  trunc-normal convs; EfficientNet: its own fan-out rules): give them ``init="shuffle"`` or a callable.
 """
 
 from __future__ import annotations
@@ -84,11 +84,12 @@ def _norm_defaults(module: nn.Module) -> None:
 
 def timm_init(module: nn.Module, path: str, root: nn.Module) -> None:
     """One module drawn as timm's ``init_weights`` would (see the module docstring)."""
-    if isinstance(module, nn.Linear):
+    vit = hasattr(root, "pos_embed") or hasattr(root, "cls_token")  # timm's ViT family; else its CNNs
+    if vit and isinstance(module, nn.Linear):
         nn.init.trunc_normal_(module.weight, std=TIMM_STD)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.Conv2d) and not hasattr(root, "pos_embed"):  # a CNN, not a ViT's patch embedding
+    elif not vit and isinstance(module, nn.Conv2d):
         module.reset_parameters()  # the bias (if any) as torch draws it; timm redraws the weight only
         nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
     else:
