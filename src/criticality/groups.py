@@ -242,9 +242,11 @@ class Part:
 
 
 _ATTENTION = re.compile(r"attn|attention", re.I)
-_MLP = re.compile(r"mlp|ffn|feed_?forward|intermediate|^output$|^fc\d?$", re.I)
-_NORM_TO_ATTENTION = re.compile(r"input|before|ln_?1$|norm1$|attn_norm|attention_norm|pre_attn", re.I)
-_NORM_TO_MLP = re.compile(r"post_attention|after|ln_?2$|norm2$|ffn_norm|feedforward|mlp_norm", re.I)
+_MLP = re.compile(r"mlp|ffn|feed_?forward|intermediate|moe|^output$|^fc\d?$", re.I)  # Mixtral: block_sparse_moe
+_NORM_TO_ATTENTION = re.compile(r"input|before|ln_?1$|norm1$|pre_attn|attn_?(layer_?)?norm|attention_?(layer_?)?norm",
+                                re.I)  # OPT/BART/Whisper: self_attn_layer_norm
+_NORM_TO_MLP = re.compile(r"post_attention|after|ln_?2$|norm2$|ffn_(layer_?)?norm|feedforward|mlp_norm"
+                          r"|final_layer_norm", re.I)  # OPT/BART: final_layer_norm feeds fc1
 
 
 def sublayer_parts(block: nn.Module) -> list[Part]:
