@@ -138,3 +138,14 @@ def test_default_spec_and_its_record(capsys):
     result = analyze(model, {0: state, 1: later}, (x, y), seeds=0, progress=False)
     assert result.summary["groups_spec"] == "auto" and result.groups.spec == "auto"
     assert "groups='auto'" in capsys.readouterr().err
+
+
+def test_sublayers_of_an_opt_style_block():
+    import transformers as T
+    opt = T.OPTForCausalLM(T.OPTConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, ffn_dim=32,
+                                       num_attention_heads=2, max_position_embeddings=32, word_embed_proj_dim=16))
+    members = groups.resolve(opt, "sublayers").members
+    layer = "model.decoder.layers.0"
+    assert f"{layer}.self_attn_layer_norm.weight" in members[f"{layer}.self_attn"]
+    assert f"{layer}.final_layer_norm.weight" in members[f"{layer}.fc1+fc2"]
+    assert "model.decoder.embed_tokens+lm_head" in members  # tied
