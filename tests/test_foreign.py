@@ -230,3 +230,8 @@ def test_analyze_with_default_arguments_on_a_wrapped_hf_model(hf, capsys):
     assert result.groups.names == ["m.model.embed_tokens", "m.model.layers.0", "m.model.layers.1", "m.model.norm",
                                    "m.lm_head"]
     assert "groups='blocks'" in capsys.readouterr().err
+
+
+def test_a_draw_of_unknown_keys_is_an_error():
+    with pytest.raises(CriticalityError, match="does not have: nope"):
+        surgery.fresh_group(ARCHS["fcn"](), "torch", 0, ["nope"])

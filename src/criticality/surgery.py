@@ -103,6 +103,10 @@ def _fresh(model: nn.Module, init: InitScheme, seed: int, keys: list[str],
            start: Mapping[str, torch.Tensor] | None, whole: bool) -> StateDict:
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"a fresh draw takes an integer seed, got {type(seed).__name__}")
+    absent = [k for k in keys if k not in model.state_dict(keep_vars=True)]
+    if absent or not keys:
+        raise CriticalityError(f"a fresh draw of keys the model does not have: {', '.join(absent[:8])}" if absent
+                               else "a fresh draw of an empty group of keys")
     if init == "shuffle":
         return _shuffled(model, seed, keys, start)
     if callable(init):
