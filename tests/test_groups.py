@@ -56,6 +56,20 @@ def test_find_stack_zoo_sequential_fallback_and_none():
     assert paths(find_stack(Towers())) == ["big.0", "big.1"]
     assert find_stack(ARCHS["tied"]()) == []
 
+    class Stage(nn.Module):  # timm Swin / ConvNeXt: stages holding a downsample and a blocks Sequential
+        def __init__(self):
+            super().__init__()
+            self.downsample, self.blocks = nn.Linear(2, 2), nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+
+    class Swin(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.Sequential(Stage(), Stage())
+    swin = Swin()
+    assert paths(find_stack(swin)) == [f"layers.{s}.blocks.{b}" for s in (0, 1) for b in (0, 1)]
+    assert groups.resolve(swin, "blocks").names == ["layers.0.downsample", "layers.0.blocks.0", "layers.0.blocks.1",
+                                                    "layers.1.downsample", "layers.1.blocks.0", "layers.1.blocks.1"]
+
 
 def test_norms_are_recognised_by_class_and_name(hf):
     llama = hf["llama"]

@@ -35,9 +35,9 @@ _CONTAINERS = (nn.Sequential, nn.ModuleList)
 LAYOUTS = (
     "model.layers", "model.decoder.layers", "model.language_model.layers", "transformer.h", "gpt_neox.layers",
     "transformer.blocks", "bert.encoder.layer", "roberta.encoder.layer", "vit.encoder.layer", "vit.layers",
-    "encoder.layer", "encoder.layers", "decoder.layers", "layers", "h",
+    "encoder.layer", "encoder.layers", "decoder.layers", "layers.*.blocks", "layers", "h",  # timm Swin: layers.*.blocks
     "resnet.encoder.stages.*.layers", "encoder.stages.*.layers",  # HF ResNet / ConvNeXt-like
-    "blocks", "stages.*.blocks", "layer[0-9]*",  # timm ViT, ConvNeXt/Swin-like, ResNet
+    "blocks", "stages.*.blocks", "layer[0-9]*",  # timm ViT (EfficientNet: its stages), ConvNeXt, ResNet
 )
 
 
