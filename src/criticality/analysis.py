@@ -40,6 +40,7 @@ from criticality.initializers import InitScheme, scheme_name
 from criticality.store import CellStore, cell_key
 
 StateDict = Mapping[str, torch.Tensor]
+MAX_CELLS = 100_000  # a larger grid is a typo (--seeds 100000000000): each cell is a pass over the data
 DEFAULT_THRESHOLD = 0.02  # Δ test error at checkpoint 0 at or below which a layer counts as robust
 ENGINES = ("fast", "naive")
 RERANDOMIZE_SALT = 1_000_003  # draw seed s uses generator seed SALT + s (see Plan._draw)
@@ -201,6 +202,8 @@ def make_plan(model, checkpoints, groups, seeds, joint, final, reinit_to, init, 
         raise CriticalityError(f"batch size must be a positive integer, got {batch_size}")
     if max_examples is not None and max_examples < 1:
         raise CriticalityError(f"--max-examples must be positive, got {max_examples}")
+    if isinstance(seeds, int) and not 0 <= seeds <= MAX_CELLS:
+        raise CriticalityError(f"seeds must be a count from 0 to {MAX_CELLS}, got {seeds}")
     seeds = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
     if any(s < 0 for s in seeds):
         raise CriticalityError(f"seeds must be non-negative, got {seeds}")
@@ -226,6 +229,11 @@ def make_plan(model, checkpoints, groups, seeds, joint, final, reinit_to, init, 
     resolved = groups if isinstance(groups, Groups) else resolve(model, groups)
     joints = dict(joint_group(resolved, members) for members in (joint or []))
     metric_fns = dict(metrics) if isinstance(metrics, Mapping) else {m: _metric(m) for m in metrics}
+    n_cells = 1 + (len(resolved.names) + len(joints)) * (len(seeds) + len(reinit_to))
+    if n_cells > MAX_CELLS:
+        raise CriticalityError(f"the grid has {n_cells:,} cells ({len(resolved.names) + len(joints)} groups × "
+                               f"({len(seeds)} seeds + {len(reinit_to)} checkpoints) + 1), each a full pass over "
+                               f"the evaluation data; at most {MAX_CELLS:,} are run (fewer seeds or checkpoints)")
     cells = grid(resolved.names, list(joints), reinit_to, seeds, final)
     if init is None and seeds and not hasattr(model, "init_scheme"):
         warnings.warn(f"{type(model).__name__} records no init_scheme: re-randomizing with its modules' own "

@@ -38,11 +38,14 @@ from tqdm.auto import tqdm
 from criticality import data as datasets
 from criticality import distributed, engine, lock, models
 from criticality.checkpoints import check_compatible, list_epochs, load_checkpoint, save_checkpoint
-from criticality.errors import CriticalityError
+from criticality.errors import CriticalityError, unknown_name
+from criticality.initializers import SCHEMES
 from criticality.files import atomic_path, atomic_write, dumps, loads, write_json
 from criticality.provenance import provenance
 
-RUN_FORMAT = 1  # bump when the run-directory layout changes incompatibly
+RUN_FORMAT = 1
+_SYNONYMS = {"xavier": "glorot", "he": "kaiming", "default": "torch", "fashion_mnist": "fashion-mnist",
+             "fmnist": "fashion-mnist", "cifar": "cifar10", "cifar-10": "cifar10"}  # names users try  # bump when the run-directory layout changes incompatibly
 
 
 @dataclass
@@ -87,8 +90,14 @@ class TrainConfig:
                                        f"got {getattr(self, name)}")
         if self.seed < 0:
             raise CriticalityError(f"--seed must be non-negative, got {self.seed}")
-        if self.schedule not in ("constant", "step", "cosine"):
-            raise CriticalityError(f"unknown --schedule {self.schedule!r}; use constant, step or cosine")
+        for name, known in (("schedule", ("constant", "step", "cosine")), ("init", SCHEMES),
+                            ("data", datasets.NAMES)):
+            value = getattr(self, name)
+            if value in _SYNONYMS:
+                raise CriticalityError(f"unknown --{name} {value!r}; did you mean {_SYNONYMS[value]!r}? "
+                                       f"(known: {', '.join(known)})")
+            if value not in known:
+                raise unknown_name(f"--{name}", value, known)
         checkpoint_epochs(self.epochs, self.checkpoints)
 
 
