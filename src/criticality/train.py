@@ -39,13 +39,13 @@ from criticality import data as datasets
 from criticality import distributed, engine, lock, models
 from criticality.checkpoints import check_compatible, list_epochs, load_checkpoint, save_checkpoint
 from criticality.errors import CriticalityError, unknown_name
-from criticality.initializers import SCHEMES
 from criticality.files import atomic_path, atomic_write, dumps, loads, write_json
+from criticality.initializers import SCHEMES
 from criticality.provenance import provenance
 
-RUN_FORMAT = 1
+RUN_FORMAT = 1  # bump when the run-directory layout changes incompatibly
 _SYNONYMS = {"xavier": "glorot", "he": "kaiming", "default": "torch", "fashion_mnist": "fashion-mnist",
-             "fmnist": "fashion-mnist", "cifar": "cifar10", "cifar-10": "cifar10"}  # names users try  # bump when the run-directory layout changes incompatibly
+             "fmnist": "fashion-mnist", "cifar": "cifar10", "cifar-10": "cifar10"}  # names users try
 
 
 @dataclass
