@@ -229,6 +229,9 @@ def make_plan(model, checkpoints, groups, seeds, joint, final, reinit_to, init, 
     resolved = groups if isinstance(groups, Groups) else resolve(model, groups)
     joints = dict(joint_group(resolved, members) for members in (joint or []))
     metric_fns = dict(metrics) if isinstance(metrics, Mapping) else {m: _metric(m) for m in metrics}
+    if "error" not in metric_fns:  # the verdicts and the terminal table compare test error
+        raise CriticalityError(f"metrics {sorted(metric_fns)} lack 'error', which the verdicts compare; add it "
+                               "(e.g. metrics=('error', ...) or {'error': fn, ...})")
     n_cells = 1 + (len(resolved.names) + len(joints)) * (len(seeds) + len(reinit_to))
     if n_cells > MAX_CELLS:
         raise CriticalityError(f"the grid has {n_cells:,} cells ({len(resolved.names) + len(joints)} groups × "
@@ -266,7 +269,7 @@ def run_cells(plan: Plan, data: Data, *, device: str | torch.device = "cpu", sto
         print(f"resuming: {len(done)} of {len(cells)} cells already done ({store}), computing {len(todo)}",
               file=sys.stderr)
     bar = tqdm(total=len(cells), initial=len(cells) - len(todo), desc="cells", unit="cell", disable=not progress)
-    for cell, result in _evaluate(plan, todo, data, device):
+    for cell, result in _data_errors(_evaluate(plan, todo, data, device)):
         row = {**cell.as_dict(), **result}
         done[cell_key(row)] = row
         if saved:
@@ -274,6 +277,24 @@ def run_cells(plan: Plan, data: Data, *, device: str | torch.device = "cpu", sto
         bar.update()
     bar.close()
     return [done[k] for k in keys]
+
+
+def _data_errors(results: Any) -> Any:
+    """``results``, with a failure before the first cell is done (the probe batch and the first cell, which
+    are the unmodified model on the user's data) turned into one line about the data: wrong shapes,
+    dtypes, label ranges or lengths fail there, in torch, with a RuntimeError / ValueError / IndexError."""
+    results = iter(results)
+    try:
+        first = next(results)
+    except StopIteration:
+        return
+    except (RuntimeError, ValueError, TypeError, IndexError) as e:
+        reason = " ".join(str(e).split())[:300]
+        raise CriticalityError(f"the model cannot be evaluated on the data ({type(e).__name__}: {reason}); check "
+                               "the inputs' shape and dtype and that the labels are class indices, one per "
+                               "example") from e
+    yield first
+    yield from results
 
 
 def _evaluate(plan: Plan, cells: list[Cell], data: Data, device) -> Any:
