@@ -359,3 +359,44 @@ def test_installed_console_script(tmp_path):
     bad = subprocess.run([str(script), "analyze", str(tmp_path)], capture_output=True, text=True, env=ENV,
                          timeout=120)
     assert bad.returncode == 2 and bad.stderr.startswith("criticality: error:")
+
+
+def test_report_from_the_cli(run, tmp_path, capsys):
+    r = copy(run, tmp_path)
+    assert run_cli(capsys, "analyze", r, "--device", "cpu", "--seeds", "1")[0] == 0
+    code, out, err = run_cli(capsys, "report", r)
+    assert code == 0 and out.strip() == f"report: {r / 'report.html'}", err
+    assert (r / "report.html").stat().st_size > 1000 and list((r / "figures").iterdir())
+
+
+@pytest.mark.parametrize("root", [None, "DIR"])
+def test_quick_scale_uses_the_experiments_own_data_when_given(tmp_path, capsys, monkeypatch, root):
+    from criticality import data, runner
+
+    seen = {}
+
+    def fake_run(exp, **kw):
+        seen.update(kw, key=exp.key)
+        return []
+
+    monkeypatch.setattr(runner, "run_experiment", fake_run)
+    argv = ["run", "fig4/vgg11/cifar10", *(["--data-root", tmp_path] if root else [])]
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 0, err
+    if root:
+        assert seen["data"] == "cifar10" and seen["data_root"] == str(tmp_path) and "stands in" not in err
+    else:
+        assert seen["data"] == data.default_data()
+        assert f"quick scale: {data.default_data()} stands in for cifar10" in err
+
+
+def test_resuming_line_comes_from_rank_0_only(run, tmp_path, capsys, monkeypatch):
+    r = copy(run, tmp_path)
+    assert run_cli(capsys, "analyze", r, "--device", "cpu", "--seeds", "1")[0] == 0
+    from criticality import analysis
+
+    code, _, err = run_cli(capsys, "analyze", r, "--device", "cpu", "--seeds", "1")
+    assert code == 0 and "resuming: 10 of 10" in err
+    monkeypatch.setattr(analysis.distributed, "is_main", lambda: False)  # as rank 1 sees it
+    code, _, err = run_cli(capsys, "analyze", r, "--device", "cpu", "--seeds", "1")
+    assert code == 0 and "resuming" not in err

@@ -29,8 +29,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from criticality import distributed, surgery
 from criticality import engine as engine_mod
-from criticality import surgery
 from criticality.checkpoints import check_compatible
 from criticality.engine import METRICS, Data, Engine, Metric, Variant
 from criticality.errors import CriticalityError
@@ -265,7 +265,7 @@ def run_cells(plan: Plan, data: Data, *, device: str | torch.device = "cpu", sto
     wanted = set(keys)
     done = {k: r for k, r in (saved.rows.items() if saved else []) if k in wanted}
     todo = [c for c, k in zip(cells, keys, strict=True) if k not in done]
-    if done:
+    if done and distributed.is_main():  # under torchrun: rank 0's line only
         print(f"resuming: {len(done)} of {len(cells)} cells already done ({store}), computing {len(todo)}",
               file=sys.stderr)
     bar = tqdm(total=len(cells), initial=len(cells) - len(todo), desc="cells", unit="cell", disable=not progress)
