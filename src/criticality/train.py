@@ -146,14 +146,15 @@ def train(config: TrainConfig, run_dir: str | Path, *, progress: bool = True, wa
     config.validate()
     run_dir = Path(run_dir)
     ctx = distributed.setup(config.device)
-    with lock.held(run_dir, "criticality train", wait=wait):
-        return _train(config, run_dir, ctx, progress)
-
-
-def _train(config: TrainConfig, run_dir: Path, ctx: distributed.Context, progress: bool) -> Path:
     dataset = load_data(config)
     model = build_model(config, dataset).to(ctx.device)
     state = _Trainer(config, model, dataset, ctx)
+    # Locked once the data and model are known good: a refused command leaves no run directory behind.
+    with lock.held(run_dir, "criticality train", wait=wait):
+        return _train(config, run_dir, state, ctx, progress)
+
+
+def _train(config: TrainConfig, run_dir: Path, state: _Trainer, ctx: distributed.Context, progress: bool) -> Path:
     start = _begin(config, run_dir, state, ctx)
     keep = checkpoint_epochs(config.epochs, config.checkpoints)
     for epoch in range(start + 1, config.epochs + 1):
