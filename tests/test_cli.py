@@ -309,8 +309,8 @@ def start(argv: list, marker: bytes, cwd: Path) -> subprocess.Popen:
 
 @pytest.mark.parametrize("sig,code,word", [(signal.SIGTERM, 143, "terminated"), (signal.SIGINT, 130, "interrupted")],
                          ids=["sigterm", "ctrl-c"])
-def test_signals_during_training_and_analysis_are_clean_and_resumable(run, tmp_path, sig, code, word):
-    train_argv = ["train", "fcn-2x16", "--data", "digits", "--epochs", "40", "--batch-size", "1", "--device", "cpu",
+def test_signals_during_training_and_analysis_are_clean_and_resumable(run, tmp_path, capsys, sig, code, word):
+    train_argv = ["train", "fcn-2x16", "--data", "digits", "--epochs", "40", "--batch-size", "16", "--device", "cpu",
                   "--out", "t"]
     proc = start(train_argv, b"epoch 2/40", tmp_path)
     proc.send_signal(sig)
@@ -320,15 +320,14 @@ def test_signals_during_training_and_analysis_are_clean_and_resumable(run, tmp_p
     assert list_epochs(tmp_path / "t")[:2] == [0, 1] and not list((tmp_path / "t").rglob(".*.*"))
 
     r = copy(run, tmp_path)
-    # 67 cells of 360 one-example batches: several seconds, so the signal lands mid-grid
-    analyze = ["analyze", r, "--engine", "naive", "--batch-size", "1", "--seeds", "20", "--device", "cpu"]
-    proc = start(analyze, b" 2/67 ", tmp_path)  # two cells stored
+    # 37 cells of 360 one-example batches: several seconds, so the signal lands mid-grid
+    analyze = ["analyze", r, "--engine", "naive", "--batch-size", "1", "--seeds", "10", "--device", "cpu"]
+    proc = start(analyze, b" 2/37 ", tmp_path)  # two cells stored
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == code and word in err.decode(), err
-    resumed = subprocess.run([sys.executable, "-m", "criticality", "--no-progress", *map(str, analyze)],
-                             capture_output=True, text=True, env=ENV, timeout=300)
-    assert resumed.returncode == 0 and "resuming: " in resumed.stderr, resumed.stderr
+    code, _, err = run_cli(capsys, *analyze)  # in this process: no second start-up of python and torch
+    assert code == 0 and "resuming: " in err, err
 
 
 def test_internal_error_is_exit_1_with_one_line(run, capsys, monkeypatch):
@@ -400,3 +399,11 @@ def test_resuming_line_comes_from_rank_0_only(run, tmp_path, capsys, monkeypatch
     monkeypatch.setattr(analysis.distributed, "is_main", lambda: False)  # as rank 1 sees it
     code, _, err = run_cli(capsys, "analyze", r, "--device", "cpu", "--seeds", "1")
     assert code == 0 and "resuming" not in err
+
+
+def test_run_help_shows_no_train_defaults_it_does_not_use(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["run", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: 20)" not in text and "(default: the experiment's, at --scale)" in text
+    assert "--wait" in text

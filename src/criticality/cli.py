@@ -69,8 +69,10 @@ NON_NEGATIVE = _number(int, 0, "a non-negative integer")
 NON_NEGATIVE_FLOAT = _number(float, 0.0, "a non-negative number")
 
 
-def _add_config_options(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
-    """One ``--option`` per dataclass field, typed and documented from the field."""
+def _add_config_options(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = (),
+                        default_note: str | None = None) -> None:
+    """One ``--option`` per dataclass field, typed and documented from the field; ``default_note``
+    replaces the field's default in the help (``run``: the experiment sets the defaults)."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if f.name in skip:
@@ -84,7 +86,8 @@ def _add_config_options(parser: argparse.ArgumentParser, cls: type, skip: tuple[
         parse = {int: POSITIVE if f.name in ("epochs", "batch_size", "width", "max_train", "max_test",
                                              "image_size") else NON_NEGATIVE,
                  float: NON_NEGATIVE_FLOAT}.get(base, base)
-        parser.add_argument(flag, type=parse, default=None, help=f"{help_} (default: {f.default})")
+        parser.add_argument(flag, type=parse, default=None,
+                            help=f"{help_} (default: {default_note or f.default})")
 
 
 def _overrides(args: argparse.Namespace, cls: type) -> dict:
@@ -138,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--scale", choices=experiments.SCALES, default="quick")
     run.add_argument("--out", help="output directory (default runs/KEY/SCALE)")
     _wait_option(run)
-    _add_config_options(run, TrainConfig, skip=("model",))
+    _add_config_options(run, TrainConfig, skip=("model",), default_note="the experiment's, at --scale")
 
     train = sub.add_parser("train", help="train a model, keeping the checkpoint trajectory")
     train.add_argument("model_name", metavar="MODEL", nargs="?", help="registry name (default fcn-3x256)")
