@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import signal
 import stat
@@ -298,10 +299,11 @@ def test_read_only_run_directory_as_root(run, tmp_path, capsys, monkeypatch):
 
 
 def start(argv: list, marker: bytes, cwd: Path) -> subprocess.Popen:
+    """Start the CLI; return once its stderr matches the regular expression ``marker``."""
     proc = subprocess.Popen([sys.executable, "-m", "criticality", *map(str, argv)], cwd=cwd, env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     seen, deadline = b"", time.monotonic() + 120
-    while marker not in seen:
+    while not re.search(marker, seen):
         assert time.monotonic() < deadline and proc.poll() is None, seen
         seen += os.read(proc.stderr.fileno(), 1 << 16)
     return proc
@@ -320,9 +322,9 @@ def test_signals_during_training_and_analysis_are_clean_and_resumable(run, tmp_p
     assert list_epochs(tmp_path / "t")[:2] == [0, 1] and not list((tmp_path / "t").rglob(".*.*"))
 
     r = copy(run, tmp_path)
-    # 37 cells of 360 one-example batches: several seconds, so the signal lands mid-grid
-    analyze = ["analyze", r, "--engine", "naive", "--batch-size", "1", "--seeds", "10", "--device", "cpu"]
-    proc = start(analyze, b" 2/37 ", tmp_path)  # two cells stored
+    # 97 cells of 360 one-example batches: several seconds, so the signal lands mid-grid
+    analyze = ["analyze", r, "--engine", "naive", "--batch-size", "1", "--seeds", "30", "--device", "cpu"]
+    proc = start(analyze, rb" [1-9]\d?/97 \[", tmp_path)  # the bar shows at least one cell stored
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == code and word in err.decode(), err

@@ -321,3 +321,25 @@ def test_joint_groups_of_figs_9_and_10_by_their_members():
     assert members("fig10/resnet18-joint-stages/cifar10") == [
         ["stage1.block1", "stage1.block2"], ["stage2.block1", "stage2.block2"], ["stage3.block1", "stage3.block2"],
         ["stage4.block1", "stage4.block2"], ["stage3.block2", "stage4.block2"]]
+
+
+def test_custom_metrics_need_error_and_are_computed():
+    model = fcn()
+    sd = states(model)
+    x, y = data(7)
+
+    def margin(logits, targets):  # a user's metric: per-example, plain callable
+        return logits.gather(1, targets[:, None])[:, 0] - logits.max(1).values
+
+    with pytest.raises(CriticalityError, match=r"lack 'error', which the verdicts compare"):
+        analyze(model, sd, (x, y), groups=GROUPS, seeds=0, init="torch", metrics={"margin": margin}, progress=False)
+    from criticality.engine import METRICS
+
+    r = analyze(model, sd, (x, y), groups=GROUPS, seeds=0, init="torch", progress=False,
+                metrics={"error": METRICS["error"], "margin": margin})
+    final = r.table[r.table.op == "final"].iloc[0]
+    m = copy.deepcopy(model)
+    m.load_state_dict(sd[3])
+    with torch.no_grad():
+        want = margin(m.eval()(x), y).double().mean().item()
+    assert final.margin == pytest.approx(want, abs=1e-6) and "delta_margin" in r.table and len(r.verdicts) == 3
