@@ -409,3 +409,9 @@ def test_run_help_shows_no_train_defaults_it_does_not_use(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "(default: 20)" not in text and "(default: the experiment's, at --scale)" in text
     assert "--wait" in text
+
+
+def test_a_finite_but_exploding_loss_is_said_once(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "train", "fcn-2x16", "--data", "digits", "--epochs", "3", "--lr", "1000",
+                           "--device", "cpu", "--out", tmp_path / "r")
+    assert code == 0 and err.count("training is diverging") == 1, err

@@ -157,9 +157,11 @@ def train(config: TrainConfig, run_dir: str | Path, *, progress: bool = True, wa
 def _train(config: TrainConfig, run_dir: Path, state: _Trainer, ctx: distributed.Context, progress: bool) -> Path:
     start = _begin(config, run_dir, state, ctx)
     keep = checkpoint_epochs(config.epochs, config.checkpoints)
+    warned = False
     for epoch in range(start + 1, config.epochs + 1):
         record = state.epoch(epoch, progress=progress and ctx.is_main)
         _check_finite(record, config, run_dir, ctx.is_main)
+        warned = warned or _warn_exploding(record, config, state.dataset.num_classes, ctx.is_main)
         if ctx.is_main:
             if epoch in keep:
                 save_checkpoint(run_dir, epoch, state.model.state_dict(), **_metrics(record))
@@ -208,6 +210,20 @@ def _check_finite(record: dict[str, Any], config: TrainConfig, run_dir: Path, sa
     if say:
         print(f"criticality: warning: epoch {epoch}: the training loss is {loss} (diverged); going on because of "
               "--allow-divergence", file=sys.stderr)
+
+
+EXPLODED = 100  # × the chance-level loss ln(classes): a finite loss this large means the run is diverging
+
+
+def _warn_exploding(record: dict[str, Any], config: TrainConfig, classes: int, say: bool) -> bool:
+    """One warning line the first time the training loss is finite but far above chance level."""
+    loss = record["train_loss"]
+    if not math.isfinite(loss) or loss <= EXPLODED * math.log(max(classes, 2)):
+        return False
+    if say:
+        print(f"criticality: warning: epoch {record['epoch']}: the training loss is {loss:.3g}, over {EXPLODED}× the "
+              f"chance level ln({classes}); training is diverging (--lr {config.lr} too large?)", file=sys.stderr)
+    return True
 
 
 def _record_extension(path: Path, resolved: dict[str, Any]) -> None:
