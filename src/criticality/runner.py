@@ -13,6 +13,7 @@ draws the figures (``RUN/figures``) and writes ``RUN/report.html``.
 
 from __future__ import annotations
 
+import copy
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -81,7 +82,8 @@ def _analyze(run_dir: Path, config: dict, cfg: TrainConfig, build: dict, ctx: di
     out = run_dir / ("analysis" if split == "test" else f"analysis_{split}")  # the report reads analysis/
     if ctx.is_main:
         n = min(x for x in (max_examples, _size(split_data)) if x)
-        print(f"analysis: {len(plan.cells)} cells, each one pass over {n} {split} examples", file=sys.stderr)
+        cost = _estimate(model, data, n, batch_size, ctx.device, len(plan.cells) // ctx.world + 1)
+        print(f"analysis: {len(plan.cells)} cells, each one pass over {n} {split} examples{cost}", file=sys.stderr)
     store = out / ("cells.jsonl" if ctx.world == 1 else f"cells.rank{ctx.rank}-of-{ctx.world}.jsonl")
     rows = run_cells(plan, data, device=ctx.device, store=str(store),
                      shard=(ctx.rank, ctx.world) if ctx.world > 1 else None, progress=progress and ctx.is_main)
@@ -131,6 +133,31 @@ def _merge_shards(shards: list[list[dict]], plan) -> list[dict]:
                                    f"(expected {key})")
         merged.append(by_key[key])
     return merged
+
+
+def _estimate(model: torch.nn.Module, data, n: int, batch_size: int, device: torch.device, cells: int) -> str:
+    """", at most about T" for ``cells`` full forward passes over ``n`` examples, timed on one batch of
+    tensor data ("" for a loader: fetching a batch to time it would cost a worker start-up). An upper
+    bound: the fast engine re-runs only each cell's suffix, and stored cells are not run again."""
+    if not (isinstance(data, tuple) and isinstance(data[0], torch.Tensor)):
+        return ""
+    import time
+
+    x = data[0][:min(batch_size, n)]
+    try:
+        probe = copy.deepcopy(model).to(device).eval()
+        with torch.no_grad():
+            probe(x.to(device))  # warm-up (allocations, kernels)
+            start = time.perf_counter()
+            probe(x.to(device))
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            seconds = (time.perf_counter() - start) * cells * -(-n // len(x))
+    except Exception:  # noqa: BLE001 - an estimate only: the analysis itself reports any real problem
+        return ""
+    minutes = seconds / 60
+    return f", at most about {max(seconds, 1):.0f} s" if minutes < 2 else f", at most about {minutes:.0f} min" \
+        if minutes < 120 else f", at most about {minutes / 60:.1f} h"
 
 
 def _size(split) -> int:
