@@ -415,3 +415,9 @@ def test_a_finite_but_exploding_loss_is_said_once(tmp_path, capsys):
     code, _, err = run_cli(capsys, "train", "fcn-2x16", "--data", "digits", "--epochs", "3", "--lr", "1000",
                            "--device", "cpu", "--out", tmp_path / "r")
     assert code == 0 and err.count("training is diverging") == 1, err
+
+
+def test_paper_scale_without_the_data_says_what_is_needed_before_training(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "run", "3x256", "--scale", "paper", "--out", tmp_path / "r")
+    one_line_error(code, err, "mnist: files not found", "--data-root")
+    assert not (tmp_path / "r").exists()
