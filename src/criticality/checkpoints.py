@@ -104,7 +104,10 @@ def check_compatible(model: nn.Module, state: Mapping[str, torch.Tensor], where:
     own = model.state_dict()
     if not isinstance(state, Mapping):
         raise CriticalityError(f"{where} is a {type(state).__name__}, not a state dict (a mapping key -> tensor)")
-    odd = sorted(str(k) for k in set(own) & set(state) if not isinstance(state[k], torch.Tensor))
+    # A lazy checkpoint holds tensors only (safetensors, or pickles checked when read): reading each to
+    # check would load the whole trajectory.
+    odd = [] if isinstance(state, LazyCheckpoint) else \
+        sorted(str(k) for k in set(own) & set(state) if not isinstance(state[k], torch.Tensor))
     if odd:
         raise CriticalityError(f"{where}: {odd[0]} is a {type(state[odd[0]]).__name__}, not a tensor")
     missing = sorted(set(own) - set(state))
