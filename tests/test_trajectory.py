@@ -147,8 +147,10 @@ def test_corrupt_files_are_named(tmp_path):
     raw = bytearray(path.read_bytes())
     raw[-3] ^= 0xFF  # altered after writing: the header still parses
     path.write_bytes(bytes(raw))
-    lazy = trajectory(tmp_path / "run")
-    lazy[3]["1.weight"]  # other files are fine
+    with pytest.raises(CriticalityError, match="epoch_0001.safetensors does not match the sha256"):
+        trajectory(tmp_path / "run")  # a run directory is checked as a whole, before any work
+    lazy = trajectory(tmp_path / "run" / "checkpoints")  # as a plain folder: each file before its first read
+    lazy[3]["1.weight"]
     with pytest.raises(CriticalityError, match="does not match the sha256"):
         lazy[1]["1.weight"]
     folder = tmp_path / "plain"

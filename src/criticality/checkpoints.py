@@ -86,8 +86,8 @@ def load_checkpoint(run_dir: str | Path, epoch: int, *, verify: bool = True) -> 
 
 def load_checkpoints(run_dir: str | Path, epochs: Iterable[int] | None = None) -> dict[int, LazyCheckpoint]:
     """Several epochs (default: all complete ones) as a mapping epoch -> read-only state dict whose tensors
-    are read per key when used (see :mod:`criticality.trajectory`; each file's sha256 is checked, streaming,
-    before its first tensor is read)."""
+    are read per key when used (see :mod:`criticality.trajectory`); every file's sha256 is checked here,
+    streaming, so that an altered file is refused before any work starts."""
     found = run_files(checkpoint_dir(run_dir)) if checkpoint_dir(run_dir).is_dir() else {}
     epochs = sorted(found) if epochs is None else sorted(epochs)
     if not epochs:
@@ -96,7 +96,10 @@ def load_checkpoints(run_dir: str | Path, epochs: Iterable[int] | None = None) -
     for e in epochs:
         if e not in found:
             raise CriticalityError(f"no complete checkpoint for epoch {e} in {checkpoint_dir(run_dir)}")
-    return {e: found[e] for e in epochs}
+    out = {e: found[e] for e in epochs}
+    for checkpoint in out.values():  # every file against its sidecar now, streaming: errors before any cell
+        checkpoint.verify()
+    return out
 
 
 def check_compatible(model: nn.Module, state: Mapping[str, torch.Tensor], where: str = "checkpoint") -> None:

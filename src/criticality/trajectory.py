@@ -12,9 +12,10 @@ whole trajectory in memory.
 The initialization must be among them (checkpoint 0: ``epoch_0000``, ``step_0``, ``checkpoint-0``) or be
 given as ``init_checkpoint`` (a file or a ``save_pretrained`` folder); without it there is nothing to
 re-initialize to, and that is an error. A safetensors file with a JSON sidecar holding ``sha256`` (this
-project's format) is checked against it, streaming, once, before its first tensor is read. ``.bin`` /
-``.pt`` / ``.pth`` / ``.ckpt`` files are read only with ``torch.load(weights_only=True)`` (memory-mapped
-where the file allows it): a pickle holding anything but tensors is refused, never run.
+project's format) is checked against it, streaming, once: a run directory's files when the trajectory is
+read, other files before their first tensor is read. ``.bin`` / ``.pt`` / ``.pth`` / ``.ckpt`` files are
+read only with ``torch.load(weights_only=True)`` (memory-mapped where the file allows it): a pickle
+holding anything but tensors is refused, never run.
 """
 
 from __future__ import annotations
@@ -240,7 +241,9 @@ def discover(path: Path) -> Trajectory:
         raise CriticalityError(f"{path} is one file; a trajectory is a folder of checkpoints "
                                "(pass the file as --init-checkpoint if it is the initialization)")
     if (path / "checkpoints").is_dir() and (path / "config.json").is_file() and run_files(path / "checkpoints"):
-        return Trajectory(run_files(path / "checkpoints"), "epoch", "run directory", path)
+        found = Trajectory(run_files(path / "checkpoints"), "epoch", "run directory", path)
+        found.verify()  # this project's files have sidecars: check them all now, streaming
+        return found
     hf = {int(m.group(1)): d for d in path.iterdir() if d.is_dir() and (m := _HF_DIR.match(d.name))}
     if hf:
         return Trajectory({n: checkpoint_at(d) for n, d in hf.items()}, "step", "HF Trainer folder", path)
