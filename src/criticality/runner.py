@@ -65,7 +65,9 @@ def analyze_run(run_dir: str | Path, *, groups: str | dict = "model", seeds: int
     data = split_data if isinstance(split_data, tuple) else torch.utils.data.DataLoader(
         split_data, batch_size=batch_size, num_workers=cfg.workers)
     model = models.build(**build, init=cfg.init)
-    plan = make_plan(model, load_checkpoints(run_dir), groups, seeds, joint, None, None, None, ("error", "loss"),
+    checkpoints = load_checkpoints(run_dir)
+    plan = make_plan(model, checkpoints, groups, seeds, joint, None, _reinit_to(config, checkpoints), None,
+                     ("error", "loss"),
                      engine, batch_size, max_examples, buffers,
                      calibration=_calibration(dataset, cfg) if buffers == "recalibrate" else None)
     out = run_dir / ("analysis" if split == "test" else f"analysis_{split}")  # the report reads analysis/
@@ -88,6 +90,15 @@ def analyze_run(run_dir: str | Path, *, groups: str | dict = "model", seeds: int
     write_tables(out, result.table, result.distances, result.summary)
     distributed.barrier()
     return out
+
+
+def _reinit_to(config: dict, checkpoints) -> list[int] | None:
+    """The experiment's paper columns that the run kept (before the final epoch); None = every checkpoint."""
+    columns = (config.get("experiment") or {}).get("columns")
+    if not columns:
+        return None
+    final = max(checkpoints)
+    return [e for e in columns if e in checkpoints and e < final] or None
 
 
 CALIBRATION_EXAMPLES = 2048  # training images that re-estimate BatchNorm statistics (buffers="recalibrate")
@@ -162,15 +173,17 @@ def run_experiment(exp: Experiment, *, scale: str = "quick", data: str | None = 
 
 def _note_experiment(run_dir: Path, exp: Experiment, scale: str) -> None:
     config = read_run(run_dir)
-    config["experiment"] = {"key": exp.key, "figure": exp.figure, "scale": scale, "paper_data": exp.data}
+    config["experiment"] = {"key": exp.key, "figure": exp.figure, "scale": scale, "paper_data": exp.data,
+                            "columns": list(exp.columns) if scale == "paper" else None,
+                            "assumptions": list(exp.assumptions)}
     write_json(run_dir / "config.json", config)
 
 
 def _width_rows(run_dir: Path, cfg: TrainConfig) -> pd.DataFrame:
-    """Fig 3 rows: Δ test error when each layer except the first is reset to epoch 0."""
+    """Fig 3 rows, one per layer 2..L: Δ test error when that layer alone is reset to epoch 0."""
     cells = plots.read_cells(run_dir / "analysis" / "cells.csv")
     at0 = cells[(cells.op == "reinit") & (cells.checkpoint == 0) & ~cells.joint]
     at0 = at0[at0.group != at0.group.iloc[0]]
-    width = int(cfg.model.split("x")[-1])
-    return pd.DataFrame({"width": width, "group": at0.group.to_numpy(), "seed": cfg.seed,
+    depth, width = (int(v) for v in cfg.model.removeprefix("fcn-").split("x"))
+    return pd.DataFrame({"depth": depth, "width": width, "group": at0.group.to_numpy(), "seed": cfg.seed,
                          "delta_error": at0.delta_error.to_numpy()})

@@ -56,16 +56,28 @@ class TrainConfig:
     batch_size: int = field(default=128, metadata={"help": "examples per SGD step, across all processes"})
     lr: float = field(default=0.01, metadata={"help": "SGD learning rate"})
     momentum: float = field(default=0.9, metadata={"help": "SGD momentum"})
-    weight_decay: float = field(default=0.0, metadata={"help": "L2 weight decay (5e-4 for VGG/ResNet)"})
-    schedule: str = field(
-        default="constant", metadata={"help": "lr schedule: constant | step (x0.1 at 50%%, 75%%) | cosine"}
-    )
+    weight_decay: float = field(default=0.0, metadata={"help": "L2 weight decay (the paper's main results: 0)"})
+    schedule: str = field(default="constant", metadata={
+        "help": "lr schedule: constant | piecewise (x gamma at --milestones; the paper's) | step (x0.1 at "
+                "50%%, 75%%) | cosine"})
+    milestones: str = field(default="30,60,90", metadata={"help": "piecewise: epochs after which lr *= gamma"})
+    gamma: float = field(default=0.2, metadata={"help": "piecewise: lr factor at each milestone"})
+    warmup: int = field(default=0, metadata={
+        "help": "epochs of linear lr warm-up from lr/10 (0 = none; plain VGG needs it at lr 0.1)"})
+    freeze: str = field(default="", metadata={
+        "help": "comma-separated glob patterns of layer groups kept at their initialization (not trained)"})
+    amp: str = field(default="auto", metadata={
+        "help": "mixed precision: auto (bf16 on CUDA if supported, else fp16 + GradScaler; off on CPU) | "
+                "off | bf16 | fp16"})
+    channels_last: str = field(default="auto", metadata={"help": "auto (conv nets on CUDA) | on | off"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the training step's model"})
     augment: bool = field(default=False, metadata={"help": "random crop (pad 4) + flip, for 32x32 images"})
     init: str = field(default="torch", metadata={
         "help": "torch (modules' reset_parameters) | glorot (the paper's TF) | kaiming (He, convs)"})
     width: int | None = field(default=None, metadata={"help": "base channels for vgg/resnet (default 64)"})
     seed: int = field(default=0, metadata={"help": "seed of the init and of every data-order/augmentation draw"})
-    checkpoints: str = field(default="auto", metadata={"help": "auto (0,1,2,3,5,10,20,40,… + final) or e.g. 0,1,5,20"})
+    checkpoints: str = field(default="auto", metadata={
+        "help": "auto (0,1,2,3,5,10,20,40,… + final) | every (each epoch, the paper's) | e.g. 0,1,5,20"})
     max_train: int | None = field(default=None, metadata={"help": "train on a fixed subset of this many examples"})
     max_test: int | None = field(default=None, metadata={"help": "evaluate on a fixed subset of this many examples"})
     image_size: int = field(default=224, metadata={"help": "imagenet: crop side in pixels"})
@@ -84,25 +96,75 @@ class TrainConfig:
                                        f"got {getattr(self, name)}")
         if self.seed < 0:
             raise CriticalityError(f"--seed must be non-negative, got {self.seed}")
-        if self.schedule not in ("constant", "step", "cosine"):
-            raise CriticalityError(f"unknown --schedule {self.schedule!r}; use constant, step or cosine")
+        if self.schedule not in SCHEDULES:
+            raise CriticalityError(f"unknown --schedule {self.schedule!r}; use {', '.join(SCHEDULES)}")
+        if not 0 < self.gamma < math.inf:
+            raise CriticalityError(f"--gamma must be a finite number > 0, got {self.gamma}")
+        if self.warmup < 0:
+            raise CriticalityError(f"--warmup must be >= 0 epochs, got {self.warmup}")
+        if self.amp not in AMP_MODES:
+            raise CriticalityError(f"unknown --amp {self.amp!r}; use {', '.join(AMP_MODES)}")
+        if self.channels_last not in ("auto", "on", "off"):
+            raise CriticalityError(f"--channels-last must be auto, on or off, got {self.channels_last!r}")
+        parse_epochs(self.milestones, "--milestones")
         checkpoint_epochs(self.epochs, self.checkpoints)
 
 
+SCHEDULES = ("constant", "piecewise", "step", "cosine")
+AMP_MODES = ("auto", "off", "bf16", "fp16")
+
+
+def parse_epochs(spec: str, option: str) -> list[int]:
+    """``"30,60,90"`` → ``[30, 60, 90]``; anything else is a one-line error naming ``option``."""
+    try:
+        epochs = sorted({int(s) for s in spec.split(",") if s.strip()})
+    except ValueError as err:
+        raise CriticalityError(f"{option} must be comma-separated epochs, got {spec!r}") from err
+    if any(e < 0 for e in epochs):
+        raise CriticalityError(f"{option} epochs must be >= 0, got {spec!r}")
+    return epochs
+
+
+def lr_at(config: TrainConfig, epoch: int) -> float:
+    """The learning rate used during ``epoch`` (1-based), as the scheduler sets it: piecewise multiplies
+    by ``gamma`` once for each milestone m < epoch (30,60,90: epochs 1-30 at lr, 31-60 at 0.2 lr, …);
+    a warm-up ramps linearly from lr/10 over its first ``warmup`` epochs."""
+    return config.lr * _factor(config, epoch - 1)
+
+
+def _factor(config: TrainConfig, done: int) -> float:
+    """lr multiplier after ``done`` finished epochs (the scheduler's ``last_epoch``)."""
+    if config.schedule == "piecewise":
+        factor = config.gamma ** sum(m <= done for m in parse_epochs(config.milestones, "--milestones"))
+    elif config.schedule == "step":
+        milestones = [max(1, config.epochs // 2), max(1, config.epochs * 3 // 4)]
+        factor = 0.1 ** sum(m <= done for m in milestones)
+    elif config.schedule == "cosine":
+        factor = 0.5 * (1 + math.cos(math.pi * min(done, config.epochs) / config.epochs))
+    else:
+        factor = 1.0
+    if done < config.warmup:
+        factor *= 0.1 + 0.9 * done / config.warmup
+    return factor
+
+
 def checkpoint_epochs(epochs: int, spec: str = "auto") -> list[int]:
-    """The epochs whose weights are kept: always 0 and the final one."""
-    if spec == "auto":
-        keep, e = {0, 1, 2, 3}, 5
+    """The epochs whose weights are kept: always 0 and the final one. ``spec`` is ``auto``, ``every`` or a
+    list of epochs; ``auto,8,40`` adds epochs to auto's (the paper-scale registry keeps its columns so)."""
+    words = [s.strip() for s in spec.split(",") if s.strip()]
+    keep: set[int] = set()
+    if "every" in words:
+        keep |= set(range(epochs + 1))
+    if "auto" in words:
+        keep, e = keep | {0, 1, 2, 3}, 5
         while e < epochs:
             keep.add(e)
             e *= 2
-    else:
-        try:
-            keep = {int(s) for s in spec.split(",") if s.strip()}
-        except ValueError as err:
-            raise CriticalityError(f"--checkpoints must be 'auto' or comma-separated epochs, got {spec!r}") from err
-        if any(e < 0 for e in keep):
-            raise CriticalityError(f"--checkpoints epochs must be >= 0, got {spec!r}")
+    rest = ",".join(w for w in words if w not in ("auto", "every"))
+    try:
+        keep |= set(parse_epochs(rest, "--checkpoints"))
+    except CriticalityError as err:
+        raise CriticalityError(f"--checkpoints must be auto, every or comma-separated epochs, got {spec!r}") from err
     return sorted({e for e in keep if e <= epochs} | {0, epochs})
 
 
@@ -234,9 +296,10 @@ def _check_same_run(old: dict, new: dict, run_dir: Path) -> None:
             f"{run_dir} was written by an incompatible version of criticality "
             f"(run format {old.get('format')!r}, this version reads {RUN_FORMAT}); use a new --out"
         )
-    ignore = {"epochs", "checkpoints", "device", "download", "data_root", "workers"}
-    a, b = old.get("config", {}), new["config"]
-    if a.get("epochs") != b["epochs"] and b["schedule"] != "constant":
+    ignore = {"epochs", "checkpoints", "device", "download", "data_root", "workers", "compile", "channels_last"}
+    # A run written before a field existed ran with that field's default.
+    a, b = {**dataclasses.asdict(TrainConfig()), **old.get("config", {})}, new["config"]
+    if a.get("epochs") != b["epochs"] and b["schedule"] in ("step", "cosine"):
         raise CriticalityError(
             f"{run_dir} was trained with a {b['schedule']} schedule over {a.get('epochs')} epochs; "
             f"--epochs {b['epochs']} would change that schedule midway. Use a new --out"
@@ -310,6 +373,7 @@ class _Trainer:
             if progress and step % 20 == 0:
                 bar.set_postfix(loss=f"{loss_acc.item() / seen:.3f}", err=f"{wrong_acc.item() / seen:.3f}",
                                 refresh=False)
+        lr = self.opt.param_groups[0]["lr"]  # the rate this epoch ran at (the step below sets the next one's)
         self.sched.step()
         seen, loss_sum, wrong = distributed.sum_over_ranks([seen, loss_acc.item(), wrong_acc.item()],
                                                            self.ctx.device)
@@ -319,7 +383,7 @@ class _Trainer:
             "train_loss": loss_sum / seen,
             "train_error": wrong / seen,
             **(self.evaluate() if self.ctx.is_main else {}),  # only rank 0 logs it
-            "lr": self.opt.param_groups[0]["lr"],
+            "lr": lr,
             "seconds": round(seconds, 3),
             "images_per_s": round(seen / seconds, 1),
         }
@@ -408,9 +472,5 @@ class _Trainer:
 
 
 def _scheduler(opt: torch.optim.Optimizer, config: TrainConfig):
-    if config.schedule == "step":
-        milestones = [max(1, config.epochs // 2), max(1, config.epochs * 3 // 4)]
-        return torch.optim.lr_scheduler.MultiStepLR(opt, milestones, gamma=0.1)
-    if config.schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=config.epochs)
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    """One LambdaLR stepped once per epoch; its factor is :func:`_factor` (so :func:`lr_at` is the truth)."""
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda done: _factor(config, done))
