@@ -21,6 +21,7 @@ learning rate needs no rescaling; only rank 0 evaluates and writes.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import json
 import math
 import time
@@ -39,7 +40,9 @@ from criticality import distributed, engine, models
 from criticality.checkpoints import check_compatible, list_epochs, load_checkpoint, save_checkpoint
 from criticality.errors import CriticalityError
 from criticality.files import atomic_path, atomic_write, write_json
+from criticality.precision import AMP_MODES, autocast, autocast_dtype, grad_scaler, use_channels_last
 from criticality.provenance import provenance
+from criticality.schedules import SCHEDULES, parse_epochs, scheduler
 
 RUN_FORMAT = 1  # bump when the run-directory layout changes incompatibly
 
@@ -110,44 +113,6 @@ class TrainConfig:
         checkpoint_epochs(self.epochs, self.checkpoints)
 
 
-SCHEDULES = ("constant", "piecewise", "step", "cosine")
-AMP_MODES = ("auto", "off", "bf16", "fp16")
-
-
-def parse_epochs(spec: str, option: str) -> list[int]:
-    """``"30,60,90"`` → ``[30, 60, 90]``; anything else is a one-line error naming ``option``."""
-    try:
-        epochs = sorted({int(s) for s in spec.split(",") if s.strip()})
-    except ValueError as err:
-        raise CriticalityError(f"{option} must be comma-separated epochs, got {spec!r}") from err
-    if any(e < 0 for e in epochs):
-        raise CriticalityError(f"{option} epochs must be >= 0, got {spec!r}")
-    return epochs
-
-
-def lr_at(config: TrainConfig, epoch: int) -> float:
-    """The learning rate used during ``epoch`` (1-based), as the scheduler sets it: piecewise multiplies
-    by ``gamma`` once for each milestone m < epoch (30,60,90: epochs 1-30 at lr, 31-60 at 0.2 lr, …);
-    a warm-up ramps linearly from lr/10 over its first ``warmup`` epochs."""
-    return config.lr * _factor(config, epoch - 1)
-
-
-def _factor(config: TrainConfig, done: int) -> float:
-    """lr multiplier after ``done`` finished epochs (the scheduler's ``last_epoch``)."""
-    if config.schedule == "piecewise":
-        factor = config.gamma ** sum(m <= done for m in parse_epochs(config.milestones, "--milestones"))
-    elif config.schedule == "step":
-        milestones = [max(1, config.epochs // 2), max(1, config.epochs * 3 // 4)]
-        factor = 0.1 ** sum(m <= done for m in milestones)
-    elif config.schedule == "cosine":
-        factor = 0.5 * (1 + math.cos(math.pi * min(done, config.epochs) / config.epochs))
-    else:
-        factor = 1.0
-    if done < config.warmup:
-        factor *= 0.1 + 0.9 * done / config.warmup
-    return factor
-
-
 def checkpoint_epochs(epochs: int, spec: str = "auto") -> list[int]:
     """The epochs whose weights are kept: always 0 and the final one. ``spec`` is ``auto``, ``every`` or a
     list of epochs; ``auto,8,40`` adds epochs to auto's (the paper-scale registry keeps its columns so)."""
@@ -166,6 +131,23 @@ def checkpoint_epochs(epochs: int, spec: str = "auto") -> list[int]:
     except CriticalityError as err:
         raise CriticalityError(f"--checkpoints must be auto, every or comma-separated epochs, got {spec!r}") from err
     return sorted({e for e in keep if e <= epochs} | {0, epochs})
+
+
+def frozen_modules(model: nn.Module, patterns: str) -> list[nn.Module]:
+    """The modules of the layer groups matching ``patterns`` (comma-separated globs over
+    ``model.layer_groups()`` names, e.g. ``stage*.block2``); a pattern that matches nothing is an error."""
+    globs = [p.strip() for p in patterns.split(",") if p.strip()]
+    if not globs:
+        return []
+    groups = model.layer_groups()
+    named = dict(model.named_modules())
+    out = []
+    for pattern in globs:
+        hits = [g for g in groups if fnmatch.fnmatchcase(g, pattern)]
+        if not hits:
+            raise CriticalityError(f"--freeze {pattern!r} matches no layer group (groups: {', '.join(groups)})")
+        out += [named[prefix] for g in hits for prefix in groups[g] if named[prefix] not in out]
+    return out
 
 
 def build_model(config: TrainConfig, dataset: datasets.Dataset) -> nn.Module:
@@ -334,17 +316,32 @@ class _Trainer:
 
     def __init__(self, config: TrainConfig, model: nn.Module, dataset: datasets.Dataset, ctx):
         self.config, self.dataset, self.ctx, self.module = config, dataset, ctx, model
-        self.model = model  # the bare module; `self.net` may wrap it in DDP
+        self.model = model  # the bare module; `self.net` may wrap it in DDP and/or torch.compile
+        self.frozen = frozen_modules(model, config.freeze)
+        for module in self.frozen:
+            module.requires_grad_(False)
+        self.channels_last = use_channels_last(config.channels_last, model, ctx.device)
+        if self.channels_last:
+            model.to(memory_format=torch.channels_last)
         gpu = [ctx.device] if ctx.device.type == "cuda" else None
         self.net = nn.parallel.DistributedDataParallel(model, device_ids=gpu) if distributed.active() else model
-        self.opt = torch.optim.SGD(
-            model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
-        )
-        self.sched = _scheduler(self.opt, config)
+        if config.compile:
+            self.net = torch.compile(self.net)
+        trained = [p for p in model.parameters() if p.requires_grad]  # frozen groups never reach the optimizer
+        self.opt = torch.optim.SGD(trained, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+        self.sched = scheduler(self.opt, config)
+        self.amp = autocast_dtype(config.amp, ctx.device)
+        self.scaler = grad_scaler(self.amp, ctx.device)
         self.generator = torch.Generator().manual_seed(config.seed + 1)  # data order + augmentation
+        train = dataset.train
+        # In-memory data moves to the GPU once; batches, crops and flips are then indexing on the device.
+        on_device = isinstance(train, tuple) and ctx.device.type == "cuda"
+        self.train_data = tuple(t.to(ctx.device) for t in train) if on_device else train
 
     def epoch(self, epoch: int, progress: bool) -> dict[str, Any]:
         self.net.train()
+        for module in self.frozen:
+            module.eval()  # a frozen group's BatchNorm statistics stay at their initial values too
         start, seen = time.perf_counter(), 0
         # Running sums stay on the device: reading them every step would stall a GPU once per step.
         loss_acc = torch.zeros((), dtype=torch.float64, device=self.ctx.device)
@@ -359,14 +356,22 @@ class _Trainer:
         )
         for step, (x, y, n) in enumerate(bar):  # this process's share of a global batch of n examples
             x, y = x.to(self.ctx.device, non_blocking=True), y.to(self.ctx.device, non_blocking=True)
-            logits = self.net(x)  # (B / W, classes)
-            summed = F.cross_entropy(logits, y, reduction="sum")
+            if self.channels_last and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast(self.amp, self.ctx.device):
+                logits = self.net(x)  # (B / W, classes)
+            summed = F.cross_entropy(logits.float(), y, reduction="sum")
             # DDP averages gradients over the W processes, so (Σ over this share) · W / n becomes the mean
             # over the global batch, exactly, also when a short last batch splits unevenly.
             loss = summed * self.ctx.world / n
             self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            self.opt.step()
+            if self.scaler is None:
+                loss.backward()
+                self.opt.step()
+            else:  # fp16: scale the loss so small gradients survive, unscale before the step
+                self.scaler.scale(loss).backward()
+                self.scaler.step(self.opt)
+                self.scaler.update()
             seen += len(y)
             loss_acc += summed.detach().double()
             wrong_acc += (logits.argmax(1) != y).sum()
@@ -400,7 +405,7 @@ class _Trainer:
         from ``self.generator`` (the same on every rank). Rank r takes the r-th of W nearly equal slices
         (``tensor_split``); a last global batch with fewer examples than processes is dropped, so that no
         process steps on an empty batch."""
-        train, c, ctx = self.dataset.train, self.config, self.ctx
+        train, c, ctx = self.train_data, self.config, self.ctx
         if isinstance(train, tuple):
             augment = (lambda x: datasets.crop_flip(x, self.generator)) if c.augment else None
             for x, y in datasets.batches(*train, c.batch_size, shuffle=True, generator=self.generator, augment=augment):
@@ -433,6 +438,7 @@ class _Trainer:
             "optimizer": self.opt.state_dict(),
             "scheduler": self.sched.state_dict(),
             "generator": self.generator.get_state(),
+            **({"scaler": self.scaler.state_dict()} if self.scaler is not None else {}),
         }
         with atomic_path(run_dir / "state" / "resume.pt") as tmp:
             torch.save(extra, tmp)
@@ -465,12 +471,9 @@ class _Trainer:
             self.opt.load_state_dict(extra["optimizer"])
             self.sched.load_state_dict(extra["scheduler"])
             self.generator.set_state(extra["generator"])
+            if self.scaler is not None and "scaler" in extra:
+                self.scaler.load_state_dict(extra["scaler"])
         except (KeyError, ValueError, TypeError, RuntimeError) as e:
             raise CriticalityError(f"{path}: optimizer or data-order state does not fit this run ({e}); "
                                    f"{fix}") from e
         return epoch
-
-
-def _scheduler(opt: torch.optim.Optimizer, config: TrainConfig):
-    """One LambdaLR stepped once per epoch; its factor is :func:`_factor` (so :func:`lr_at` is the truth)."""
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda done: _factor(config, done))
