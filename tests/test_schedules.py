@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import pandas as pd
 import pytest
 
 from criticality import experiments, plots
@@ -74,3 +75,16 @@ def test_paper_columns_are_what_analysis_and_figures_show(tmp_path):
     assert run / "figures" / "distance_l2_rel.png" in figures
     grid, _, _ = plots.robustness_grid(cells)
     assert list(grid.columns) == ["rand", "0", "2", "final"]
+
+
+def test_frozen_vs_removed_table_end_to_end(tmp_path):
+    """Table 1 at toy scale: the frozen run's blocks stay at init; removed = the blocks as identity."""
+    from criticality.runner import run_experiment
+
+    exp = experiments.get("journal-table1/resnet18-frozen/cifar10")
+    run_experiment(exp, scale="quick", data="digits", out=tmp_path, progress=False, epochs=1, max_train=200,
+                   max_test=100, width=4, device="cpu")
+    table = pd.read_csv(tmp_path / "table1.csv").set_index("model")
+    assert len(table) == 5 and table.error.between(0, 1).all()
+    config = json.loads((tmp_path / "frozen" / "config.json").read_text())
+    assert config["config"]["freeze"] == "stage*.block2" and config["experiment"]["stands_in"]

@@ -56,8 +56,9 @@ class Experiment:
     quick: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields at quick scale
     joint: tuple[tuple[str, ...], ...] = ()  # joint groups: member group names or glob patterns
     seeds: int = 3  # re-randomization draws per group
-    sweep: str | None = None  # "width": runs differ in FCN width and seed (Fig 3 bars)
+    sweep: str | None = None  # "width": FCN widths × seeds (Fig 3 bars); "frozen": full vs frozen (Table 1)
     columns: tuple[int, ...] = ()  # re-init checkpoints analysed and drawn at paper scale (the paper's columns)
+    stands_in: str = ""  # what stands in for the paper's model/data at the scales this machine runs
     assumptions: tuple[str, ...] = ()  # values the paper does not state: ours, named in the report
 
     def configs(self, scale: str = "quick", data: str | None = None, **overrides: Any) -> dict[str, TrainConfig]:
@@ -108,6 +109,34 @@ def _width_sweep() -> Experiment:
                       seeds=1, sweep="width", columns=(0,), assumptions=FCN_ASSUMPTIONS)
 
 
+# The journal version's additions (JMLR 2022), at sizes this CPU trains: keys journal-*/<model>/<paper data>.
+_QUICK_PATCH = dict(epochs=10, max_train=5000, max_test=1000, width=32, lr=0.05, batch_size=64, augment=False,
+                    init="torch")
+PATCH_NOTE = ("an in-house {name} (4 blocks, width 32 at quick scale) trained from scratch with SGD on the "
+              "stand-in data stands in for the paper's ImageNet-21k {paper}")
+
+
+def _patch(model: str, name: str, paper: str) -> Experiment:
+    return Experiment(f"journal-{model.split('-')[0]}/{model}/imagenet", "journal", f"{name}: re-randomization and "
+                      "re-initialization per sub-layer (embedding, norms, attention/token mixing, MLP, head)",
+                      "imagenet", {"run": {"model": model}}, paper={**_PAPER_CONV, "init": "torch"},
+                      quick=_QUICK_PATCH, columns=CONV_COLUMNS, stands_in=PATCH_NOTE.format(name=name, paper=paper),
+                      assumptions=("SGD (momentum 0.9) at lr 0.05, the modules' own initialization (ours)",
+                                   THRESHOLD_NOTE))
+
+
+def _frozen_vs_removed() -> Experiment:
+    """Table 1: the full net; the same net trained with its non-first blocks frozen at initialization; the
+    full net evaluated with those blocks removed (identity), next to the mean single-block reset."""
+    exp = _conv("journal-table1/resnet18-frozen/cifar10", "table1", "resnet18", "cifar10",
+                "Frozen vs removed: every non-first block of each stage frozen at init while training, or removed "
+                "(identity) at evaluation, next to the average single-block re-initialization",
+                joint=(("stage*.block2",),))
+    runs = {"full": {"model": "resnet18"}, "frozen": {"model": "resnet18", "freeze": "stage*.block2"}}
+    return dataclasses.replace(exp, runs=runs, sweep="frozen",
+                               stands_in="ResNet-18 V2 on the stand-in data for the paper's ResNet-50 on CIFAR-10")
+
+
 def _registry() -> dict[str, Experiment]:
     exps = [
         _fcn("fig1/fcn-3x256/mnist", "1", "fcn-3x256", "FCN 3×256: robustness heatmap and weight distances"),
@@ -127,6 +156,11 @@ def _registry() -> dict[str, Experiment]:
               "ResNet-18: each stage's blocks jointly, and all non-first blocks of the later stages",
               joint=(("stage1.*",), ("stage2.*",), ("stage3.*",), ("stage4.*",),
                      ("stage[34].block[2-9]",))),
+        _patch("vit-tiny", "ViT", "ViT-B/16 and L/16"),
+        _patch("mixer-tiny", "MLP-Mixer", "Mixer"),
+        _frozen_vs_removed(),
+        # TODO(journal LM): the per-sub-layer Transformer LM (token accuracy, columns 0,1,2,5,10,15,20) builds
+        # on the trajectory helper's examples/ + hf.py, not in this branch yet.
     ]
     return {e.key: e for e in exps}
 

@@ -124,7 +124,8 @@ def _assumptions(experiment: dict) -> str:
     if not items:
         return ""
     lis = "".join(f"<li>{_e(a)}</li>" for a in items)
-    return f"<h2>Ours, not the paper's</h2>\n<p>Settings this experiment had to choose:</p>\n<ul>{lis}</ul>"
+    standin = f'<p class="standin">Stands in: {_e(experiment["stands_in"])}.</p>' if experiment.get("stands_in") else ""
+    return f"<h2>Ours, not the paper's</h2>\n{standin}<p>Settings this experiment had to choose:</p>\n<ul>{lis}</ul>"
 
 
 def _headline(summary: dict) -> str:

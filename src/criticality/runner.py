@@ -13,6 +13,7 @@ draws the figures (``RUN/figures``) and writes ``RUN/report.html``.
 
 from __future__ import annotations
 
+import fnmatch
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ import pandas as pd
 import torch
 
 from criticality import data as datasets
-from criticality import distributed, models, plots, report
+from criticality import distributed, engine, models, plots, report
 from criticality.analysis import DEFAULT_THRESHOLD, finish, make_plan, run_cells
 from criticality.checkpoints import load_checkpoints
 from criticality.errors import CriticalityError
@@ -163,6 +164,8 @@ def run_experiment(exp: Experiment, *, scale: str = "quick", data: str | None = 
         reports.append(report.write_report(run_dir))
         if exp.sweep == "width":
             widths.append(_width_rows(run_dir, cfg))
+    if exp.sweep == "frozen" and is_main:
+        _frozen_table(out, configs)
     if widths:
         table = pd.concat(widths, ignore_index=True)
         with atomic_path(out / "widths.csv") as tmp:
@@ -171,11 +174,51 @@ def run_experiment(exp: Experiment, *, scale: str = "quick", data: str | None = 
     return reports
 
 
+def _frozen_table(out: Path, configs: dict[str, TrainConfig]) -> pd.DataFrame:
+    """Table 1 (journal): test error of the full model, mean ± std of single-block re-inits to epoch 0 over
+    the frozen blocks, the full model with those blocks jointly re-initialized, removed (identity), and
+    the model trained with them frozen. Written to ``out/table1.csv``."""
+    full, frozen = out / "full", out / "frozen"
+    cells = plots.read_cells(full / "analysis" / "cells.csv")
+    patterns = [p.strip() for p in configs["frozen"].freeze.split(",") if p.strip()]
+    at0 = cells[(cells.op == "reinit") & (cells.checkpoint == 0)]
+    single = at0[~at0.joint & at0.group.map(lambda g: any(fnmatch.fnmatchcase(g, p) for p in patterns))]
+    joint = at0[at0.joint]
+    final = lambda run: float(plots.read_cells(run / "analysis" / "cells.csv").query("op == 'final'").error.iloc[0])  # noqa: E731
+    table = pd.DataFrame([
+        {"model": "full", "error": final(full)},
+        {"model": "single block re-initialized (mean ± std)", "error": single.error.mean(), "std": single.error.std()},
+        {"model": "re-initialized jointly", "error": float(joint.error.iloc[0]) if len(joint) else float("nan")},
+        {"model": "removed jointly (identity)", "error": _removed_error(full, patterns)},
+        {"model": "frozen jointly (trained so)", "error": final(frozen)},
+    ])
+    with atomic_path(out / "table1.csv") as tmp:
+        table.to_csv(tmp, index=False)
+    return table
+
+
+def _removed_error(run_dir: Path, patterns: list[str]) -> float:
+    """Test error of the final model with the stages matching ``patterns`` replaced by the identity (the
+    skip intervention, done here by hand until the interventions module's ``skip`` op is used)."""
+    config = read_run(run_dir)
+    cfg, build = TrainConfig(**config["config"]), config["model"]["build"]
+    model = models.build(**build, init=cfg.init)
+    checkpoints = load_checkpoints(run_dir)
+    model.load_state_dict(dict(checkpoints[max(checkpoints)]))
+    for prefix, _ in model.stages():
+        if any(fnmatch.fnmatchcase(prefix, p) for p in patterns):
+            parent, _, child = prefix.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, torch.nn.Identity())
+    dataset = datasets.load(cfg.data, cfg.data_root, max_train=cfg.max_train, max_test=cfg.max_test,
+                            image_size=cfg.image_size)
+    return engine.evaluate(model, dataset.test)["error"]
+
+
 def _note_experiment(run_dir: Path, exp: Experiment, scale: str) -> None:
     config = read_run(run_dir)
     config["experiment"] = {"key": exp.key, "figure": exp.figure, "scale": scale, "paper_data": exp.data,
                             "columns": list(exp.columns) if scale == "paper" else None,
-                            "assumptions": list(exp.assumptions)}
+                            "assumptions": list(exp.assumptions), "stands_in": exp.stands_in or None}
     write_json(run_dir / "config.json", config)
 
 
