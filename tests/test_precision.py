@@ -70,3 +70,12 @@ def test_freeze_keeps_groups_bit_identical_to_epoch_0(tmp_path):
     assert not torch.equal(start["conv2.conv.weight"], end["conv2.conv.weight"])
     with pytest.raises(CriticalityError, match="matches no layer group"):
         train(TrainConfig(**TINY_CONV, freeze="block9"), tmp_path / "bad", progress=False)
+
+
+def test_compile_wraps_the_training_model_only(tmp_path, monkeypatch):
+    """--compile hands the training net to torch.compile; checkpoints come from the bare module."""
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda net: seen.append(net) or net)
+    run = train(TrainConfig(**{**TINY_CONV, "model": "fcn-1x16", "width": None}, compile=True), tmp_path / "run",
+                progress=False)
+    assert len(seen) == 1 and set(load_checkpoint(run, 2)) == set(seen[0].state_dict())
