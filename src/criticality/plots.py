@@ -228,7 +228,7 @@ def width_bars(df: pd.DataFrame, title: str | None = None) -> Figure:
         ax.legend(fontsize=8, frameon=False)
     n = int(stats["count"].max()) if len(stats) else 0
     title = title or "Re-initialization robustness vs width"
-    ax.set_title(textwrap.fill(f"{title} (mean ± 1 std over {n} seeds)", 80), fontsize=10)
+    ax.set_title(textwrap.fill(f"{title} (mean ± 1 std over {n} seeds)", 60), fontsize=10)
     return fig
 
 

@@ -170,7 +170,8 @@ def run_experiment(exp: Experiment, *, scale: str = "quick", data: str | None = 
         table = pd.concat(widths, ignore_index=True)
         with atomic_path(out / "widths.csv") as tmp:
             table.to_csv(tmp, index=False)
-        plots.save(plots.width_bars(table, title=exp.description), out / "figures" / "width_bars")
+        title = f"Fig 3, {scale} scale: layers 2..L reset to epoch 0"
+        plots.save(plots.width_bars(table, title=title), out / "figures" / "width_bars")
     return reports
 
 
@@ -229,4 +230,4 @@ def _width_rows(run_dir: Path, cfg: TrainConfig) -> pd.DataFrame:
     at0 = at0[at0.group != at0.group.iloc[0]]
     depth, width = (int(v) for v in cfg.model.removeprefix("fcn-").split("x"))
     return pd.DataFrame({"depth": depth, "width": width, "group": at0.group.to_numpy(), "seed": cfg.seed,
-                         "delta_error": at0.delta_error.to_numpy()})
+                         "delta_error": at0.delta_error.to_numpy(), "error": at0.error.to_numpy()})
