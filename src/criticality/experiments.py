@@ -87,9 +87,15 @@ def _conv(key: str, fig: str, model: str, data: str, description: str, **kw: Any
                       quick={**_CONV, **_QUICK_CONV}, columns=CONV_COLUMNS, assumptions=notes, **kw)
 
 
+_VGG_STAGE_CONVS = {11: (1, 1, 2, 2, 2), 13: (2, 2, 2, 2, 2), 16: (2, 2, 3, 3, 3), 19: (2, 2, 4, 4, 4)}
+
+
 def _vgg(depth: int) -> Experiment:
+    convs = _VGG_STAGE_CONVS[depth]
+    upper = tuple(f"conv{i}" for i in range(sum(convs[:3]) + 1, sum(convs) + 1))  # stages 4-5
     exp = _conv(f"fig4/vgg{depth}/cifar10", "4", f"vgg{depth}", "cifar10",
-                f"VGG-{depth} on CIFAR-10 (layers as columns)")
+                f"VGG-{depth} on CIFAR-10 (layers as columns); stages 4-5 and fc1-fc2 also jointly",
+                joint=(upper, ("fc1", "fc2"), (*upper, "fc1", "fc2")))
     # Quick scale trains the BatchNorm variant: a plain VGG at toy size and a few epochs does not leave chance.
     return dataclasses.replace(exp, paper={**exp.paper, "lr": 0.02, "warmup": 2},
                                quick={**exp.quick, "quick_runs": {"run": {"model": f"vgg{depth}-bn"}}},
