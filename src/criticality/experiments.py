@@ -143,25 +143,28 @@ def _frozen_vs_removed() -> Experiment:
                                stands_in="ResNet-18 V2 on the stand-in data for the paper's ResNet-50 on CIFAR-10")
 
 
+_FIG9_JOINT = (("stage*.block[2-9]", "stage*.block[1-9][0-9]"),)  # every block but each stage's first
+_FIG10_JOINT = (("stage1.*",), ("stage2.*",), ("stage3.*",), ("stage4.*",), ("stage[34].block[2-9]",))
+
+
 def _registry() -> dict[str, Experiment]:
     exps = [
         _fcn("fig1/fcn-3x256/mnist", "1", "fcn-3x256", "FCN 3×256: robustness heatmap and weight distances"),
         _fcn("fig2/fcn-5x256/mnist", "2", "fcn-5x256", "FCN 5×256: heatmaps of test error and test loss"),
         _width_sweep(),
         *[_vgg(d) for d in (11, 13, 16, 19)],
-        *[_conv(f"fig5/resnet{d}/cifar10", "5", f"resnet{d}", "cifar10", f"ResNet-{d} V2 by residual block")
-          for d in (18, 34, 50)],
+        *[_conv(f"fig5/resnet{d}/cifar10", "5", f"resnet{d}", "cifar10", f"ResNet-{d} V2 by residual block, "
+                "with the joint groups of Figs 9-10", joint=(*_FIG9_JOINT, *_FIG10_JOINT)) for d in (18, 34, 50)],
         *[_conv(f"fig6/resnet{d}/imagenet", "6", f"resnet{d}", "imagenet", f"ResNet-{d} V2 on ImageNet by block")
           for d in (18, 50)],
         _fcn("fig8/fcn-5x256-joint/mnist", "8", "fcn-5x256", "FCN 5×256, layers in two joint groups",
              joint=(("fc1", "fc2", "fc3"), ("fc4", "fc5", "fc6"))),
         _conv("fig9/resnet18-joint/cifar10", "9", "resnet18", "cifar10",
               "ResNet-18: all residual blocks but the first of each stage, jointly",
-              joint=(("stage*.block[2-9]", "stage*.block[1-9][0-9]"),)),
+              joint=_FIG9_JOINT),
         _conv("fig10/resnet18-joint-stages/cifar10", "10", "resnet18", "cifar10",
               "ResNet-18: each stage's blocks jointly, and all non-first blocks of the later stages",
-              joint=(("stage1.*",), ("stage2.*",), ("stage3.*",), ("stage4.*",),
-                     ("stage[34].block[2-9]",))),
+              joint=_FIG10_JOINT),
         _patch("vit-tiny", "ViT", "ViT-B/16 and L/16"),
         _patch("mixer-tiny", "MLP-Mixer", "Mixer"),
         _frozen_vs_removed(),
