@@ -47,7 +47,8 @@ def read_run(run_dir: str | Path) -> dict[str, Any]:
 def analyze_run(run_dir: str | Path, *, groups: str | dict = "model", seeds: int = 3,
                 joint: Sequence[Sequence[str]] | None = None, split: str = "test", engine: str = "fast",
                 batch_size: int = 1000, device: str = "auto", max_examples: int | None = None,
-                threshold: float = DEFAULT_THRESHOLD, buffers: str = "reset", progress: bool = True) -> Path:
+                threshold: float = DEFAULT_THRESHOLD, buffers: str = "reset", verdict: str = "interval",
+                progress: bool = True) -> Path:
     """Analyse a training run directory and write ``RUN/analysis`` (``RUN/analysis_train`` for the training
     split); returns that directory."""
     run_dir = Path(run_dir)
@@ -76,8 +77,8 @@ def analyze_run(run_dir: str | Path, *, groups: str | dict = "model", seeds: int
     if not ctx.is_main:
         distributed.barrier()  # return once rank 0 has written the tables
         return out
-    result = finish(plan, rows, threshold=threshold, provenance={**provenance(), "world_size": ctx.world,
-                                                                 "device": str(ctx.device)})
+    result = finish(plan, rows, threshold=threshold, verdict=verdict,
+                    provenance={**provenance(), "world_size": ctx.world, "device": str(ctx.device)})
     n = int(result.table.n.iloc[0])
     paper_data = config.get("experiment", {}).get("paper_data")
     result.summary.update(

@@ -116,3 +116,15 @@ def _rerandomized(rand: pd.DataFrame, records: list[Record | None], seed: int) -
     return {"rerandomize_error_mean": float(errors.mean()) if len(errors) else float("nan"),
             "rerandomize_error_std": float(errors.std(ddof=0)) if len(errors) else float("nan"),
             "rerandomize_error_low": low, "rerandomize_error_high": high}
+
+
+def straddling(cells: pd.DataFrame, metric: str, threshold: float) -> set[tuple[str, str]]:
+    """``(group, checkpoint as str)`` of the re-init cells whose Δ ``metric`` interval has low ≤ threshold <
+    high: the cells a heatmap marks as inconclusive. Empty when the table has no intervals."""
+    low, high = f"delta_{metric}_low", f"delta_{metric}_high"
+    if low not in cells.columns or high not in cells.columns:
+        return set()
+    reinit = cells[cells["op"] == "reinit"]
+    at = threshold + statistics.TOLERANCE
+    unsure = reinit[(reinit[low] <= at) & (reinit[high] > at)]
+    return set(zip(unsure["group"], unsure["checkpoint"].astype(int).astype(str), strict=True))
