@@ -355,7 +355,8 @@ def finish(plan: Plan, rows: list[dict[str, Any]], *, threshold: float = DEFAULT
         "verdict_rule": verdict,
         "verdict_metric": verdict_metric,
         "bootstrap": {"resamples": statistics.RESAMPLES, "level": statistics.LEVEL, "seed": stats_seed},
-        "verdicts": verdict_table.to_dict(orient="records"),
+        # NaN (no interval, settled verdict) becomes null: JSON without NaN, and summaries compare equal.
+        "verdicts": verdict_table.astype(object).where(verdict_table.notna(), None).to_dict(orient="records"),
         "coverage": plan.groups.coverage(),
         "joint": {g: list(k) for g, k in plan.joint.items()},
         "settings": {"init": scheme_name(plan.init), "engine": plan.engine, "batch_size": plan.batch_size,
