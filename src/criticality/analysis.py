@@ -296,8 +296,9 @@ def run_cells(plan: Plan, data: Data, *, device: str | torch.device = "cpu", sto
               file=sys.stderr)
     bar = tqdm(total=len(cells), initial=len(cells) - len(todo), desc="cells", unit="cell", disable=not progress)
     for cell, result in _evaluate(plan, todo, data, device):
-        result = dict(result)
-        records = as_record(result.pop("records")) if "records" in result else None
+        raw, result = getattr(result, "records", None), dict(result)  # the engine's records (contract 3)
+        raw = result.pop("records", raw)
+        records = as_record(raw) if raw else None
         row = {**cell.as_dict(), **result}
         done[cell_key(row)] = {**row, "records": records}
         if saved:
