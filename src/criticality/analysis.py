@@ -288,8 +288,10 @@ def run_cells(plan: Plan, data: Data, *, device: str | torch.device = "cpu", sto
     kept = ExampleStore(examples_path(store), settings) if store else None  # per-example records
     keys = [cell_key(c.as_dict()) for c in cells]
     wanted = set(keys)
+    # A stored cell without records (a store from before records existed) is recomputed to get them.
+    need = plan.engine == "naive"  # TODO(engine merge): every engine gives records, drop this condition
     done = {k: {**r, "records": kept.records.get(k)} for k, r in (saved.rows.items() if saved else [])
-            if k in wanted}
+            if k in wanted and (k in kept.records or not need)}
     todo = [c for c, k in zip(cells, keys, strict=True) if k not in done]
     if done:
         print(f"resuming: {len(done)} of {len(cells)} cells already done ({store}), computing {len(todo)}",

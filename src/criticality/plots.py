@@ -163,7 +163,7 @@ def robustness_heatmap(
     unsure = straddling(cells, metric, threshold) if threshold is not None else set()
     marks = np.array([[(g, c) in unsure for c in grid.columns] for g in grid.index], dtype=bool)
     if marks.any():
-        note += f"; dashed outline = Δ interval straddles the threshold {threshold:g} (inconclusive)"
+        note += f"\ndashed outline: the 95 % interval of Δ straddles the threshold {threshold:g} (inconclusive)"
     return _heatmap(
         values,
         texts,
@@ -285,7 +285,7 @@ def _heatmap(
                 color = "0.15"
             ax.text(j, i, texts[i, j], ha="center", va="center", fontsize=fontsize, color=color)
             if marks is not None and marks[i, j]:  # inconclusive: the interval straddles the threshold
-                ax.add_patch(Rectangle((j - 0.45, i - 0.45), 0.9, 0.9, fill=False, edgecolor="black", lw=1.2, ls="--"))
+                ax.add_patch(Rectangle((j - 0.45, i - 0.45), 0.9, 0.9, fill=False, edgecolor=color, lw=1.2, ls="--"))
     for b in row_breaks:  # boundaries: a line between index b - 1 and b
         ax.axhline(b - 0.5, color="white", lw=3)
     for b in col_breaks:
