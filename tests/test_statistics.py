@@ -123,3 +123,11 @@ def test_per_class_error():
     df = st.per_class_error(np.array([1, 0, 0, 1, 1]), np.array([2, 0, 2, 2, 0]))
     assert df["class"].tolist() == [0, 2] and df.n.tolist() == [2, 3]
     np.testing.assert_allclose(df.error, [0.5, 2 / 3])
+
+
+def test_two_level_intervals_batched_equal_one_by_one():
+    rng = np.random.default_rng(8)
+    values = (rng.random((4, 3, 60)) < 0.4).astype(float)
+    many = st.two_level_intervals(values, resamples=300, rng=2)
+    for g in range(4):
+        assert tuple(many[g]) == st.two_level_interval(values[g], resamples=300, rng=2)

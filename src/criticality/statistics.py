@@ -72,18 +72,21 @@ def paired_intervals(variants: np.ndarray, final: np.ndarray, counts: np.ndarray
     k, n = variants.shape
     if final.shape != (n,):
         raise ValueError(f"final record has shape {final.shape}, the variants {variants.shape}")
-    c_var = _counts(counts, (k, n))
     if final_counts is None:
         final_counts = counts if counts is not None and np.ndim(counts) == 1 else None
+    shared = (counts is None or np.ndim(counts) == 1) and (final_counts is None or final_counts is counts)
+    # Columns: the K variants' values, the final values, then the counts: one shared column (the usual case,
+    # the same examples and tokens for every model) or the K variants' counts and the final counts.
+    c_var = _counts(counts, (n,) if shared else (k, n))
     c_fin = _counts(final_counts, (n,))
-    # Columns: the K variants' values, the final values, the K variants' counts, the final counts.
-    columns = np.concatenate([variants, final[None], c_var, c_fin[None]]).T  # (N, 2K + 2)
+    columns = np.concatenate([variants, final[None], np.atleast_2d(c_var)] + ([] if shared else [c_fin[None]])).T
     deltas = np.empty((resamples, k))
     at = 0
     for w in resample_weights(n, resamples, rng):
-        sums = w @ columns  # (r, 2K + 2)
+        sums = w @ columns  # (r, K + 2) or (r, 2K + 2)
+        var_counts, fin_counts = (sums[:, -1:], sums[:, -1]) if shared else (sums[:, k + 1:2 * k + 1], sums[:, -1])
         with np.errstate(invalid="ignore", divide="ignore"):
-            deltas[at:at + len(w)] = sums[:, :k] / sums[:, k + 1:2 * k + 1] - (sums[:, k] / sums[:, -1])[:, None]
+            deltas[at:at + len(w)] = sums[:, :k] / var_counts - (sums[:, k] / fin_counts)[:, None]
         at += len(w)
     return np.array([_percentiles(deltas[:, j], level) for j in range(k)]).reshape(k, 2)  # (K, 2)
 
@@ -190,23 +193,31 @@ def two_level_interval(values: np.ndarray, counts: np.ndarray | None = None, *, 
     and N examples with replacement (:func:`resample_weights`), so the interval holds both sources of
     spread: which draw, and which test examples.
     """
-    values = np.atleast_2d(np.asarray(values, dtype=np.float64))  # (S, N)
-    s, n = values.shape
+    mean, low, high = two_level_intervals(np.asarray(values)[None], counts, resamples=resamples, level=level,
+                                          rng=rng)[0]
+    return float(mean), float(low), float(high)
+
+
+def two_level_intervals(values: np.ndarray, counts: np.ndarray | None = None, *, resamples: int = RESAMPLES,
+                        level: float = LEVEL, rng: Rng = 0) -> np.ndarray:
+    """:func:`two_level_interval` for G groups at once, sharing the resamples: ``values (G, S, N)`` →
+    ``(G, 3)``: mean, low, high."""
+    values = np.asarray(values, dtype=np.float64)  # (G, S, N)
+    g, s, n = values.shape
     c = _counts(counts, (n,))
     rng = _rng(rng)
     draws = rng.integers(0, s, size=(resamples, s))  # (R, S)
     picked = np.stack([np.bincount(d, minlength=s) for d in draws]).astype(np.float64)  # (R, S)
-    stats = np.empty(resamples)
+    stats = np.empty((resamples, g))
     at = 0
-    columns = np.concatenate([values, c[None]]).T  # (N, S + 1)
+    columns = np.concatenate([values.reshape(g * s, n), c[None]]).T  # (N, G·S + 1)
     for w in resample_weights(n, resamples, rng):
-        sums = w @ columns  # (r, S + 1)
-        per_draw = sums[:, :s] / sums[:, s:]  # (r, S)
-        stats[at:at + len(w)] = (picked[at:at + len(w)] * per_draw).sum(1) / s
+        sums = w @ columns  # (r, G·S + 1)
+        per_draw = sums[:, :-1].reshape(len(w), g, s) / sums[:, -1:, None]  # (r, G, S)
+        stats[at:at + len(w)] = (picked[at:at + len(w), None, :] * per_draw).sum(2) / s
         at += len(w)
-    low, high = _percentiles(stats, level)
-    mean = float((values.sum(1) / c.sum()).mean())
-    return mean, float(low), float(high)
+    means = (values.sum(2) / c.sum()).mean(1)  # (G,)
+    return np.array([[means[j], *_percentiles(stats[:, j], level)] for j in range(g)]).reshape(g, 3)
 
 
 def per_class_error(wrong: np.ndarray, targets: np.ndarray) -> pd.DataFrame:

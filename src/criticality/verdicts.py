@@ -20,7 +20,7 @@ from criticality.examples import Record
 
 DEFAULT_THRESHOLD = 0.02  # Δ test error at checkpoint 0 at or below which a layer counts as robust
 
-_CELLS_AT_ONCE = 64  # variants bootstrapped together (the same resamples): bounds (cells × N) memory
+_ELEMENTS_AT_ONCE = 1 << 23  # cells × examples bootstrapped together (64 MiB of float64 values)
 
 
 def intervals(records: list[Record | None], final_row: int, metric: str, seed: int) -> np.ndarray:
@@ -31,11 +31,13 @@ def intervals(records: list[Record | None], final_row: int, metric: str, seed: i
         return out
     f_values, f_counts = final[metric]
     have = [i for i, r in enumerate(records) if r is not None and metric in r and len(r[metric][0]) == len(f_values)]
-    for at in range(0, len(have), _CELLS_AT_ONCE):
-        rows = have[at:at + _CELLS_AT_ONCE]
+    step = max(1, _ELEMENTS_AT_ONCE // max(1, len(f_values)))  # the same resamples in every step
+    for at in range(0, len(have), step):
+        rows = have[at:at + step]
         values = np.stack([records[i][metric][0] for i in rows])  # (K, N)
-        counts = np.stack([records[i][metric][1] for i in rows])  # (K, N)
-        out[rows] = statistics.paired_intervals(values, f_values, counts, f_counts, rng=seed)
+        same = all(np.array_equal(records[i][metric][1], f_counts) for i in rows)  # the usual case
+        counts = f_counts if same else np.stack([records[i][metric][1] for i in rows])  # (N,) or (K, N)
+        out[rows] = statistics.paired_intervals(values, f_values, counts, None if same else f_counts, rng=seed)
     return out
 
 
@@ -75,7 +77,7 @@ def verdicts(table: pd.DataFrame, threshold: float = DEFAULT_THRESHOLD,
         raise CriticalityError(f"no epoch 0 (initialization) among the checkpoints (earliest is {first}); "
                                "verdicts compare against the initialization")
     records = list(records) if records is not None else [None] * len(table)
-    out = []
+    out, draws = [], []  # draws: per group, the records of its re-randomization cells
     for group, cells in table[table.op != "final"].groupby("group", sort=False):
         at0 = cells[(cells.op == "reinit") & (cells.checkpoint == 0)].iloc[0]
         rand = cells[cells.op == "rerandomize"]
@@ -86,9 +88,13 @@ def verdicts(table: pd.DataFrame, threshold: float = DEFAULT_THRESHOLD,
         if metric != "error" and "delta_error" in at0:
             row |= {c: float(at0.get(c, np.nan)) for c in ("delta_error", "delta_error_low", "delta_error_high")}
         row["examples_to_settle"] = statistics.examples_to_settle(delta, low, high, int(at0.n), threshold)
-        row |= _rerandomized(rand, [records[i] for i in rand.index], seed)
+        errors = rand["error"] if "error" in rand else pd.Series(dtype=float)
+        row |= {"rerandomize_error_mean": float(errors.mean()) if len(errors) else float("nan"),
+                "rerandomize_error_std": float(errors.std(ddof=0)) if len(errors) else float("nan")}
         out.append(row)
+        draws.append([records[i] for i in rand.index])
     df = pd.DataFrame(out)
+    df[["rerandomize_error_low", "rerandomize_error_high"]] = _rerandomized(draws, seed)
     df.insert(df.columns.get_loc("threshold"), "p_holm", statistics.holm(df["p_value"].to_numpy()))
     df.insert(df.columns.get_loc("point_verdict"), "verdict", _apply(rule, df, metric, threshold))
     return df
@@ -106,16 +112,21 @@ def _apply(rule: str, df: pd.DataFrame, metric: str, threshold: float) -> list[s
             for lo, hi, point in zip(low, high, df["point_verdict"], strict=True)]
 
 
-def _rerandomized(rand: pd.DataFrame, records: list[Record | None], seed: int) -> dict[str, float]:
-    """Mean and std of the re-randomized error over draws, and its two-level interval from the records."""
-    errors = rand["error"] if "error" in rand else pd.Series(dtype=float)
-    low = high = float("nan")
-    usable = [r["error"] for r in records if r is not None and "error" in r]
-    if usable and len(usable) == len(records) and len({len(v) for v, _ in usable}) == 1:
-        _, low, high = statistics.two_level_interval(np.stack([v for v, _ in usable]), usable[0][1], rng=seed)
-    return {"rerandomize_error_mean": float(errors.mean()) if len(errors) else float("nan"),
-            "rerandomize_error_std": float(errors.std(ddof=0)) if len(errors) else float("nan"),
-            "rerandomize_error_low": low, "rerandomize_error_high": high}
+def _rerandomized(draws: list[list[Record | None]], seed: int) -> np.ndarray:
+    """``(groups, 2)``: two-level interval of each group's re-randomized error (NaN without records); groups
+    with as many draws on as many examples share one bootstrap."""
+    out = np.full((len(draws), 2), np.nan)
+    usable: dict[tuple[int, int], list[int]] = {}
+    for j, recs in enumerate(draws):
+        if recs and all(r is not None and "error" in r for r in recs):
+            lengths = {len(r["error"][0]) for r in recs}
+            if len(lengths) == 1:
+                usable.setdefault((len(recs), lengths.pop()), []).append(j)
+    for rows in usable.values():
+        values = np.stack([[r["error"][0] for r in draws[j]] for j in rows])  # (G, S, N)
+        counts = draws[rows[0]][0]["error"][1]
+        out[rows] = statistics.two_level_intervals(values, counts, rng=seed)[:, 1:]
+    return out
 
 
 def straddling(cells: pd.DataFrame, metric: str, threshold: float) -> set[tuple[str, str]]:
