@@ -34,8 +34,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from criticality import distributed, statistics, surgery
 from criticality import engine as engine_mod
-from criticality import statistics, surgery
 from criticality.checkpoints import check_compatible
 from criticality.engine import METRICS, Data, Engine, Metric, Variant
 from criticality.errors import CriticalityError
@@ -57,6 +57,7 @@ from criticality.store import CellStore, cell_key
 from criticality.verdicts import DEFAULT_THRESHOLD, intervals, p_values, verdicts
 
 StateDict = Mapping[str, torch.Tensor]
+MAX_CELLS = 100_000  # a larger grid is a typo (--seeds 100000000000): each cell is a pass over the data
 ENGINES = ("fast", "naive")
 VERDICT_RULES = ("interval", "point")  # three outcomes from the paired interval, or the paper's point rule
 RERANDOMIZE_SALT = 1_000_003  # draw seed s: each module drawn from draw_seed(SALT + s, its path) (Plan._draw)
@@ -251,6 +252,8 @@ def make_plan(model, checkpoints, groups, seeds, joint, final, reinit_to, init, 
         raise CriticalityError(f"batch size must be a positive integer, got {batch_size}")
     if max_examples is not None and max_examples < 1:
         raise CriticalityError(f"--max-examples must be positive, got {max_examples}")
+    if isinstance(seeds, int) and not 0 <= seeds <= MAX_CELLS:
+        raise CriticalityError(f"seeds must be a count from 0 to {MAX_CELLS}, got {seeds}")
     seeds = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
     if any(s < 0 for s in seeds):
         raise CriticalityError(f"seeds must be non-negative, got {seeds}")
@@ -281,6 +284,14 @@ def make_plan(model, checkpoints, groups, seeds, joint, final, reinit_to, init, 
     resolved = groups if isinstance(groups, Groups) else resolve(model, groups)
     joints = dict(joint_group(resolved, members) for members in (joint or []))
     metric_fns = dict(metrics) if isinstance(metrics, Mapping) else {m: _metric(m) for m in metrics}
+    if "error" not in metric_fns:  # the verdicts and the terminal table compare test error
+        raise CriticalityError(f"metrics {sorted(metric_fns)} lack 'error', which the verdicts compare; add it "
+                               "(e.g. metrics=('error', ...) or {'error': fn, ...})")
+    n_cells = 1 + (len(resolved.names) + len(joints)) * (len(seeds) + len(reinit_to))
+    if n_cells > MAX_CELLS:
+        raise CriticalityError(f"the grid has {n_cells:,} cells ({len(resolved.names) + len(joints)} groups × "
+                               f"({len(seeds)} seeds + {len(reinit_to)} checkpoints) + 1), each a full pass over "
+                               f"the evaluation data; at most {MAX_CELLS:,} are run (fewer seeds or checkpoints)")
     cells = grid(resolved.names, list(joints), reinit_to, seeds, final)
     init, guessed = choose(model, init)
     if guessed and seeds:
@@ -317,11 +328,11 @@ def run_cells(plan: Plan, data: Data, *, device: str | torch.device = "cpu", sto
     done = {k: {**r, "records": kept.records.get(k)} for k, r in (saved.rows.items() if saved else [])
             if k in wanted and (k in kept.records or not need)}
     todo = [c for c, k in zip(cells, keys, strict=True) if k not in done]
-    if done:
+    if done and distributed.is_main():  # under torchrun: rank 0's line only
         print(f"resuming: {len(done)} of {len(cells)} cells already done ({store}), computing {len(todo)}",
               file=sys.stderr)
     bar = tqdm(total=len(cells), initial=len(cells) - len(todo), desc="cells", unit="cell", disable=not progress)
-    for cell, result in _evaluate(plan, todo, data, device):
+    for cell, result in _data_errors(_evaluate(plan, todo, data, device)):
         raw, result = getattr(result, "records", None), dict(result)  # the engine's records (contract 3)
         raw = result.pop("records", raw)
         records = as_record(raw) if raw else None
@@ -344,6 +355,24 @@ def run_cells(plan: Plan, data: Data, *, device: str | torch.device = "cpu", sto
 def _targets(data: Data, plan: Plan) -> np.ndarray | None:
     """The evaluation data's labels (one class per example), or None."""
     return class_targets(y for _, y in engine_mod.iter_batches(data, plan.batch_size, plan.max_examples))
+
+
+def _data_errors(results: Any) -> Any:
+    """``results``, with a failure before the first cell is done (the probe batch and the first cell, which
+    are the unmodified model on the user's data) turned into one line about the data: wrong shapes,
+    dtypes, label ranges or lengths fail there, in torch, with a RuntimeError / ValueError / IndexError."""
+    results = iter(results)
+    try:
+        first = next(results)
+    except StopIteration:
+        return
+    except (RuntimeError, ValueError, TypeError, IndexError) as e:
+        reason = " ".join(str(e).split())[:300]
+        raise CriticalityError(f"the model cannot be evaluated on the data ({type(e).__name__}: {reason}); check "
+                               "the inputs' shape and dtype and that the labels are class indices, one per "
+                               "example") from e
+    yield first
+    yield from results
 
 
 def _evaluate(plan: Plan, cells: list[Cell], data: Data, device) -> Any:
