@@ -119,7 +119,7 @@ def analyze(model: nn.Module, checkpoints: Mapping[int, StateDict], data: Data, 
             threshold: float = DEFAULT_THRESHOLD, buffers: str = "reset", store: str | None = None,
             shard: tuple[int, int] | None = None, progress: bool = True,
             provenance: Mapping[str, Any] | None = None, calibration: Data | None = None,
-            verdict: str = "interval", verdict_metric: str = "error", stats_seed: int = 0) -> Result:
+            verdict: str = "interval", verdict_metric: str | None = None, stats_seed: int = 0) -> Result:
     """Measure re-initialization and re-randomization robustness of every group of ``model``.
 
     ``checkpoints`` maps epoch → state dict; the final model is the largest epoch unless ``final`` names
@@ -135,8 +135,8 @@ def analyze(model: nn.Module, checkpoints: Mapping[int, StateDict], data: Data, 
     ``buffers``: a group's norm-layer running statistics move with it (``reset``, default), stay as
     trained (``keep``), or are recomputed for each variant on the ``calibration`` batches (``recalibrate``).
     ``verdict="interval"`` calls a group critical / robust only when the 95 % paired-bootstrap interval of
-    its Δ ``verdict_metric`` (at re-initialization to epoch 0) clears ``threshold`` (in that metric's units),
-    inconclusive otherwise; ``"point"`` is the paper's rule on Δ alone. ``stats_seed`` seeds the bootstrap.
+    its Δ ``verdict_metric`` (at re-initialization to epoch 0) clears ``threshold`` (in that metric's units;
+    default ``error``, else the first metric), inconclusive otherwise; ``"point"`` is the paper's rule on Δ alone. ``stats_seed`` seeds the bootstrap.
     """
     plan = make_plan(model, checkpoints, groups, seeds, joint, final, reinit_to, init, metrics, engine, batch_size,
                      max_examples, buffers, calibration=calibration)
@@ -391,11 +391,13 @@ def _evaluate(plan: Plan, cells: list[Cell], data: Data, device) -> Any:
 
 
 def finish(plan: Plan, rows: list[dict[str, Any]], *, threshold: float = DEFAULT_THRESHOLD,
-           provenance: Mapping[str, Any] | None = None, verdict: str = "interval", verdict_metric: str = "error",
-           stats_seed: int = 0) -> Result:
+           provenance: Mapping[str, Any] | None = None, verdict: str = "interval",
+           verdict_metric: str | None = None, stats_seed: int = 0) -> Result:
     """Turn evaluated rows into the :class:`Result`: deltas with intervals, distances, verdicts, summary."""
     if verdict not in VERDICT_RULES:
         raise CriticalityError(f"unknown verdict rule {verdict!r}; choose one of {', '.join(VERDICT_RULES)}")
+    if verdict_metric is None:  # test error when measured; label-free runs judge their first metric
+        verdict_metric = "error" if "error" in plan.metrics else next(iter(plan.metrics))
     if verdict_metric not in plan.metrics:
         raise CriticalityError(f"verdict metric {verdict_metric!r} is not among the metrics {list(plan.metrics)}")
     records = [r.get("records") for r in rows]
