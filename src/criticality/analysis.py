@@ -136,7 +136,8 @@ def analyze(model: nn.Module, checkpoints: Mapping[int, StateDict], data: Data, 
     trained (``keep``), or are recomputed for each variant on the ``calibration`` batches (``recalibrate``).
     ``verdict="interval"`` calls a group critical / robust only when the 95 % paired-bootstrap interval of
     its Δ ``verdict_metric`` (at re-initialization to epoch 0) clears ``threshold`` (in that metric's units;
-    default ``error``, else the first metric), inconclusive otherwise; ``"point"`` is the paper's rule on Δ alone. ``stats_seed`` seeds the bootstrap.
+    default ``error``, else the first metric), inconclusive otherwise; ``"point"`` is the paper's rule on Δ
+    alone. ``stats_seed`` seeds the bootstrap.
     """
     plan = make_plan(model, checkpoints, groups, seeds, joint, final, reinit_to, init, metrics, engine, batch_size,
                      max_examples, buffers, calibration=calibration)
