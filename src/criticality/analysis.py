@@ -16,10 +16,12 @@ knows nothing of the model zoo, the data sets or the CLI.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import math
 import sys
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,10 +31,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from criticality import batches, surgery
 from criticality import engine as engine_mod
-from criticality import surgery
+from criticality import metrics as metrics_mod
+from criticality.blocks import find_blocks
 from criticality.checkpoints import check_compatible
-from criticality.engine import METRICS, Data, Engine, Metric, Variant
+from criticality.engine import Data, Engine, Metric, Variant
 from criticality.errors import CriticalityError
 from criticality.groups import Groups, GroupSpec, resolve
 from criticality.groups import joint as joint_group
@@ -87,7 +91,8 @@ def analyze(model: nn.Module, checkpoints: Mapping[int, StateDict], data: Data, 
             batch_size: int = 1000, device: str | torch.device = "cpu", max_examples: int | None = None,
             threshold: float = DEFAULT_THRESHOLD, buffers: str = "reset", store: str | None = None,
             shard: tuple[int, int] | None = None, progress: bool = True,
-            provenance: Mapping[str, Any] | None = None, calibration: Data | None = None) -> Result:
+            provenance: Mapping[str, Any] | None = None, calibration: Data | None = None,
+            output: batches.Output = None) -> Result:
     """Measure re-initialization and re-randomization robustness of every group of ``model``.
 
     ``checkpoints`` maps epoch → state dict; the final model is the largest epoch unless ``final`` names
@@ -98,9 +103,12 @@ def analyze(model: nn.Module, checkpoints: Mapping[int, StateDict], data: Data, 
     evaluates only this rank's share of the cells (see :mod:`criticality.distributed`).
     ``buffers``: a group's norm-layer running statistics move with it (``reset``, default), stay as
     trained (``keep``), or are recomputed for each variant on the ``calibration`` batches (``recalibrate``).
+    ``data``: tensors ``(x, y)``, ``x`` alone (unlabelled), or a loader of tuples or of dict batches (HF style);
+    ``metrics``: names (``error``, ``loss``, ``token_error``, ``nll``, ``agreement``, ``kl``) or functions, see
+    :mod:`criticality.metrics`; ``output``: where the logits are in the model's output (a key or a function).
     """
     plan = make_plan(model, checkpoints, groups, seeds, joint, final, reinit_to, init, metrics, engine, batch_size,
-                     max_examples, buffers, calibration=calibration)
+                     max_examples, buffers, calibration=calibration, output=output)
     rows = run_cells(plan, data, device=device, store=store, shard=shard, progress=progress)
     return finish(plan, rows, threshold=threshold, provenance=provenance)
 
@@ -122,6 +130,7 @@ class Plan:
     max_examples: int | None
     buffers: str
     calibration: Data | None = None  # training batches for buffers="recalibrate"
+    output: batches.Output = None  # where the logits are in the model's output (see batches.call)
     _fresh: dict[int, StateDict] = field(default_factory=dict)
 
     def keys(self, group: str) -> tuple[str, ...]:
@@ -142,7 +151,7 @@ class Plan:
             state = surgery.rerandomize(final, self._fresh[cell.seed], keys, buffers=self.buffers,
                                         buffer_keys=buffer_keys)
         if self.buffers == "recalibrate":
-            inputs = (x for x, _ in engine_mod.iter_batches(self.calibration, self.batch_size))
+            inputs = (x for x, _ in batches.iter_batches(self.calibration, self.batch_size))
             state = surgery.recalibrate(self.model, state, keys, inputs)
         return state
 
@@ -191,7 +200,7 @@ class Plan:
 
 
 def make_plan(model, checkpoints, groups, seeds, joint, final, reinit_to, init, metrics, engine, batch_size,
-              max_examples, buffers, *, calibration: Data | None = None) -> Plan:
+              max_examples, buffers, *, calibration: Data | None = None, output: batches.Output = None) -> Plan:
     """Check every argument of :func:`analyze` and lay out the grid; raises :class:`CriticalityError`."""
     if not checkpoints:
         raise CriticalityError("no checkpoints given: analysis needs at least the final model and epoch 0")
@@ -225,7 +234,7 @@ def make_plan(model, checkpoints, groups, seeds, joint, final, reinit_to, init, 
         check_compatible(model, sd, where=f"checkpoint of epoch {e}")
     resolved = groups if isinstance(groups, Groups) else resolve(model, groups)
     joints = dict(joint_group(resolved, members) for members in (joint or []))
-    metric_fns = dict(metrics) if isinstance(metrics, Mapping) else {m: _metric(m) for m in metrics}
+    metric_fns = metrics_mod.resolve(metrics)
     cells = grid(resolved.names, list(joints), reinit_to, seeds, final)
     if init is None and seeds and not hasattr(model, "init_scheme"):
         warnings.warn(f"{type(model).__name__} records no init_scheme: re-randomizing with its modules' own "
@@ -236,18 +245,17 @@ def make_plan(model, checkpoints, groups, seeds, joint, final, reinit_to, init, 
     if buffers == "recalibrate" and calibration is None:
         raise CriticalityError("buffers='recalibrate' needs calibration data (training batches)")
     return Plan(model, checkpoints, resolved, joints, cells, final, init, metric_fns, engine, batch_size,
-                max_examples, buffers, calibration)
-
-
-def _metric(name: str) -> Metric:
-    if name not in METRICS:
-        raise CriticalityError(f"unknown metric {name!r}; built in: {', '.join(METRICS)} (or pass a function)")
-    return METRICS[name]
+                max_examples, buffers, calibration, output)
 
 
 def run_cells(plan: Plan, data: Data, *, device: str | torch.device = "cpu", store: str | None = None,
-              shard: tuple[int, int] | None = None, progress: bool = True) -> list[dict[str, Any]]:
-    """Evaluate the plan's cells (this shard's share), reusing and extending ``store``; rows in grid order."""
+              shard: tuple[int, int] | None = None, progress: bool = True,
+              records: MutableMapping[str, Mapping[str, tuple]] | None = None) -> list[dict[str, Any]]:
+    """Evaluate the plan's cells (this shard's share), reusing and extending ``store``; rows in grid order.
+
+    ``records``, when given, receives each evaluated cell's per-example records under its cell key
+    (``{metric: (values float64 (N,), counts int64 (N,))}``, see :mod:`criticality.metrics`).
+    """
     cells = plan.cells if shard is None else plan.cells[shard[0]::shard[1]]
     saved = CellStore(store, {**plan.settings(), "data": data_fingerprint(data, plan.max_examples)}) if store else None
     keys = [cell_key(c.as_dict()) for c in cells]
@@ -260,7 +268,11 @@ def run_cells(plan: Plan, data: Data, *, device: str | torch.device = "cpu", sto
     bar = tqdm(total=len(cells), initial=len(cells) - len(todo), desc="cells", unit="cell", disable=not progress)
     for cell, result in _evaluate(plan, todo, data, device):
         row = {**cell.as_dict(), **result}
+        if "nll" in result:
+            row["perplexity"] = math.exp(result["nll"]) if result["nll"] < 700 else math.inf
         done[cell_key(row)] = row
+        if records is not None:
+            records[cell_key(row)] = result.records
         if saved:
             saved.add(row)
         bar.update()
@@ -271,15 +283,19 @@ def run_cells(plan: Plan, data: Data, *, device: str | torch.device = "cpu", sto
 def _evaluate(plan: Plan, cells: list[Cell], data: Data, device) -> Any:
     if not cells:
         return
+    final = plan.checkpoints[plan.final_epoch]
     if plan.engine == "naive":
         for cell in cells:
             yield cell, engine_mod.evaluate_naive(plan.model, plan.state(cell), data, metrics=plan.metrics,
                                                   batch_size=plan.batch_size, device=device,
-                                                  limit=plan.max_examples)
+                                                  limit=plan.max_examples, output=plan.output,
+                                                  skip=plan.variant(cell).skip, reference_state=final)
         return
-    fast = Engine(plan.model, plan.checkpoints[plan.final_epoch], data, metrics=plan.metrics,
-                  batch_size=plan.batch_size, device=device, limit=plan.max_examples)
-    yield from fast.evaluate([plan.variant(c) for c in cells])
+    fast = Engine(plan.model, final, data, metrics=plan.metrics, batch_size=plan.batch_size, device=device,
+                  limit=plan.max_examples, output=plan.output, blocks=find_blocks(plan.model))
+    # closing: the caller's model gets its own tensors back even when the consumer stops early
+    with contextlib.closing(fast.evaluate([plan.variant(c) for c in cells])) as results:
+        yield from results
 
 
 def finish(plan: Plan, rows: list[dict[str, Any]], *, threshold: float = DEFAULT_THRESHOLD,
@@ -375,11 +391,12 @@ def _distance(theta: torch.Tensor, theta0: torch.Tensor) -> dict[str, float]:
 def data_fingerprint(data: Data, limit: int | None = None) -> str:
     """An identity of the evaluation data: all of it for tensors; size and first batch for a loader."""
     h = hashlib.sha256()
-    if isinstance(data, tuple) and isinstance(data[0], torch.Tensor):
-        tensors = [t[:limit] if limit else t for t in data]
+    whole = batches.in_memory(data)
+    if whole is not None:
+        tensors = [t[:limit] if limit else t for t in _flat(whole)]
     else:
-        first = next(engine_mod.iter_batches(data, 1000, limit), (torch.empty(0), torch.empty(0)))
-        tensors = list(first)
+        first = next(batches.iter_batches(data, 1000, limit), (torch.empty(0), None))
+        tensors = _flat(first)
         h.update(f"{type(data).__name__}:{len(getattr(data, 'dataset', data)) if hasattr(data, '__len__') else '?'}"
                  .encode())
     for t in tensors:
@@ -387,6 +404,13 @@ def data_fingerprint(data: Data, limit: int | None = None) -> str:
         h.update(f"{tuple(t.shape)}:{t.dtype}".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()[:16]
+
+
+def _flat(batch: tuple) -> list[torch.Tensor]:
+    """The tensors of a batch ``(inputs, targets)``, dict inputs in key order, no targets left out."""
+    inputs, targets = batch
+    found = [inputs[k] for k in sorted(inputs)] if isinstance(inputs, Mapping) else [inputs]
+    return found + ([] if targets is None else [targets])
 
 
 def _fingerprint(state: StateDict) -> str:
