@@ -295,3 +295,28 @@ def test_outputs_of_every_form_and_clear_errors():
                                     limit=3))
     assert [batches.batch_len(b[0]) for b in got] == [2, 1] and got[1][1].tolist() == [2]
     assert list(batches.iter_batches([(x,)], 2))[0][1] is None
+
+
+def test_run_cells_on_a_language_model_gives_records_and_perplexity():
+    from criticality.analysis import make_plan, run_cells
+    from criticality.store import cell_key
+
+    model = gpt2()
+    states = _perturbed(model)
+    data = token_batches()
+    groups = {"emb": ["transformer.wte", "transformer.wpe", "lm_head"], "h1": ["transformer.h.1"]}
+    plan = make_plan(model, states, groups, 0, None, None, None, None, ("token_error", "nll", "agreement", "kl"),
+                     "fast", BATCH, None, "reset")
+    records: dict = {}
+    rows = run_cells(plan, data, progress=False, records=records)
+    plan.engine = "naive"
+    naive = run_cells(plan, data, progress=False)
+    for row, want in zip(rows, naive, strict=True):
+        assert row["token_error"] == want["token_error"]
+        assert row["nll"] == pytest.approx(want["nll"], abs=1e-5)
+        assert row["perplexity"] == pytest.approx(np.exp(row["nll"]))
+    assert len(records) == len(rows)
+    values, counts = records[cell_key(rows[0])]["nll"]
+    assert values.dtype == torch.float64 and counts.shape == (N,)
+    assert rows[0]["nll"] == pytest.approx(float(values.sum() / counts.sum()))
+    assert int(counts.sum()) == int((torch.cat([b["attention_mask"] for b in data])[:, 1:]).sum())

@@ -92,6 +92,11 @@ def in_memory(data: Data) -> Batch | None:
     return None
 
 
+def first_examples(batch: Batch, n: int) -> Batch:
+    """The first ``n`` examples of a batch."""
+    return _slice(batch[0], 0, n), _slice(batch[1], 0, n)
+
+
 def _slice(t: Inputs | None, start: int, stop: int) -> Inputs | None:
     if t is None:
         return None

@@ -146,8 +146,12 @@ def find_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     if isinstance(model, nn.Sequential) and type(model).forward is nn.Sequential.forward:
         return list(model._modules.items())
     layers = [(n, m) for n, m in model.named_children() if n.startswith("layer") and n[5:].isdigit()]
-    if len(layers) >= 2:  # torchvision / timm ResNets: layer1 .. layer4
-        return sorted(layers, key=lambda nm: int(nm[0][5:]))
+    if len(layers) >= 2:  # torchvision / timm ResNets: layer1 .. layer4, each a Sequential of residual blocks
+        out = []
+        for name, layer in sorted(layers, key=lambda nm: int(nm[0][5:])):
+            plain = isinstance(layer, nn.Sequential) and type(layer).forward is nn.Sequential.forward
+            out += [(f"{name}.{k}", c) for k, c in layer._modules.items()] if plain else [(name, layer)]
+        return out
     best: list[tuple[str, nn.Module]] = []
     for name, module in model.named_modules():
         if not isinstance(module, nn.ModuleList | nn.Sequential):

@@ -32,8 +32,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from criticality import batches
 from criticality import blocks as stubs
-from criticality.batches import Batch, Data, Output, attention_mask, batch_len, call, in_memory, iter_batches, to_device
+from criticality.batches import Batch, Data, Output, iter_batches
 from criticality.metrics import METRICS, Metric, Pair, measure, needs_reference, resolve
 
 __all__ = ["METRICS", "CellResult", "Data", "Engine", "Metric", "Variant", "evaluate", "evaluate_naive",
@@ -79,10 +80,13 @@ class _Records:
         self.parts: dict[str, list[Pair]] = {name: [] for name in names}
         self.n = 0
 
-    def add(self, pairs: Mapping[str, Pair], n: int) -> None:
+    def score(self, metrics: Mapping[str, Metric], logits: torch.Tensor, inputs: Any, targets: torch.Tensor | None,
+              reference: torch.Tensor | None) -> None:
+        """Add one batch: its logits against its targets (and the final model's logits)."""
+        pairs = measure(metrics, logits, targets, reference, batches.attention_mask(inputs))
         for name, pair in pairs.items():
             self.parts[name].append(pair)
-        self.n += n
+        self.n += batches.batch_len(inputs)
 
     def result(self) -> CellResult:
         if self.n == 0:
@@ -114,10 +118,10 @@ def evaluate(model: nn.Module, data: Data, *, metrics: Any = DEFAULT_METRICS, ba
     try:
         with torch.inference_mode():
             for batch in iter_batches(data, batch_size, limit):
-                inputs, targets = to_device(batch, device)
-                logits = call(model, inputs, output)
-                ref = None if reference is None else call(reference, inputs, output)
-                records.add(measure(metrics, logits, targets, ref, attention_mask(inputs)), batch_len(inputs))
+                inputs, targets = batches.to_device(batch, device)
+                logits = batches.call(model, inputs, output)
+                ref = None if reference is None else batches.call(reference, inputs, output)
+                records.score(metrics, logits, inputs, targets, ref)
     finally:
         for m, training in modes:
             m.training = training
@@ -143,9 +147,10 @@ def evaluate_naive(model: nn.Module, state: Mapping[str, torch.Tensor], data: Da
                            limit=limit, output=output, reference=reference)
     if not skip:
         return run()
-    first = to_device(next(iter_batches(data, 2, limit)), device)
+    first = batches.to_device(next(iter_batches(data, 2, limit)), device)
     with torch.inference_mode():
-        shapes = stubs.shapes_of(lambda: call(m.eval(), first[0], output), {p: m.get_submodule(p) for p in skip})
+        shapes = stubs.shapes_of(lambda: batches.call(m.eval(), first[0], output),
+                                 {p: m.get_submodule(p) for p in skip})
     with stubs.skipping(m, skip, shapes):
         return run()
 
@@ -270,7 +275,7 @@ class Engine:
         records = {i: _Records(self.metrics) for i in range(len(variants))}
         with_reference = needs_reference(self.metrics)
         for chunk, last_chunk in _chunks(iter_batches(self.data, self.batch_size, self.limit), per_chunk):
-            chunk = [to_device(b, self.device) for b in chunk]
+            chunk = [batches.to_device(b, self.device) for b in chunk]
             with torch.inference_mode():
                 refs = [self._forward(x, 0, None) if with_reference else None for x, _ in chunk]
             cached, at = [None] * len(chunk), 0  # output of block at - 1, one per batch
@@ -282,7 +287,7 @@ class Engine:
                         torch.inference_mode():
                     for (x, y), c, ref in zip(chunk, cached, refs, strict=True):
                         logits = self._forward(x, pos, c)
-                        records[i].add(measure(self.metrics, logits, y, ref, attention_mask(x)), batch_len(x))
+                        records[i].score(self.metrics, logits, x, y, ref)
                 if last_chunk:
                     yield v.id, records.pop(i).result()
         if records:
@@ -291,11 +296,11 @@ class Engine:
     def _forward(self, inputs: Any, pos: int, cached: Any) -> torch.Tensor:
         """The model's logits, with blocks ``< pos`` stubbed: block ``pos - 1`` returns ``cached``."""
         if pos == 0:
-            return call(self.model, inputs, self.output)
+            return batches.call(self.model, inputs, self.output)
         shapes = self._settled.shapes  # set by _settle before any stubbed forward
         plan = [(b, stubs.identity(shapes[i])) for i, b in enumerate(self.blocks[:pos - 1])]
         with stubs.stubbed([*plan, (self.blocks[pos - 1], stubs.returning(cached))]):
-            return call(self.model, inputs, self.output)
+            return batches.call(self.model, inputs, self.output)
 
     def _advance(self, chunk: list[Batch], cached: list[Any], start: int, stop: int) -> list[Any]:
         """The outputs of block ``stop - 1`` per batch, from those of block ``start - 1``."""
@@ -310,8 +315,8 @@ class Engine:
         reproduces the full forward bit for bit, all from one probe batch (once per engine)."""
         if self._settled is not None:
             return self._settled
-        inputs = to_device(self._probe(), self.device)[0]
-        n = batch_len(inputs)
+        inputs = batches.to_device(self._probe(), self.device)[0]
+        n = batches.batch_len(inputs)
         self._settled = _Settled([0], {}, {}, [None] * len(self.blocks), 0, 0)
         with torch.inference_mode():
             whole, module_position, shapes = self._order(inputs)
@@ -370,7 +375,7 @@ class Engine:
     def _learn_shapes(self, paths: set[str]) -> None:
         paths = paths - set(self._shapes)
         if paths:
-            inputs = to_device(self._probe(), self.device)[0]
+            inputs = batches.to_device(self._probe(), self.device)[0]
             with torch.inference_mode():
                 self._shapes.update(stubs.shapes_of(lambda: self._forward(inputs, 0, None),
                                                     {p: self.model.get_submodule(p) for p in paths}))
@@ -383,19 +388,20 @@ class Engine:
 
     def _n_batches(self) -> int | None:
         """How many batches the data holds, when that is known without reading it."""
-        whole = in_memory(self.data)
+        whole = batches.in_memory(self.data)
         if whole is not None:
-            n = batch_len(whole[0]) if self.limit is None else min(self.limit, batch_len(whole[0]))
+            n = batches.batch_len(whole[0]) if self.limit is None else min(self.limit, batches.batch_len(whole[0]))
             return -(-n // self.batch_size)
         if self.limit is None and hasattr(self.data, "__len__"):
             return len(self.data)
         return None
 
     def _probe(self) -> Batch:
+        """The first two examples (a loader's first batch cut down: the checks run about 2L forwards)."""
         first = next(iter_batches(self.data, 2, self.limit), None)
         if first is None:
             raise ValueError("no data to evaluate on")
-        return first
+        return batches.first_examples(first, 2)
 
 
 def _bytes(outputs: Sequence[Any]) -> int:
