@@ -320,3 +320,17 @@ def test_run_cells_on_a_language_model_gives_records_and_perplexity():
     assert values.dtype == torch.float64 and counts.shape == (N,)
     assert rows[0]["nll"] == pytest.approx(float(values.sum() / counts.sum()))
     assert int(counts.sum()) == int((torch.cat([b["attention_mask"] for b in data])[:, 1:]).sum())
+
+
+def test_user_named_blocks():
+    model = bert()
+    states = _perturbed(model)
+    data = CASES["bert"][1]()
+    groups = {"l0": ["bert.encoder.layer.0"], "l1": ["bert.encoder.layer.1"], "head": ["classifier"]}
+    kw = dict(groups=groups, seeds=0, batch_size=BATCH, progress=False)
+    named = analyze(model, states, data, blocks=["bert.encoder.layer.0", "bert.encoder.layer.1"], **kw).table
+    naive = analyze(model, states, data, engine="naive", **kw).table
+    np.testing.assert_array_equal(named.error.to_numpy(), naive.error.to_numpy())
+    np.testing.assert_allclose(named.loss.to_numpy(), naive.loss.to_numpy(), rtol=0, atol=1e-5)
+    with pytest.raises(CriticalityError, match="blocks"):
+        analyze(model, states, data, blocks=["bert.nope"], **kw)

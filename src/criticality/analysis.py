@@ -92,7 +92,7 @@ def analyze(model: nn.Module, checkpoints: Mapping[int, StateDict], data: Data, 
             threshold: float = DEFAULT_THRESHOLD, buffers: str = "reset", store: str | None = None,
             shard: tuple[int, int] | None = None, progress: bool = True,
             provenance: Mapping[str, Any] | None = None, calibration: Data | None = None,
-            output: batches.Output = None) -> Result:
+            output: batches.Output = None, blocks: Sequence[str] | None = None) -> Result:
     """Measure re-initialization and re-randomization robustness of every group of ``model``.
 
     ``checkpoints`` maps epoch → state dict; the final model is the largest epoch unless ``final`` names
@@ -106,9 +106,11 @@ def analyze(model: nn.Module, checkpoints: Mapping[int, StateDict], data: Data, 
     ``data``: tensors ``(x, y)``, ``x`` alone (unlabelled), or a loader of tuples or of dict batches (HF style);
     ``metrics``: names (``error``, ``loss``, ``token_error``, ``nll``, ``agreement``, ``kl``) or functions, see
     :mod:`criticality.metrics`; ``output``: where the logits are in the model's output (a key or a function).
+    ``blocks``: module paths of the model's repeated block stack, in execution order, for the fast engine's
+    prefix reuse (default: found, see :func:`criticality.blocks.find_blocks`).
     """
     plan = make_plan(model, checkpoints, groups, seeds, joint, final, reinit_to, init, metrics, engine, batch_size,
-                     max_examples, buffers, calibration=calibration, output=output)
+                     max_examples, buffers, calibration=calibration, output=output, blocks=blocks)
     rows = run_cells(plan, data, device=device, store=store, shard=shard, progress=progress)
     return finish(plan, rows, threshold=threshold, provenance=provenance)
 
@@ -131,6 +133,7 @@ class Plan:
     buffers: str
     calibration: Data | None = None  # training batches for buffers="recalibrate"
     output: batches.Output = None  # where the logits are in the model's output (see batches.call)
+    blocks: Sequence[str] | None = None  # the block stack's module paths (None: found by blocks.find_blocks)
     _fresh: dict[int, StateDict] = field(default_factory=dict)
 
     def keys(self, group: str) -> tuple[str, ...]:
@@ -200,7 +203,8 @@ class Plan:
 
 
 def make_plan(model, checkpoints, groups, seeds, joint, final, reinit_to, init, metrics, engine, batch_size,
-              max_examples, buffers, *, calibration: Data | None = None, output: batches.Output = None) -> Plan:
+              max_examples, buffers, *, calibration: Data | None = None, output: batches.Output = None,
+              blocks: Sequence[str] | None = None) -> Plan:
     """Check every argument of :func:`analyze` and lay out the grid; raises :class:`CriticalityError`."""
     if not checkpoints:
         raise CriticalityError("no checkpoints given: analysis needs at least the final model and epoch 0")
@@ -245,7 +249,7 @@ def make_plan(model, checkpoints, groups, seeds, joint, final, reinit_to, init, 
     if buffers == "recalibrate" and calibration is None:
         raise CriticalityError("buffers='recalibrate' needs calibration data (training batches)")
     return Plan(model, checkpoints, resolved, joints, cells, final, init, metric_fns, engine, batch_size,
-                max_examples, buffers, calibration, output)
+                max_examples, buffers, calibration, output, blocks)
 
 
 def run_cells(plan: Plan, data: Data, *, device: str | torch.device = "cpu", store: str | None = None,
@@ -292,10 +296,19 @@ def _evaluate(plan: Plan, cells: list[Cell], data: Data, device) -> Any:
                                                   skip=plan.variant(cell).skip, reference_state=final)
         return
     fast = Engine(plan.model, final, data, metrics=plan.metrics, batch_size=plan.batch_size, device=device,
-                  limit=plan.max_examples, output=plan.output, blocks=find_blocks(plan.model))
+                  limit=plan.max_examples, output=plan.output, blocks=_blocks(plan))
     # closing: the caller's model gets its own tensors back even when the consumer stops early
     with contextlib.closing(fast.evaluate([plan.variant(c) for c in cells])) as results:
         yield from results
+
+
+def _blocks(plan: Plan) -> list[tuple[str, nn.Module]]:
+    if plan.blocks is None:
+        return find_blocks(plan.model)
+    try:
+        return [(p, plan.model.get_submodule(p)) for p in plan.blocks]
+    except AttributeError as err:
+        raise CriticalityError(f"blocks: {err}") from None
 
 
 def finish(plan: Plan, rows: list[dict[str, Any]], *, threshold: float = DEFAULT_THRESHOLD,

@@ -17,6 +17,7 @@ positions get the label ``-100`` (ignored by the sequence metrics).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -136,10 +137,20 @@ def call(model: nn.Module, inputs: Inputs, output: Output = None) -> torch.Tenso
     ``output`` overrides: a key/attribute name, or a function of the raw output.
     """
     kwargs = dict(inputs) if isinstance(inputs, Mapping) else {}
-    if getattr(getattr(model, "config", None), "use_cache", False) and "use_cache" not in kwargs:
+    if getattr(getattr(model, "config", None), "use_cache", False) and "use_cache" not in kwargs \
+            and _takes(model, "use_cache"):
         kwargs["use_cache"] = False  # a Hugging Face generation cache is only overhead here
     out = model(**kwargs) if isinstance(inputs, Mapping) else model(inputs, **kwargs)
     return logits_of(out, output)
+
+
+def _takes(model: nn.Module, name: str) -> bool:
+    """Whether ``model``'s forward accepts the keyword ``name`` (by name, or as ``**kwargs``)."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
 def logits_of(out: Any, output: Output = None) -> torch.Tensor:

@@ -157,6 +157,8 @@ METRICS: dict[str, Metric] = {"error": Error(), "loss": Loss(), "token_error": T
 
 def resolve(metrics: Mapping[str, Metric | Callable] | list | tuple) -> dict[str, Metric]:
     """Names or functions → built-in :class:`Metric` objects (user functions wrapped in :class:`Plain`)."""
+    if isinstance(metrics, str):
+        metrics = [metrics]
     items = metrics.items() if isinstance(metrics, Mapping) else [(m, m) for m in metrics]
     out = {}
     for name, m in items:
