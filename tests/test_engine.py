@@ -334,3 +334,19 @@ def test_user_named_blocks():
     np.testing.assert_allclose(named.loss.to_numpy(), naive.loss.to_numpy(), rtol=0, atol=1e-5)
     with pytest.raises(CriticalityError, match="blocks"):
         analyze(model, states, data, blocks=["bert.nope"], **kw)
+
+
+def test_chunks_of_one_batch_give_the_same_records():
+    model = llama(layers=2)
+    states = _perturbed(model)
+    data = token_batches()
+    names = ("nll", "agreement", "kl")
+    cells = [engine.Variant("final"), engine.Variant("l1", {k: v for k, v in states[0].items()
+                                                            if k.startswith("model.layers.1.")})]
+    one = dict(engine.Engine(model, states[1], data, metrics=names, batch_size=BATCH).evaluate(cells))
+    tiny = engine.Engine(model, states[1], data, metrics=names, batch_size=BATCH, max_cache_bytes=1)
+    many = dict(tiny.evaluate(cells))
+    assert tiny._batches_per_chunk() == 1
+    for k in one:
+        for name in names:
+            assert torch.equal(one[k].records[name][0], many[k].records[name][0])
