@@ -35,7 +35,7 @@ class Foreign:
 
 FULL = (Foreign("llama", 256, 7, 2, 64, 1.7), Foreign("vit", 512, 7, 2, 128, 1.7),
         Foreign("resnet-timm", 512, 7, 2, 256, 1.8))
-SMALL = (Foreign("llama", 32, 7, 2, 32, 1.7), Foreign("vit", 64, 7, 2, 64, 1.7),
+SMALL = (Foreign("llama", 16, 7, 2, 16, 1.7), Foreign("vit", 64, 7, 2, 64, 1.7),
          Foreign("resnet-timm", 64, 7, 2, 64, 1.8))
 
 
