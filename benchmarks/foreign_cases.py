@@ -144,7 +144,8 @@ def flops(model: nn.Module, data, stack, variants, fast: engine.Engine) -> tuple
     counts = counter.get_flop_counts()
     total = sum(counts.get("Global", {}).values())
     root = type(model).__name__  # FlopCounterMode names modules "<root class>.<path>"
-    per_block = [sum(counts.get(f"{root}.{p}", {}).values()) for p, _ in stack]
+    path = {id(m): name for name, m in model.named_modules()}
+    per_block = [sum(counts.get(f"{root}.{path[id(b)]}", {}).values()) for b in fast.blocks]  # stem included
     n = sum(batches.batch_len(b[0]) for b in batches.iter_batches(data, 1 << 30))
     scale = n / batches.batch_len(inputs)
     positions = [fast.position(v) for v in variants]

@@ -312,10 +312,34 @@ class Engine:
 
     def _settle(self) -> _Settled:
         """Positions of keys and modules, block return structures and the positions whose prefix reuse
-        reproduces the full forward bit for bit, all from one probe batch (once per engine)."""
+        reproduces the full forward bit for bit, all from one probe batch (once per engine).
+
+        The modules that run before the stack (embeddings, a ResNet's stem) are tried as leading blocks
+        too, so that cells past them skip them; when that does not reproduce the forward (their outputs
+        feed more than the stack, e.g. rotary embeddings), the stack alone is used.
+        """
         if self._settled is not None:
             return self._settled
         inputs = batches.to_device(self._probe(), self.device)[0]
+        stack = self.blocks
+        stem = self._stem(inputs) if stack else []
+        if stem:
+            self.blocks = stem + stack
+            if len(stem) + 1 in self._check(inputs).valid:
+                return self._warned(len(stem))
+        self.blocks = stack
+        self._check(inputs)
+        return self._warned(0)
+
+    def _warned(self, stem: int) -> _Settled:
+        failed = sorted(set(range(stem + 1, len(self.blocks) + 1)) - set(self._settled.valid))
+        if failed:
+            warnings.warn(f"{type(self.model).__name__}: reusing the prefix before block(s) {failed} does not "
+                          "reproduce its forward; those cells run the model from an earlier block", stacklevel=5)
+        return self._settled
+
+    def _check(self, inputs: Any) -> _Settled:
+        """:meth:`_settle`'s work for the current ``self.blocks``."""
         n = batches.batch_len(inputs)
         self._settled = _Settled([0], {}, {}, [None] * len(self.blocks), 0, 0)
         with torch.inference_mode():
@@ -331,10 +355,6 @@ class Engine:
                 if same:
                     valid.append(pos)
                     act = max(act, _bytes([out]) // n)
-        if len(valid) < len(self.blocks) + 1:
-            warnings.warn(f"{type(self.model).__name__}: reusing the prefix before block(s) "
-                          f"{sorted(set(range(1, len(self.blocks) + 1)) - set(valid))} does not reproduce its forward; "
-                          "those cells run the model from an earlier block", stacklevel=4)
         owners: dict[int, int] = {}
         for module in self.model.modules():
             for t in [*module._parameters.values(), *module._buffers.values()]:
@@ -344,6 +364,30 @@ class Engine:
         keys = {k: owners.get(id(t), 0) for k, t in self.model.state_dict(keep_vars=True).items()}
         self._settled = _Settled(valid, keys, module_position, shapes, act, _bytes([whole]) // n)
         return self._settled
+
+    def _stem(self, inputs: Any) -> list[nn.Module]:
+        """The modules that run before the first block, in call order: children of the first block's
+        ancestors that are neither its ancestors nor called after it started."""
+        order: dict[int, int] = {}
+
+        def seen(module, args):  # returns None: a pre-hook's result would replace the input
+            order.setdefault(id(module), len(order))
+
+        handles = [m.register_forward_pre_hook(seen) for m in self.model.modules()]
+        try:
+            with torch.inference_mode():
+                batches.call(self.model, inputs, self.output)
+        finally:
+            for h in handles:
+                h.remove()
+        first = self.blocks[0]
+        if id(first) not in order:
+            return []
+        ancestors = [m for m in self.model.modules() if any(c is first for c in m.modules()) and m is not first]
+        inside = {id(a) for a in ancestors} | {id(first)}
+        stem = [c for a in ancestors for c in a.children()
+                if id(c) not in inside and order.get(id(c), len(order)) < order[id(first)]]
+        return sorted({id(c): c for c in stem}.values(), key=lambda c: order[id(c)])
 
     def _order(self, inputs: Any) -> tuple[torch.Tensor, dict[int, int], list[stubs.Shape]]:
         """One full forward: its logits; each module's position (the block it is in, else how many blocks
