@@ -35,7 +35,7 @@ from torch import nn
 from criticality import batches
 from criticality import blocks as stubs
 from criticality.batches import Batch, Data, Output, iter_batches
-from criticality.metrics import METRICS, Metric, Pair, measure, needs_reference, resolve
+from criticality.metrics import METRICS, CellResult, Metric, Records, needs_reference, resolve
 
 __all__ = ["METRICS", "CellResult", "Data", "Engine", "Metric", "Variant", "evaluate", "evaluate_naive",
            "iter_batches", "swapped"]
@@ -66,42 +66,6 @@ class Variant:
         return entries
 
 
-class CellResult(dict):
-    """``{metric: mean, "n": examples}``; ``records[metric]`` = per-example ``(values float64 (N,),
-    counts int64 (N,))`` in data order."""
-
-    records: dict[str, Pair]
-
-
-class _Records:
-    """Per-example metric values of one cell, kept on the device until the cell is done."""
-
-    def __init__(self, names: Iterable[str]):
-        self.parts: dict[str, list[Pair]] = {name: [] for name in names}
-        self.n = 0
-
-    def score(self, metrics: Mapping[str, Metric], logits: torch.Tensor, inputs: Any, targets: torch.Tensor | None,
-              reference: torch.Tensor | None) -> None:
-        """Add one batch: its logits against its targets (and the final model's logits)."""
-        pairs = measure(metrics, logits, targets, reference, batches.attention_mask(inputs))
-        for name, pair in pairs.items():
-            self.parts[name].append(pair)
-        self.n += batches.batch_len(inputs)
-
-    def result(self) -> CellResult:
-        if self.n == 0:
-            raise ValueError("no data to evaluate on")
-        out = CellResult()
-        out.records = {}
-        for name, parts in self.parts.items():
-            values = torch.cat([v for v, _ in parts]).to("cpu", torch.float64)
-            counts = torch.cat([c for _, c in parts]).to("cpu", torch.int64)
-            out.records[name] = (values, counts)
-            out[name] = float(values.sum() / counts.sum())  # token-weighted over the whole data set
-        out["n"] = self.n
-        return out
-
-
 def evaluate(model: nn.Module, data: Data, *, metrics: Any = DEFAULT_METRICS, batch_size: int = 1000,
              device: str | torch.device = "cpu", limit: int | None = None, output: Output = None,
              reference: nn.Module | None = None) -> CellResult:
@@ -114,7 +78,7 @@ def evaluate(model: nn.Module, data: Data, *, metrics: Any = DEFAULT_METRICS, ba
     modes = [(m, m.training) for net in {model, reference} - {None} for m in net.modules()]
     for net in {model, reference} - {None}:
         net.eval()
-    records = _Records(metrics)
+    records = Records(metrics)
     try:
         with torch.inference_mode():
             for batch in iter_batches(data, batch_size, limit):
@@ -272,7 +236,7 @@ class Engine:
                 yield from self._pass(wave, per_chunk)
 
     def _pass(self, variants: list[Variant], per_chunk: int) -> Iterator[tuple[Hashable, CellResult]]:
-        records = {i: _Records(self.metrics) for i in range(len(variants))}
+        records = {i: Records(self.metrics) for i in range(len(variants))}
         with_reference = needs_reference(self.metrics)
         for chunk, last_chunk in _chunks(iter_batches(self.data, self.batch_size, self.limit), per_chunk):
             chunk = [batches.to_device(b, self.device) for b in chunk]

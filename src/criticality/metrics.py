@@ -22,13 +22,14 @@ A plain function ``fn(logits, targets) -> (N,)`` is a metric too (one count per 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from criticality.batches import IGNORE
+from criticality.batches import IGNORE, attention_mask, batch_len
 from criticality.errors import CriticalityError
 
 Pair = tuple[torch.Tensor, torch.Tensor]  # values (N,) float64, counts (N,) int64
@@ -184,3 +185,39 @@ def measure(metrics: Mapping[str, Metric], logits: torch.Tensor, targets: torch.
 
 def needs_reference(metrics: Mapping[str, Metric]) -> bool:
     return any(m.needs_reference for m in metrics.values())
+
+
+class CellResult(dict):
+    """``{metric: mean, "n": examples}``; ``records[metric]`` = per-example ``(values float64 (N,),
+    counts int64 (N,))`` in data order."""
+
+    records: dict[str, Pair]
+
+
+class Records:
+    """Per-example metric values of one cell, kept on the device until the cell is done."""
+
+    def __init__(self, names: Iterable[str]):
+        self.parts: dict[str, list[Pair]] = {name: [] for name in names}
+        self.n = 0
+
+    def score(self, metrics: Mapping[str, Metric], logits: torch.Tensor, inputs: Any, targets: torch.Tensor | None,
+              reference: torch.Tensor | None) -> None:
+        """Add one batch: its logits against its targets (and the final model's logits)."""
+        pairs = measure(metrics, logits, targets, reference, attention_mask(inputs))
+        for name, pair in pairs.items():
+            self.parts[name].append(pair)
+        self.n += batch_len(inputs)
+
+    def result(self) -> CellResult:
+        if self.n == 0:
+            raise ValueError("no data to evaluate on")
+        out = CellResult()
+        out.records = {}
+        for name, parts in self.parts.items():
+            values = torch.cat([v for v, _ in parts]).to("cpu", torch.float64)
+            counts = torch.cat([c for _, c in parts]).to("cpu", torch.int64)
+            out.records[name] = (values, counts)
+            out[name] = float(values.sum() / counts.sum())  # token-weighted over the whole data set
+        out["n"] = self.n
+        return out
