@@ -351,3 +351,10 @@ def test_chunks_of_one_batch_give_the_same_records():
     for k in one:
         for name in names:
             assert torch.equal(one[k].records[name][0], many[k].records[name][0])
+
+
+def test_placement_uses_the_callers_instance_and_never_moves_a_dispatched_model():
+    model = nn.Linear(3, 2)
+    assert engine.placed(model, torch.device("cpu")) is model
+    model.hf_device_map = {"": 0}  # as accelerate's dispatch marks a model spread over devices
+    assert engine.placed(model, torch.device("cuda")) is model  # left where its layers are: no copy, no move
