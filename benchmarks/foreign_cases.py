@@ -128,10 +128,11 @@ def grid(states, case: Foreign, groups: dict[str, list[str]]) -> list[engine.Var
 def groups_of(fast: engine.Engine, stack: list[tuple[str, nn.Module]]) -> dict[str, list[str]]:
     """One group per block of the stack, one for the keys before it and one for those after it."""
     pos = fast._settle().key_position
+    first = len(fast.blocks) - len(stack)  # the stack's first position (after the stem's modules, if any lead it)
     groups: dict[str, list[str]] = {"before": [], **{p: [] for p, _ in stack}, "after": []}
     for k in pos:
         owner = next((p for p, _ in stack if k.startswith(p + ".")), None)
-        groups[owner if owner else ("before" if pos[k] == 0 else "after")].append(k)
+        groups[owner if owner else ("before" if pos[k] <= first else "after")].append(k)
     return {g: ks for g, ks in groups.items() if ks}
 
 
