@@ -286,13 +286,14 @@ class Engine:
             return self._settled
         inputs = batches.to_device(self._probe(), self.device)[0]
         stack = self.blocks
-        stem = self._stem(inputs) if stack else []
-        if stem:
-            self.blocks = stem + stack
-            if len(stem) + 1 in self._check(inputs).valid:
-                return self._warned(len(stem))
-        self.blocks = stack
-        self._check(inputs)
+        with loaded(self.model, self.base):  # eval mode (dropout off), also when called before evaluate()
+            stem = self._stem(inputs) if stack else []
+            if stem:
+                self.blocks = stem + stack
+                if len(stem) + 1 in self._check(inputs).valid:
+                    return self._warned(len(stem))
+            self.blocks = stack
+            self._check(inputs)
         return self._warned(0)
 
     def _warned(self, stem: int) -> _Settled:
