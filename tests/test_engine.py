@@ -359,3 +359,16 @@ def test_placement_uses_the_callers_instance_and_never_moves_a_dispatched_model(
     assert engine.placed(model, torch.device("cpu")) is model
     model.hf_device_map = {"": 0}  # as accelerate's dispatch marks a model spread over devices
     assert engine.placed(model, torch.device("cuda")) is model  # left where its layers are: no copy, no move
+
+
+def test_tied_keys_with_different_values_load_as_the_reference_and_restore_exactly():
+    model = gpt2()
+    states = _perturbed(model)
+    final = {**states[1], "lm_head.weight": states[1]["lm_head.weight"] + 1.0}  # one tensor, two values
+    model.load_state_dict(states[0])
+    snap = _snapshot(model)
+    data = token_batches()
+    got = dict(engine.Engine(model, final, data, metrics=("nll",), batch_size=BATCH).evaluate([engine.Variant("f")]))
+    want = engine.evaluate_naive(model, final, data, metrics=("nll",), batch_size=BATCH)
+    assert got["f"]["nll"] == pytest.approx(want["nll"], abs=1e-5)
+    assert _same_snapshot(model, snap)

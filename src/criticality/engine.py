@@ -144,20 +144,21 @@ def loaded(model: nn.Module, state: Mapping[str, torch.Tensor]) -> Iterator[nn.M
     and every module's mode are restored bit for bit, also after an exception."""
     own = model.state_dict(keep_vars=True)
     modes = [(m, m.training) for m in model.modules()]
-    saved: dict[str, torch.Tensor] = {}
+    saved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(tensor) -> (tensor, its original values)
     try:
         with torch.no_grad():
             for k, t in own.items():
                 v = state[k]
-                if t.shape != v.shape or not torch.equal(t, v.to(t.device, t.dtype)):
-                    saved[k] = t.detach().clone()
-                    t.copy_(v)
+                if id(t) not in saved and (t.shape != v.shape or not torch.equal(t, v.to(t.device, t.dtype))):
+                    saved[id(t)] = (t, t.detach().clone())
+            if saved:  # the model's own loading: tied keys resolve as in the naive reference
+                model.load_state_dict(state)
         model.eval()
         yield model
     finally:
         with torch.no_grad():
-            for k, t in saved.items():
-                own[k].copy_(t)
+            for t, original in saved.values():
+                t.copy_(original)
         for m, training in modes:
             m.training = training
 
