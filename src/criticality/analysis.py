@@ -22,7 +22,9 @@ sets or the CLI.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import math
 import sys
 import warnings
 from collections.abc import Mapping, Sequence
@@ -35,11 +37,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from criticality import distributed, statistics, surgery
+from criticality import batches, distributed, statistics, surgery
 from criticality import engine as engine_mod
+from criticality import metrics as metrics_mod
+from criticality.blocks import find_blocks
 from criticality.checkpoints import check_compatible
 from criticality.distances import distances  # noqa: F401  (re-exported: analysis.distances)
-from criticality.engine import METRICS, Data, Engine, Metric, Variant
+from criticality.engine import Data, Engine, Metric, Variant
 from criticality.errors import CriticalityError
 from criticality.examples import (
     Examples,
@@ -47,9 +51,7 @@ from criticality.examples import (
     Record,
     as_record,
     class_targets,
-    evaluate_records,
     examples_path,
-    means,
 )
 from criticality.foreign import draws_summary
 from criticality.groups import Groups, GroupSpec, default_spec, resolve
@@ -121,7 +123,8 @@ def analyze(model: nn.Module, checkpoints: Mapping[int, StateDict], data: Data, 
             threshold: float = DEFAULT_THRESHOLD, buffers: str = "reset", store: str | None = None,
             shard: tuple[int, int] | None = None, progress: bool = True,
             provenance: Mapping[str, Any] | None = None, calibration: Data | None = None,
-            verdict: str = "interval", verdict_metric: str | None = None, stats_seed: int = 0) -> Result:
+            output: batches.Output = None, blocks: Sequence[str] | None = None, verdict: str = "interval",
+            verdict_metric: str | None = None, stats_seed: int = 0) -> Result:
     """Measure re-initialization and re-randomization robustness of every group of ``model``.
 
     ``checkpoints`` maps epoch → state dict; the final model is the largest epoch unless ``final`` names
@@ -136,13 +139,18 @@ def analyze(model: nn.Module, checkpoints: Mapping[int, StateDict], data: Data, 
     evaluates only this rank's share of the cells (see :mod:`criticality.distributed`).
     ``buffers``: a group's norm-layer running statistics move with it (``reset``, default), stay as
     trained (``keep``), or are recomputed for each variant on the ``calibration`` batches (``recalibrate``).
+    ``data``: tensors ``(x, y)``, ``x`` alone (unlabelled), or a loader of tuples or of dict batches (HF style);
+    ``metrics``: names (``error``, ``loss``, ``token_error``, ``nll``, ``agreement``, ``kl``) or functions, see
+    :mod:`criticality.metrics`; ``output``: where the logits are in the model's output (a key or a function).
+    ``blocks``: module paths of the model's repeated block stack, in execution order, for the fast engine's
+    prefix reuse (default: found, see :func:`criticality.blocks.find_blocks`).
     ``verdict="interval"`` calls a group critical / robust only when the 95 % paired-bootstrap interval of
     its Δ ``verdict_metric`` (at re-initialization to epoch 0) clears ``threshold`` (in that metric's units;
     default ``error``, else the first metric), inconclusive otherwise; ``"point"`` is the paper's rule on Δ
     alone. ``stats_seed`` seeds the bootstrap.
     """
     plan = make_plan(model, checkpoints, groups, seeds, joint, final, reinit_to, init, metrics, engine, batch_size,
-                     max_examples, buffers, calibration=calibration)
+                     max_examples, buffers, calibration=calibration, output=output, blocks=blocks)
     rows = run_cells(plan, data, device=device, store=store, shard=shard, progress=progress)
     return finish(plan, rows, threshold=threshold, provenance=provenance, verdict=verdict,
                   verdict_metric=verdict_metric, stats_seed=stats_seed)
@@ -166,6 +174,8 @@ class Plan:
     buffers: str
     calibration: Data | None = None  # training batches for buffers="recalibrate"
     start_epoch: int = 0  # the initialization: shuffle draws permute it; draws must not reproduce it
+    output: batches.Output = None  # where the logits are in the model's output (see batches.call)
+    blocks: Sequence[str] | None = None  # the block stack's module paths (None: found by blocks.find_blocks)
     _fresh: dict[tuple[str, int], StateDict] = field(default_factory=dict)  # (group, seed) -> its draw
 
     def keys(self, group: str) -> tuple[str, ...]:
@@ -184,7 +194,7 @@ class Plan:
             state = surgery.rerandomize(final, self.fresh(cell.group, cell.seed), keys, buffers=self.buffers,
                                         buffer_keys=buffer_keys)
         if self.buffers == "recalibrate":
-            inputs = (x for x, _ in engine_mod.iter_batches(self.calibration, self.batch_size))
+            inputs = (x for x, _ in batches.iter_batches(self.calibration, self.batch_size))
             state = surgery.recalibrate(self.model, state, keys, inputs)
         return state
 
@@ -245,7 +255,8 @@ class Plan:
 
 
 def make_plan(model, checkpoints, groups, seeds, joint, final, reinit_to, init, metrics, engine, batch_size,
-              max_examples, buffers, *, calibration: Data | None = None) -> Plan:
+              max_examples, buffers, *, calibration: Data | None = None, output: batches.Output = None,
+              blocks: Sequence[str] | None = None) -> Plan:
     """Check every argument of :func:`analyze` and lay out the grid; raises :class:`CriticalityError`."""
     if not checkpoints:
         raise CriticalityError("no checkpoints given: analysis needs at least the final model and epoch 0")
@@ -286,7 +297,7 @@ def make_plan(model, checkpoints, groups, seeds, joint, final, reinit_to, init, 
               file=sys.stderr)
     resolved = groups if isinstance(groups, Groups) else resolve(model, groups)
     joints = dict(joint_group(resolved, members) for members in (joint or []))
-    metric_fns = dict(metrics) if isinstance(metrics, Mapping) else {m: _metric(m) for m in metrics}
+    metric_fns = metrics_mod.resolve(metrics)
     if "error" not in metric_fns:  # the verdicts and the terminal table compare test error
         raise CriticalityError(f"metrics {sorted(metric_fns)} lack 'error', which the verdicts compare; add it "
                                "(e.g. metrics=('error', ...) or {'error': fn, ...})")
@@ -308,18 +319,15 @@ def make_plan(model, checkpoints, groups, seeds, joint, final, reinit_to, init, 
     if buffers == "recalibrate" and calibration is None:
         raise CriticalityError("buffers='recalibrate' needs calibration data (training batches)")
     return Plan(model, checkpoints, resolved, joints, cells, final, init, metric_fns, engine, batch_size,
-                max_examples, buffers, calibration)
-
-
-def _metric(name: str) -> Metric:
-    if name not in METRICS:
-        raise CriticalityError(f"unknown metric {name!r}; built in: {', '.join(METRICS)} (or pass a function)")
-    return METRICS[name]
+                max_examples, buffers, calibration, output=output, blocks=blocks)
 
 
 def run_cells(plan: Plan, data: Data, *, device: str | torch.device = "cpu", store: str | None = None,
               shard: tuple[int, int] | None = None, progress: bool = True) -> list[dict[str, Any]]:
-    """Evaluate the plan's cells (this shard's share), reusing and extending ``store``; rows in grid order."""
+    """Evaluate the plan's cells (this shard's share), reusing and extending ``store``; rows in grid order.
+
+    Each row carries its cell's per-example records under ``"records"`` (see :mod:`criticality.examples`).
+    """
     cells = plan.cells if shard is None else plan.cells[shard[0]::shard[1]]
     settings = {**plan.settings(), "data": data_fingerprint(data, plan.max_examples)}
     saved = CellStore(store, settings) if store else None
@@ -340,6 +348,8 @@ def run_cells(plan: Plan, data: Data, *, device: str | torch.device = "cpu", sto
         raw = result.pop("records", raw)
         records = as_record(raw) if raw else None
         row = {**cell.as_dict(), **result}
+        if "nll" in result:
+            row["perplexity"] = math.exp(result["nll"]) if result["nll"] < 700 else math.inf
         done[cell_key(row)] = {**row, "records": records}
         if saved:
             if records is not None:  # records first: a stored row always has its records beside it
@@ -381,16 +391,28 @@ def _data_errors(results: Any) -> Any:
 def _evaluate(plan: Plan, cells: list[Cell], data: Data, device) -> Any:
     if not cells:
         return
+    final = plan.checkpoints[plan.final_epoch]
     if plan.engine == "naive":
         for cell in cells:
-            # Until the engine gives records itself (contract 3), the naive path makes them and its means.
-            records = evaluate_records(plan.model, plan.state(cell), data, metrics=plan.metrics,
-                                       batch_size=plan.batch_size, device=device, limit=plan.max_examples)
-            yield cell, {**means(records), "records": records}
+            yield cell, engine_mod.evaluate_naive(plan.model, plan.state(cell), data, metrics=plan.metrics,
+                                                  batch_size=plan.batch_size, device=device,
+                                                  limit=plan.max_examples, output=plan.output,
+                                                  skip=plan.variant(cell).skip, reference_state=final)
         return
-    fast = Engine(plan.model, plan.checkpoints[plan.final_epoch], data, metrics=plan.metrics,
-                  batch_size=plan.batch_size, device=device, limit=plan.max_examples)
-    yield from fast.evaluate([plan.variant(c) for c in cells])
+    fast = Engine(plan.model, final, data, metrics=plan.metrics, batch_size=plan.batch_size, device=device,
+                  limit=plan.max_examples, output=plan.output, blocks=_blocks(plan))
+    # closing: the caller's model gets its own tensors back even when the consumer stops early
+    with contextlib.closing(fast.evaluate([plan.variant(c) for c in cells])) as results:
+        yield from results
+
+
+def _blocks(plan: Plan) -> list[tuple[str, nn.Module]]:
+    if plan.blocks is None:
+        return find_blocks(plan.model)
+    try:
+        return [(p, plan.model.get_submodule(p)) for p in plan.blocks]
+    except AttributeError as err:
+        raise CriticalityError(f"blocks: {err}") from None
 
 
 def finish(plan: Plan, rows: list[dict[str, Any]], *, threshold: float = DEFAULT_THRESHOLD,
@@ -464,11 +486,12 @@ def tabulate(rows: Sequence[Mapping[str, Any]], metric_names: Sequence[str],
 def data_fingerprint(data: Data, limit: int | None = None) -> str:
     """An identity of the evaluation data: all of it for tensors; size and first batch for a loader."""
     h = hashlib.sha256()
-    if isinstance(data, tuple) and isinstance(data[0], torch.Tensor):
-        tensors = [t[:limit] if limit else t for t in data]
+    whole = batches.in_memory(data)
+    if whole is not None:
+        tensors = [t[:limit] if limit else t for t in _flat(whole)]
     else:
-        first = next(engine_mod.iter_batches(data, 1000, limit), (torch.empty(0), torch.empty(0)))
-        tensors = list(first)
+        first = next(batches.iter_batches(data, 1000, limit), (torch.empty(0), None))
+        tensors = _flat(first)
         h.update(f"{type(data).__name__}:{len(getattr(data, 'dataset', data)) if hasattr(data, '__len__') else '?'}"
                  .encode())
     for t in tensors:
@@ -476,6 +499,13 @@ def data_fingerprint(data: Data, limit: int | None = None) -> str:
         h.update(f"{tuple(t.shape)}:{t.dtype}".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()[:16]
+
+
+def _flat(batch: tuple) -> list[torch.Tensor]:
+    """The tensors of a batch ``(inputs, targets)``, dict inputs in key order, no targets left out."""
+    inputs, targets = batch
+    found = [inputs[k] for k in sorted(inputs)] if isinstance(inputs, Mapping) else [inputs]
+    return found + ([] if targets is None else [targets])
 
 
 def _fingerprint(state: StateDict) -> str:
