@@ -181,11 +181,13 @@ class Plan:
     def keys(self, group: str) -> tuple[str, ...]:
         return self.joint[group] if group in self.joint else self.groups.members[group]
 
-    def state(self, cell: Cell) -> dict[str, torch.Tensor]:
-        """The full state dict of the variant a cell evaluates, made by :mod:`surgery`."""
+    def state(self, cell: Cell) -> StateDict:
+        """The full state dict of the variant a cell evaluates, made by :mod:`surgery`: an
+        :class:`~criticality.surgery.Overlay` of the group's new tensors over the final checkpoint, which
+        is read for no other key (a lazy checkpoint is never loaded whole per cell)."""
         final = self.checkpoints[self.final_epoch]
         if cell.op == "final":
-            return dict(final)
+            return surgery.Overlay(final, {})
         buffer_keys, keys = surgery.buffer_keys(self.model), self.keys(cell.group)
         if cell.op == "reinit":
             state = surgery.reinit(final, self.checkpoints[cell.checkpoint], keys, buffers=self.buffers,
@@ -226,9 +228,13 @@ class Plan:
         return fresh
 
     def entries(self, cell: Cell) -> dict[str, torch.Tensor]:
-        """The entries in which the cell's variant differs from the final model (surgery's new tensors)."""
-        final = self.checkpoints[self.final_epoch]
-        return {k: v for k, v in self.state(cell).items() if v is not final[k]}
+        """The entries in which the cell's variant differs from the final model (surgery's new tensors),
+        and only those: memory is the group's, not the model's."""
+        state = self.state(cell)
+        if isinstance(state, surgery.Overlay) and state.base is self.checkpoints[self.final_epoch]:
+            return dict(state.changed)
+        final = self.checkpoints[self.final_epoch]  # a plain state dict (another op's surgery): by identity
+        return {k: v for k, v in state.items() if v is not final[k]}
 
     def moved_keys(self, cell: Cell) -> tuple[str, ...]:
         """The keys :meth:`entries` returns, known without doing the surgery."""
@@ -517,6 +523,6 @@ def _fingerprint(state: StateDict) -> str:
     for k in sorted(state):
         t = state[k].detach().cpu().contiguous()
         h.update(f"{k}:{tuple(t.shape)}:{t.dtype}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b"")  # the buffer, not a bytes copy
     return h.hexdigest()[:16]
 

@@ -27,6 +27,7 @@ from torch import nn
 from criticality import surgery
 
 StateDict = Mapping[str, torch.Tensor]
+CHUNK = 1 << 18  # numbers per slice: 2 MB per float64 temporary
 COLUMNS = ["group", "checkpoint", "n", "l2", "linf", "l2_rel", "linf_rel", "cosine"]
 LABELS = {  # what each column is, for figure colour bars and reports
     "l2": "‖θτ − θ0‖₂ / √n (paper)",
@@ -54,19 +55,21 @@ def distances(checkpoints: Mapping[int, StateDict], groups: Mapping[str, Sequenc
 
 
 def group_distance(state: StateDict, start: StateDict, keys: Sequence[str]) -> dict[str, float]:
-    """The distances of ``keys`` in ``state`` from their values in ``start``, one tensor at a time."""
+    """The distances of ``keys`` in ``state`` from their values in ``start``, one slice of CHUNK numbers of
+    one tensor at a time (float64 temporaries of a few MB, whatever the layer's size)."""
     n, diff2, diffmax, norm2, normmax, dot, state2 = 0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0
     for k in keys:
-        theta0 = start[k].detach().double().flatten()  # (n_k,)
-        theta = state[k].detach().double().flatten()  # (n_k,)
-        diff = theta - theta0
-        n += theta0.numel()
-        diff2 += float(diff.square().sum())
-        diffmax = max(diffmax, float(diff.abs().max())) if diff.numel() else diffmax
-        norm2 += float(theta0.square().sum())
-        normmax = max(normmax, float(theta0.abs().max())) if theta0.numel() else normmax
-        dot += float(theta @ theta0)
-        state2 += float(theta.square().sum())
+        whole0, whole = start[k].detach().flatten(), state[k].detach().flatten()  # (n_k,) each, as stored
+        n += whole0.numel()
+        for i in range(0, whole0.numel(), CHUNK):
+            theta0, theta = whole0[i:i + CHUNK].double(), whole[i:i + CHUNK].double()  # (≤ CHUNK,)
+            diff = theta - theta0
+            diff2 += float(diff.square().sum())
+            diffmax = max(diffmax, float(diff.abs().max()))
+            norm2 += float(theta0.square().sum())
+            normmax = max(normmax, float(theta0.abs().max()))
+            dot += float(theta @ theta0)
+            state2 += float(theta.square().sum())
     nan = float("nan")
     denominator = math.sqrt(norm2 * state2)
     return {

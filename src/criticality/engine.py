@@ -148,11 +148,11 @@ def loaded(model: nn.Module, state: Mapping[str, torch.Tensor]) -> Iterator[nn.M
     try:
         with torch.no_grad():
             for k, t in own.items():
-                v = state[k]
+                v = state[k]  # one tensor at a time: a lazy checkpoint is never gathered whole
                 if id(t) not in saved and (t.shape != v.shape or not torch.equal(t, v.to(t.device, t.dtype))):
                     saved[id(t)] = (t, t.detach().clone())
-            if saved:  # the model's own loading: tied keys resolve as in the naive reference
-                model.load_state_dict(state)
+            if saved:  # the model's own loading of the keys that differ: tied keys resolve as in the reference
+                model.load_state_dict({k: state[k] for k, t in own.items() if id(t) in saved}, strict=False)
         model.eval()
         yield model
     finally:

@@ -13,7 +13,6 @@ draws the figures (``RUN/figures``) and writes ``RUN/report.html``.
 
 from __future__ import annotations
 
-import copy
 import fnmatch
 import sys
 from collections.abc import Sequence
@@ -83,6 +82,7 @@ def _analyze(run_dir: Path, config: dict, cfg: TrainConfig, build: dict, ctx: di
                      ("error", "loss"),
                      engine, batch_size, max_examples, buffers,
                      calibration=_calibration(dataset, cfg) if buffers == "recalibrate" else None)
+    _hold(model, checkpoints[plan.final_epoch])  # then the engine saves and swaps only each cell's group
     out = run_dir / ("analysis" if split == "test" else f"analysis_{split}")  # the report reads analysis/
     if ctx.is_main:
         n = min(x for x in (max_examples, _size(split_data)) if x)
@@ -107,6 +107,15 @@ def _analyze(run_dir: Path, config: dict, cfg: TrainConfig, build: dict, ctx: di
     write_tables(out, result.table, result.distances, result.summary)
     distributed.barrier()
     return out
+
+
+def _hold(model: torch.nn.Module, checkpoint) -> None:
+    """Copy ``checkpoint`` (checked against ``model`` by make_plan) into the model's own tensors, one key at
+    a time: ``load_state_dict`` would first gather a lazy checkpoint whole (a second model in memory)."""
+    own = model.state_dict(keep_vars=True)
+    with torch.no_grad():
+        for key, tensor in own.items():
+            tensor.copy_(checkpoint[key])
 
 
 def _reinit_to(config: dict, checkpoints) -> list[int] | None:
@@ -157,9 +166,10 @@ def _estimate(model: torch.nn.Module, data, n: int, batch_size: int, device: tor
     import time
 
     x = data[0][:min(batch_size, n)]
+    modes = [(m, m.training) for m in model.modules()]
     try:
-        probe = copy.deepcopy(model).to(device).eval()
-        with torch.no_grad():
+        probe = engine.placed(model, device).eval()  # the model itself unless it must move: no copy
+        with torch.inference_mode():
             probe(x.to(device))  # warm-up (allocations, kernels)
             start = time.perf_counter()
             probe(x.to(device))
@@ -168,6 +178,9 @@ def _estimate(model: torch.nn.Module, data, n: int, batch_size: int, device: tor
             seconds = (time.perf_counter() - start) * cells * -(-n // len(x))
     except Exception:  # noqa: BLE001 - an estimate only: the analysis itself reports any real problem
         return ""
+    finally:
+        for m, training in modes:
+            m.training = training
     minutes = seconds / 60
     return f", at most about {max(seconds, 1):.0f} s" if minutes < 2 else f", at most about {minutes:.0f} min" \
         if minutes < 120 else f", at most about {minutes / 60:.1f} h"

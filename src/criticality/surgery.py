@@ -1,8 +1,10 @@
 """Model surgery as pure functions on state dicts.
 
-Every function returns a new dict and never mutates its inputs: replaced entries are fresh tensors,
+Every function returns a new state dict and never mutates its inputs: replaced entries are fresh tensors,
 the other entries are the caller's own tensors, shared and left untouched. Key accounting is strict: a
-key that is absent from either side is an error, never a silent no-op.
+key that is absent from either side is an error, never a silent no-op. The result is an :class:`Overlay`
+(a read-only mapping: the new tensors over the base): the base is read only for the keys asked, so a
+lazy checkpoint (:mod:`criticality.trajectory`) is never loaded whole; ``dict(out)`` gives a plain dict.
 
 - :func:`reinit` puts a group back to its values at an earlier checkpoint.
 - :func:`rerandomize` puts a group to a fresh draw from the initializer (:func:`fresh_state`,
@@ -13,7 +15,7 @@ key that is absent from either side is an error, never a silent no-op.
 from __future__ import annotations
 
 import copy
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -25,18 +27,41 @@ StateDict = dict[str, torch.Tensor]
 BUFFER_MODES = ("reset", "keep", "recalibrate")
 
 
+class Overlay(Mapping):
+    """``base`` with the entries of ``changed`` replaced: a state dict that reads ``base[key]`` only when
+    that key is asked for. ``changed`` holds exactly the entries that differ from ``base`` (what the
+    engine swaps in); an overlay over an overlay keeps one base."""
+
+    def __init__(self, base: Mapping[str, torch.Tensor], changed: Mapping[str, torch.Tensor]):
+        if isinstance(base, Overlay):
+            base, changed = base.base, {**base.changed, **changed}
+        self.base, self.changed = base, dict(changed)
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self.changed[key] if key in self.changed else self.base[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.base)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.base
+
+    def __repr__(self) -> str:
+        return f"Overlay({len(self.changed)} of {len(self)} entries changed)"
+
+
 def replace(base: Mapping[str, torch.Tensor], source: Mapping[str, torch.Tensor],
-            keys: Collection[str]) -> StateDict:
-    """A copy of ``base`` whose ``keys`` are taken from ``source``."""
+            keys: Collection[str]) -> Overlay:
+    """``base`` whose ``keys`` are taken from ``source`` (copies)."""
     _check_keys(base, source, keys)
-    out = dict(base)
-    for k in keys:
-        out[k] = source[k].detach().clone()
-    return out
+    return Overlay(base, {k: source[k].detach().clone() for k in keys})
 
 
 def reinit(final: Mapping[str, torch.Tensor], checkpoint: Mapping[str, torch.Tensor], keys: Collection[str],
-           *, buffers: str = "reset", buffer_keys: Collection[str] = ()) -> StateDict:
+           *, buffers: str = "reset", buffer_keys: Collection[str] = ()) -> Overlay:
     """Re-initialization: ``final`` with the group ``keys`` taken from ``checkpoint``.
 
     ``buffers="reset"`` takes every key of the group from the checkpoint (running statistics included);
@@ -46,27 +71,27 @@ def reinit(final: Mapping[str, torch.Tensor], checkpoint: Mapping[str, torch.Ten
 
 
 def rerandomize(final: Mapping[str, torch.Tensor], fresh: Mapping[str, torch.Tensor], keys: Collection[str],
-                *, buffers: str = "reset", buffer_keys: Collection[str] = ()) -> StateDict:
+                *, buffers: str = "reset", buffer_keys: Collection[str] = ()) -> Overlay:
     """Re-randomization: ``final`` with the group ``keys`` taken from a fresh draw (see :func:`fresh_state`)."""
     return replace(final, fresh, _moving(keys, buffers, buffer_keys))
 
 
 def interpolate(final: Mapping[str, torch.Tensor], checkpoint: Mapping[str, torch.Tensor],
-                keys: Collection[str], alpha: float) -> StateDict:
+                keys: Collection[str], alpha: float) -> Overlay:
     """``final`` with the group at ``(1 - alpha) * checkpoint + alpha * final`` (alpha = 1: unchanged).
 
     Integer entries (BatchNorm's ``num_batches_tracked``) cannot be interpolated: they come from
     ``final`` when ``alpha >= 0.5`` and from ``checkpoint`` otherwise.
     """
     _check_keys(final, checkpoint, keys)
-    out = dict(final)
+    out = {}
     for k in keys:
         a, b = checkpoint[k], final[k]
         if a.is_floating_point():
             out[k] = torch.lerp(a.detach(), b.detach().to(a.dtype), alpha)
         else:
             out[k] = (b if alpha >= 0.5 else a).detach().clone()
-    return out
+    return Overlay(final, out)
 
 
 def fresh_state(model: nn.Module, init: InitScheme, seed: int, *,
@@ -203,20 +228,19 @@ def _copy(model: nn.Module, real: set[str] | None) -> nn.Module:
 
 
 def recalibrate(model: nn.Module, state: Mapping[str, torch.Tensor], keys: Collection[str],
-                batches: Iterable[torch.Tensor]) -> StateDict:
+                batches: Iterable[torch.Tensor]) -> Overlay:
     """``state`` with the running statistics of the norm layers among ``keys`` recomputed.
 
     The variant model runs forward over ``batches`` (training inputs) with those norm layers in training
     mode and ``momentum=None`` (an exact average over the batches); everything else stays in eval mode
     and no parameter changes. Other groups' buffers stay as they are in ``state``.
     """
+    keys = set(keys)
+    if not _norms(model, keys):  # nothing to recompute: no copy of the model
+        return Overlay(state, {})
     m = copy.deepcopy(model).to("cpu").eval()
     m.load_state_dict(state)
-    keys = set(keys)
-    norms = [mod for name, mod in m.named_modules() if isinstance(mod, nn.modules.batchnorm._BatchNorm)
-             and f"{name}.running_mean" in keys]
-    if not norms:
-        return dict(state)
+    norms = _norms(m, keys)
     for mod in norms:
         mod.reset_running_stats()
         mod.momentum = None
@@ -225,11 +249,14 @@ def recalibrate(model: nn.Module, state: Mapping[str, torch.Tensor], keys: Colle
         for x in batches:
             m(x.to("cpu"))
     fresh = m.state_dict()
-    out = dict(state)
-    for k in keys:
-        if k.endswith(("running_mean", "running_var", "num_batches_tracked")):
-            out[k] = fresh[k].detach().clone()
-    return out
+    return Overlay(state, {k: fresh[k].detach().clone() for k in keys
+                           if k.endswith(("running_mean", "running_var", "num_batches_tracked"))})
+
+
+def _norms(model: nn.Module, keys: Collection[str]) -> list[nn.Module]:
+    """The BatchNorm layers whose running statistics are among ``keys``."""
+    return [mod for name, mod in model.named_modules() if isinstance(mod, nn.modules.batchnorm._BatchNorm)
+            and f"{name}.running_mean" in keys]
 
 
 def buffer_keys(model: nn.Module) -> set[str]:
@@ -253,5 +280,13 @@ def _check_keys(base: Mapping, source: Mapping, keys: Collection[str]) -> None:
         if absent:
             raise CriticalityError(f"keys not in {side}: {', '.join(absent[:8])}")
     for k in keys:
-        if base[k].shape != source[k].shape:
-            raise CriticalityError(f"shape of {k!r} differs: {tuple(base[k].shape)} vs {tuple(source[k].shape)}")
+        if _shape(base, k) != _shape(source, k):
+            raise CriticalityError(f"shape of {k!r} differs: {_shape(base, k)} vs {_shape(source, k)}")
+
+
+def _shape(state: Mapping[str, torch.Tensor], key: str) -> tuple[int, ...]:
+    """A tensor's shape; a lazy checkpoint tells it from its file header, without reading the tensor."""
+    if isinstance(state, Overlay) and key not in state.changed:
+        state = state.base
+    shape_of = getattr(state, "shape_of", None)
+    return tuple(shape_of(key)) if callable(shape_of) else tuple(state[key].shape)
