@@ -176,7 +176,6 @@ class Plan:
     start_epoch: int = 0  # the initialization: shuffle draws permute it; draws must not reproduce it
     output: batches.Output = None  # where the logits are in the model's output (see batches.call)
     blocks: Sequence[str] | None = None  # the block stack's module paths (None: found by blocks.find_blocks)
-    _fresh: dict[tuple[str, int], StateDict] = field(default_factory=dict)  # (group, seed) -> its draw
 
     def keys(self, group: str) -> tuple[str, ...]:
         return self.joint[group] if group in self.joint else self.groups.members[group]
@@ -194,19 +193,17 @@ class Plan:
                                    buffer_keys=buffer_keys)
         else:
             state = surgery.rerandomize(final, self.fresh(cell.group, cell.seed), keys, buffers=self.buffers,
-                                        buffer_keys=buffer_keys)
+                                        buffer_keys=buffer_keys, copy=False)  # the draw is ours alone
         if self.buffers == "recalibrate":
             inputs = (x for x, _ in batches.iter_batches(self.calibration, self.batch_size))
             state = surgery.recalibrate(self.model, state, keys, inputs)
         return state
 
     def fresh(self, group: str, seed: int) -> StateDict:
-        """The group's fresh draw for ``seed``, kept only while this group's cells run (the engine asks for
-        it once per chunk of batches); memory: one group's tensors per seed, never a whole model."""
-        if (group, seed) not in self._fresh:
-            self._fresh = {gs: d for gs, d in self._fresh.items() if gs[0] == group}
-            self._fresh[(group, seed)] = self._draw(group, seed)
-        return self._fresh[(group, seed)]
+        """The group's fresh draw for ``seed``, made when asked and not kept: memory is one group's tensors,
+        never a whole model nor one copy per seed. (The engine asks once per chunk of batches; more than
+        one chunk redraws, which costs a group's init, small beside evaluating a chunk.)"""
+        return self._draw(group, seed)
 
     def _draw(self, group: str, seed: int) -> StateDict:
         """The group's tensors drawn by :func:`surgery.fresh_group` from seed ``RERANDOMIZE_SALT + seed``.

@@ -13,7 +13,10 @@ draws the figures (``RUN/figures``) and writes ``RUN/report.html``.
 
 from __future__ import annotations
 
+import ctypes
+import dataclasses
 import fnmatch
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -62,6 +65,7 @@ def analyze_run(run_dir: str | Path, *, groups: str | dict = "model", seeds: int
     if split not in ("test", "train"):
         raise CriticalityError(f"--split must be test or train, got {split!r}")
     ctx = distributed.setup(device)
+    _large_blocks_to_the_system()
     with lock.held(run_dir, "criticality analyze", wait=wait):
         return _analyze(run_dir, config, cfg, build, ctx, groups=groups, seeds=seeds, joint=joint, split=split,
                         engine=engine, batch_size=batch_size, max_examples=max_examples, threshold=threshold,
@@ -73,6 +77,8 @@ def _analyze(run_dir: Path, config: dict, cfg: TrainConfig, build: dict, ctx: di
              progress) -> Path:
     dataset = datasets.load(cfg.data, cfg.data_root, max_train=cfg.max_train, max_test=cfg.max_test,
                             image_size=cfg.image_size)
+    if split == "test" and max_examples and isinstance(dataset.test, tuple):  # only these are evaluated:
+        dataset = dataclasses.replace(dataset, test=tuple(t[:max_examples].clone() for t in dataset.test))
     split_data = dataset.test if split == "test" else dataset.train
     data = split_data if isinstance(split_data, tuple) else torch.utils.data.DataLoader(
         split_data, batch_size=batch_size, num_workers=cfg.workers)
@@ -107,6 +113,25 @@ def _analyze(run_dir: Path, config: dict, cfg: TrainConfig, build: dict, ctx: di
     write_tables(out, result.table, result.distances, result.summary)
     distributed.barrier()
     return out
+
+
+LARGE_BLOCK = 4 << 20  # bytes: allocations this large get their own mapping (glibc's M_MMAP_THRESHOLD)
+
+
+def _large_blocks_to_the_system() -> None:
+    """Let freed tensors of LARGE_BLOCK bytes and more go back to the system at once (glibc only).
+
+    By default glibc raises its mmap threshold to the size of the first large block freed, after which
+    freed layers, draws and activations stay in the heap, fragmented: the peak RSS of an fcn-5x2048 analysis
+    was 6 model sizes instead of 3.5 (benchmarks/bench_memory.py). A fixed threshold keeps the peak at
+    what is alive. Left alone when MALLOC_MMAP_THRESHOLD_ is set or where there is no glibc ``mallopt``.
+    """
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") is not None or not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, LARGE_BLOCK)  # -3: M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # another C library (musl has no mallopt)
+        pass
 
 
 def _hold(model: torch.nn.Module, checkpoint) -> None:

@@ -54,10 +54,11 @@ class Overlay(Mapping):
 
 
 def replace(base: Mapping[str, torch.Tensor], source: Mapping[str, torch.Tensor],
-            keys: Collection[str]) -> Overlay:
-    """``base`` whose ``keys`` are taken from ``source`` (copies)."""
+            keys: Collection[str], *, copy: bool = True) -> Overlay:
+    """``base`` whose ``keys`` are taken from ``source`` (copies; ``copy=False`` takes ``source``'s tensors
+    themselves, for a source the caller owns and never writes, such as a fresh draw)."""
     _check_keys(base, source, keys)
-    return Overlay(base, {k: source[k].detach().clone() for k in keys})
+    return Overlay(base, {k: source[k].detach().clone() if copy else source[k].detach() for k in keys})
 
 
 def reinit(final: Mapping[str, torch.Tensor], checkpoint: Mapping[str, torch.Tensor], keys: Collection[str],
@@ -71,9 +72,10 @@ def reinit(final: Mapping[str, torch.Tensor], checkpoint: Mapping[str, torch.Ten
 
 
 def rerandomize(final: Mapping[str, torch.Tensor], fresh: Mapping[str, torch.Tensor], keys: Collection[str],
-                *, buffers: str = "reset", buffer_keys: Collection[str] = ()) -> Overlay:
-    """Re-randomization: ``final`` with the group ``keys`` taken from a fresh draw (see :func:`fresh_state`)."""
-    return replace(final, fresh, _moving(keys, buffers, buffer_keys))
+                *, buffers: str = "reset", buffer_keys: Collection[str] = (), copy: bool = True) -> Overlay:
+    """Re-randomization: ``final`` with the group ``keys`` taken from a fresh draw (see :func:`fresh_state`);
+    ``copy=False``: the draw's own tensors (see :func:`replace`)."""
+    return replace(final, fresh, _moving(keys, buffers, buffer_keys), copy=copy)
 
 
 def interpolate(final: Mapping[str, torch.Tensor], checkpoint: Mapping[str, torch.Tensor],
