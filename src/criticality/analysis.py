@@ -334,10 +334,10 @@ def run_cells(plan: Plan, data: Data, *, device: str | torch.device = "cpu", sto
     kept = ExampleStore(examples_path(store), settings) if store else None  # per-example records
     keys = [cell_key(c.as_dict()) for c in cells]
     wanted = set(keys)
-    # A stored cell without records (a store from before records existed) is recomputed to get them.
-    need = plan.engine == "naive"  # TODO(engine merge): every engine gives records, drop this condition
-    done = {k: {**r, "records": kept.records.get(k)} for k, r in (saved.rows.items() if saved else [])
-            if k in wanted and (k in kept.records or not need)}
+    # A stored cell is reused with its records (from any rank's store); one without them (a store from
+    # before records existed, or a crash between the two appends) is recomputed: statistics need them.
+    done = {k: {**r, "records": kept.records[k]} for k, r in (saved.rows.items() if saved else [])
+            if k in wanted and k in kept.records}
     todo = [c for c, k in zip(cells, keys, strict=True) if k not in done]
     if done and distributed.is_main():  # under torchrun: rank 0's line only
         print(f"resuming: {len(done)} of {len(cells)} cells already done ({store}), computing {len(todo)}",
@@ -346,15 +346,17 @@ def run_cells(plan: Plan, data: Data, *, device: str | torch.device = "cpu", sto
     for cell, result in _data_errors(_evaluate(plan, todo, data, device)):
         raw, result = getattr(result, "records", None), dict(result)  # the engine's records (contract 3)
         raw = result.pop("records", raw)
-        records = as_record(raw) if raw else None
+        if not raw:
+            raise CriticalityError(f"the {plan.engine} engine gave no per-example records for cell {cell}; "
+                                   "the verdicts' intervals need them")
+        records = as_record(raw)
         row = {**cell.as_dict(), **result}
         if "nll" in result:
             row["perplexity"] = math.exp(result["nll"]) if result["nll"] < 700 else math.inf
         done[cell_key(row)] = {**row, "records": records}
-        if saved:
-            if records is not None:  # records first: a stored row always has its records beside it
-                kept.add(cell.as_dict(), records)
-            saved.add(row)
+        if saved:  # records first: a stored row always has its records beside it
+            kept.add(cell.as_dict(), records)
+            saved.add(row)  # a recomputed cell's new line replaces its old one (the last line wins)
         bar.update()
     bar.close()
     if kept is not None and kept.targets is None and (targets := _targets(data, plan)) is not None:
