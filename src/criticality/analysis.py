@@ -58,7 +58,8 @@ from criticality.groups import Groups, GroupSpec, default_spec, resolve
 from criticality.groups import joint as joint_group
 from criticality.initializers import DRAW_SCHEMES, InitScheme, choose, scheme_name
 from criticality.store import CellStore, cell_key
-from criticality.verdicts import DEFAULT_THRESHOLD, intervals, p_values, verdicts
+from criticality.verdicts import DEFAULT_THRESHOLD, intervals, judged, p_values, verdicts
+from criticality.verdicts import verdict_metric as choose_metric
 
 StateDict = Mapping[str, torch.Tensor]
 MAX_CELLS = 100_000  # a larger grid is a typo (--seeds 100000000000): each cell is a pass over the data
@@ -146,11 +147,13 @@ def analyze(model: nn.Module, checkpoints: Mapping[int, StateDict], data: Data, 
     prefix reuse (default: found, see :func:`criticality.blocks.find_blocks`).
     ``verdict="interval"`` calls a group critical / robust only when the 95 % paired-bootstrap interval of
     its Δ ``verdict_metric`` (at re-initialization to epoch 0) clears ``threshold`` (in that metric's units;
-    default ``error``, else the first metric), inconclusive otherwise; ``"point"`` is the paper's rule on Δ
-    alone. ``stats_seed`` seeds the bootstrap.
+    default ``error``, else ``token_error``, else ``agreement`` judged as ``disagreement`` = 1 − agreement,
+    the fraction of examples whose top-1 prediction changed; else the first metric), inconclusive otherwise;
+    ``"point"`` is the paper's rule on Δ alone. ``stats_seed`` seeds the bootstrap.
     """
     plan = make_plan(model, checkpoints, groups, seeds, joint, final, reinit_to, init, metrics, engine, batch_size,
                      max_examples, buffers, calibration=calibration, output=output, blocks=blocks)
+    verdict_metric = choose_metric(list(plan.metrics), verdict_metric)  # refused now, not after every cell
     rows = run_cells(plan, data, device=device, store=store, shard=shard, progress=progress)
     return finish(plan, rows, threshold=threshold, provenance=provenance, verdict=verdict,
                   verdict_metric=verdict_metric, stats_seed=stats_seed)
@@ -298,9 +301,9 @@ def make_plan(model, checkpoints, groups, seeds, joint, final, reinit_to, init, 
     resolved = groups if isinstance(groups, Groups) else resolve(model, groups)
     joints = dict(joint_group(resolved, members) for members in (joint or []))
     metric_fns = metrics_mod.resolve(metrics)
-    if "error" not in metric_fns:  # the verdicts and the terminal table compare test error
-        raise CriticalityError(f"metrics {sorted(metric_fns)} lack 'error', which the verdicts compare; add it "
-                               "(e.g. metrics=('error', ...) or {'error': fn, ...})")
+    if not metric_fns:  # any metric can carry the verdicts (verdicts.verdict_metric picks one)
+        raise CriticalityError("no metrics given; e.g. metrics=('error', 'loss'), ('token_error', 'nll') for a "
+                               "language model, or ('agreement', 'kl') for unlabelled data")
     n_cells = 1 + (len(resolved.names) + len(joints)) * (len(seeds) + len(reinit_to))
     if n_cells > MAX_CELLS:
         raise CriticalityError(f"the grid has {n_cells:,} cells ({len(resolved.names) + len(joints)} groups × "
@@ -423,15 +426,14 @@ def finish(plan: Plan, rows: list[dict[str, Any]], *, threshold: float = DEFAULT
     """Turn evaluated rows into the :class:`Result`: deltas with intervals, distances, verdicts, summary."""
     if verdict not in VERDICT_RULES:
         raise CriticalityError(f"unknown verdict rule {verdict!r}; choose one of {', '.join(VERDICT_RULES)}")
-    if verdict_metric is None:  # test error when measured; label-free runs judge their first metric
-        verdict_metric = "error" if "error" in plan.metrics else next(iter(plan.metrics))
-    if verdict_metric not in plan.metrics:
-        raise CriticalityError(f"verdict metric {verdict_metric!r} is not among the metrics {list(plan.metrics)}")
+    # error when measured, else token_error, else agreement (judged as disagreement), else the first metric
+    measured = choose_metric(list(plan.metrics), verdict_metric)
     records = [r.get("records") for r in rows]
     targets = next((r["targets"] for r in rows if r.get("targets") is not None), None)
-    table = tabulate(rows, list(plan.metrics), records, seed=stats_seed, p_metric=verdict_metric)
+    table = tabulate(rows, list(plan.metrics), records, seed=stats_seed, p_metric=measured)
     dist = distances(plan.checkpoints, {**plan.groups.members, **plan.joint}, plan.model)
-    verdict_table = verdicts(table, threshold, records, rule=verdict, metric=verdict_metric, seed=stats_seed)
+    view, view_records, verdict_metric = judged(table, records, measured)
+    verdict_table = verdicts(view, threshold, view_records, rule=verdict, metric=verdict_metric, seed=stats_seed)
     final = table[table.op == "final"].iloc[0]
     summary = {
         "final_epoch": plan.final_epoch,

@@ -36,7 +36,9 @@ from criticality.files import write_json, write_text
 from criticality.provenance import provenance
 from criticality.trajectory import Trajectory, alias_tied, trajectory
 
-METRICS = ("token_error", "nll")  # perplexity = exp(nll) is added to the table by run_cells
+# perplexity = exp(nll) is added to the table by run_cells; agreement (per token, with the final model's
+# top-1) and kl (nats per token) are label-free, as in `criticality analyze`
+METRICS = ("token_error", "nll", "agreement", "kl")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 DEFAULT_SEQ_LEN = 128  # tokens per sequence, capped by the model's max_position_embeddings
 
