@@ -95,11 +95,11 @@ def test_tiny_lm_writes_a_trainer_folder_and_reuses_it(lm):
 
 
 def test_analyze_hf_end_to_end_equals_the_naive_engine(lm, tmp_path, capsys):
-    pytest.importorskip("criticality.metrics")  # the engine's sequence metrics (token_error, nll)
     args = ["analyze-hf", str(lm), "--data", str(lm / "eval.txt"), "--seeds", "1", "--seq-len", "16",
             "--batch-size", "8", "--max-examples", "24", "--device", "cpu", "--no-progress"]
     assert cli.main([*args, "--out", str(tmp_path / "fast")]) == 0, capsys.readouterr().err
-    assert "verdicts" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "verdicts" in out and out.splitlines()[0].split()[:5] == ["group", "Δ", "token", "error", "@0"]
     assert cli.main([*args, "--out", str(tmp_path / "naive"), "--engine", "naive"]) == 0
     fast, naive = (pd.read_csv(tmp_path / d / "cells.csv") for d in ("fast", "naive"))
     assert {"model.layers.0", "model.layers.1"} <= set(fast.group.dropna())  # --groups blocks (the default)
