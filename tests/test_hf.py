@@ -108,6 +108,17 @@ def test_analyze_hf_end_to_end_equals_the_naive_engine(lm, tmp_path, capsys):
     assert np.allclose(fast.nll, naive.nll, atol=1e-5) and np.allclose(fast.perplexity, np.exp(fast.nll))
     for name in ("report.html", "summary.json", "distances.csv", "figures/robustness_token_error.png"):
         assert (tmp_path / "fast" / name).is_file(), name
+    summary = json.loads((tmp_path / "fast" / "summary.json").read_text())
+    assert summary["verdict_metric"] == "token_error" and summary["checkpoints"]["axis"] == "step"
+    assert all(v["delta_token_error_low"] is not None for v in summary["verdicts"])  # the engine's records
+    assert {"agreement", "kl"} <= set(fast.columns)  # label-free metrics on by default, as in `analyze`
+    page = (tmp_path / "fast" / "report.html").read_text()
+    assert "Δ token error at step 0" in page and "Final model: token error <b>" in page
+    assert "test error" not in page and "n/a</td>" in page  # p: no McNemar on token counts
+    assert page.count('src="data:image/png;base64,') == 2 + 5  # token error, nll, five distances
+    # A rerun resumes every cell (the model built from config.json fingerprints the same each time).
+    assert cli.main([*args, "--out", str(tmp_path / "fast")]) == 0
+    assert "computing 0" in capsys.readouterr().err
 
 
 def test_missing_init_and_bad_data_are_one_line(lm, tmp_path, capsys):
