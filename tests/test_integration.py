@@ -90,3 +90,17 @@ def test_an_unmeasured_verdict_metric_is_refused_before_any_cell_runs(monkeypatc
     with pytest.raises(CriticalityError, match="verdict metric 'nll' is not among"):
         analyze(model, sd, torch.randn(4, 1, 6, 6), groups="auto", seeds=0, init="torch", metrics=("agreement",),
                 verdict_metric="nll", progress=False)
+
+
+def test_label_free_metrics_beside_error_cost_no_bootstrap():
+    model = fcn()
+    g = torch.Generator().manual_seed(1)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    end = {k: v + 0.5 * torch.randn(v.shape, generator=g) for k, v in start.items()}
+    x, y = torch.randn(200, 1, 6, 6, generator=g), torch.randint(0, 5, (200,), generator=g)
+    r = analyze(model, {0: start, 2: end}, (x, y), groups="auto", seeds=1, init="torch",
+                metrics=("error", "loss", "agreement", "kl"), batch_size=100, progress=False)
+    assert r.summary["verdict_metric"] == "error"
+    assert {"delta_error_low", "delta_loss_high", "delta_agreement", "delta_kl"} <= set(r.table.columns)
+    assert not {"delta_agreement_low", "delta_kl_high"} & set(r.table.columns)
+    assert r.table.kl.min() >= -1e-9 and r.table.agreement.max() == 1.0  # the final row: 1 and 0

@@ -65,6 +65,7 @@ StateDict = Mapping[str, torch.Tensor]
 MAX_CELLS = 100_000  # a larger grid is a typo (--seeds 100000000000): each cell is a pass over the data
 ENGINES = ("fast", "naive")
 VERDICT_RULES = ("interval", "point")  # three outcomes from the paired interval, or the paper's point rule
+LABEL_FREE = ("agreement", "kl")  # built-in metrics that compare with the final model, not with labels
 RERANDOMIZE_SALT = 1_000_003  # draw seed s: each module drawn from draw_seed(SALT + s, its path) (Plan._draw)
 
 
@@ -430,7 +431,10 @@ def finish(plan: Plan, rows: list[dict[str, Any]], *, threshold: float = DEFAULT
     measured = choose_metric(list(plan.metrics), verdict_metric)
     records = [r.get("records") for r in rows]
     targets = next((r["targets"] for r in rows if r.get("targets") is not None), None)
-    table = tabulate(rows, list(plan.metrics), records, seed=stats_seed, p_metric=measured)
+    # Intervals for every metric but the label-free ones beside a labelled verdict metric (they cost a
+    # bootstrap each and judge nothing there: agreement and kl are on by default in the CLI).
+    spread = [m for m in plan.metrics if m == measured or m not in LABEL_FREE]
+    table = tabulate(rows, list(plan.metrics), records, seed=stats_seed, p_metric=measured, interval_metrics=spread)
     dist = distances(plan.checkpoints, {**plan.groups.members, **plan.joint}, plan.model)
     view, view_records, verdict_metric = judged(table, records, measured)
     verdict_table = verdicts(view, threshold, view_records, rule=verdict, metric=verdict_metric, seed=stats_seed)
@@ -461,12 +465,13 @@ def finish(plan: Plan, rows: list[dict[str, Any]], *, threshold: float = DEFAULT
 
 def tabulate(rows: Sequence[Mapping[str, Any]], metric_names: Sequence[str],
              records: Sequence[Record | None] | None = None, *, seed: int = 0,
-             p_metric: str = "error") -> pd.DataFrame:
+             p_metric: str = "error", interval_metrics: Sequence[str] | None = None) -> pd.DataFrame:
     """Rows → the tidy table, with ``delta_<metric>`` against the final model and a ``finite`` flag.
 
     With ``records`` (one per row, None where missing) every cell also gets ``delta_<metric>_low/high``
     (95 % paired-bootstrap interval, the same resamples for every cell, seeded by ``seed``) and
     ``p_value`` (exact McNemar on ``p_metric``'s discordant examples when its records are 0/1; NaN else).
+    ``interval_metrics`` limits the intervals to those metrics (default: all).
     """
     table = pd.DataFrame([{k: v for k, v in r.items() if k not in ("records", "targets")} for r in rows])
     finals = table[table.op == "final"]
@@ -475,7 +480,7 @@ def tabulate(rows: Sequence[Mapping[str, Any]], metric_names: Sequence[str],
     for m in metric_names:
         table[f"delta_{m}"] = table[m] - float(finals.iloc[0][m])
     records = list(records) if records is not None else [None] * len(table)
-    for m in metric_names:
+    for m in metric_names if interval_metrics is None else [m for m in metric_names if m in interval_metrics]:
         table[[f"delta_{m}_low", f"delta_{m}_high"]] = intervals(records, finals.index[0], m, seed)
     table["p_value"] = p_values(records, finals.index[0], p_metric)
     table["finite"] = np.isfinite(table[list(metric_names)].to_numpy(dtype=float)).all(axis=1)
