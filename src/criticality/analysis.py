@@ -8,8 +8,10 @@
     result.distances  # group, checkpoint, l2, linf, cosine (normalized distance to checkpoint 0)
     result.verdicts   # group, delta_error at checkpoint 0, threshold, verdict (critical / robust)
 
-The grid is general: a cell is ``(op, group, checkpoint, seed)``; ``op`` is ``final`` (the trained model),
-``reinit`` (group back to ``checkpoint``) or ``rerandomize`` (group from a fresh draw with ``seed``).
+The grid is general: a cell is ``(op, group, checkpoint, seed, alpha, sigma)``; ``op`` is ``final`` (the trained
+model), ``reinit`` (group back to ``checkpoint``), ``rerandomize`` (group from a fresh draw with ``seed``), or one of
+the interventions of :mod:`criticality.interventions`: ``interpolate`` (``alpha``), ``noise`` (``sigma``, ``seed``)
+and ``skip``.
 Joint groups (``joint=[["fc2", "fc3"]]``) get the same cells under the name ``fc2+fc3``. This module
 knows nothing of the model zoo, the data sets or the CLI.
 """
@@ -30,7 +32,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from criticality import engine as engine_mod
-from criticality import surgery
+from criticality import interventions, surgery
 from criticality.checkpoints import check_compatible
 from criticality.engine import METRICS, Data, Engine, Metric, Variant
 from criticality.errors import CriticalityError
@@ -47,15 +49,17 @@ RERANDOMIZE_SALT = 1_000_003  # draw seed s uses generator seed SALT + s (see Pl
 
 @dataclass(frozen=True)
 class Cell:
-    op: str  # "final" | "reinit" | "rerandomize"
+    op: str  # one of interventions.OPS
     group: str = ""  # "" for the final model; members joined by "+" for a joint group
-    checkpoint: int | None = None  # epoch, for reinit (and the final row)
-    seed: int | None = None  # generator seed, for rerandomize
+    checkpoint: int | None = None  # epoch: reinit's target, interpolate's / noise's source (and the final row)
+    seed: int | None = None  # generator seed, for rerandomize and noise
     joint: bool = False
+    alpha: float | None = None  # interpolation weight of the final model (interpolate; noise in module criticality)
+    sigma: float | None = None  # noise std relative to the group's movement RMS (see interventions)
 
     def as_dict(self) -> dict[str, Any]:
         return {"op": self.op, "group": self.group, "joint": self.joint,
-                "checkpoint": self.checkpoint, "seed": self.seed}
+                "checkpoint": self.checkpoint, "seed": self.seed, "alpha": self.alpha, "sigma": self.sigma}
 
 
 @dataclass
@@ -69,13 +73,22 @@ class Result:
 
 
 def grid(group_names: Sequence[str], joint_names: Sequence[str], reinit_to: Sequence[int],
-         seeds: Sequence[int], final_epoch: int) -> list[Cell]:
-    """Every cell, in table order: the final model, then per group its re-randomizations and re-inits."""
+         seeds: Sequence[int], final_epoch: int, ops: Sequence[str] = interventions.PAPER_OPS, *,
+         alphas: Sequence[float] = (), sigmas: Sequence[float] = (), source: int = 0,
+         skippable: Sequence[str] = ()) -> list[Cell]:
+    """Every cell, in table order: the final model, then per group its cells op by op (``ops`` order)."""
     cells = [Cell("final", checkpoint=final_epoch)]
     for name in [*group_names, *joint_names]:
-        is_joint = name in joint_names
-        cells += [Cell("rerandomize", name, seed=s, joint=is_joint) for s in seeds]
-        cells += [Cell("reinit", name, checkpoint=e, joint=is_joint) for e in reinit_to]
+        j = name in joint_names
+        per_op = {
+            "rerandomize": [Cell("rerandomize", name, seed=s, joint=j) for s in seeds],
+            "reinit": [Cell("reinit", name, checkpoint=e, joint=j) for e in reinit_to],
+            "interpolate": [Cell("interpolate", name, checkpoint=source, joint=j, alpha=a) for a in alphas],
+            "noise": [Cell("noise", name, checkpoint=source, seed=s, joint=j, sigma=v) for v in sigmas for s in seeds],
+            "skip": [Cell("skip", name, joint=j)] if name in skippable else [],
+        }
+        for op in ops:
+            cells += per_op[op]
     return cells
 
 
@@ -87,7 +100,9 @@ def analyze(model: nn.Module, checkpoints: Mapping[int, StateDict], data: Data, 
             batch_size: int = 1000, device: str | torch.device = "cpu", max_examples: int | None = None,
             threshold: float = DEFAULT_THRESHOLD, buffers: str = "reset", store: str | None = None,
             shard: tuple[int, int] | None = None, progress: bool = True,
-            provenance: Mapping[str, Any] | None = None, calibration: Data | None = None) -> Result:
+            provenance: Mapping[str, Any] | None = None, calibration: Data | None = None,
+            ops: Sequence[str] = interventions.PAPER_OPS, alphas: Sequence[float] = interventions.DEFAULT_ALPHAS,
+            sigmas: Sequence[float] = interventions.DEFAULT_SIGMAS, source: int = 0) -> Result:
     """Measure re-initialization and re-randomization robustness of every group of ``model``.
 
     ``checkpoints`` maps epoch → state dict; the final model is the largest epoch unless ``final`` names
@@ -98,9 +113,13 @@ def analyze(model: nn.Module, checkpoints: Mapping[int, StateDict], data: Data, 
     evaluates only this rank's share of the cells (see :mod:`criticality.distributed`).
     ``buffers``: a group's norm-layer running statistics move with it (``reset``, default), stay as
     trained (``keep``), or are recomputed for each variant on the ``calibration`` batches (``recalibrate``).
+    ``ops`` picks the operations (default the paper's two; see :mod:`criticality.interventions` for
+    ``interpolate`` over ``alphas`` from checkpoint ``source``, ``noise`` over ``sigmas`` × ``seeds`` and
+    ``skip``).
     """
     plan = make_plan(model, checkpoints, groups, seeds, joint, final, reinit_to, init, metrics, engine, batch_size,
-                     max_examples, buffers, calibration=calibration)
+                     max_examples, buffers, calibration=calibration, ops=ops, alphas=alphas, sigmas=sigmas,
+                     source=source, probe=data)
     rows = run_cells(plan, data, device=device, store=store, shard=shard, progress=progress)
     return finish(plan, rows, threshold=threshold, provenance=provenance)
 
@@ -122,6 +141,7 @@ class Plan:
     max_examples: int | None
     buffers: str
     calibration: Data | None = None  # training batches for buffers="recalibrate"
+    skips: interventions.SkipPlan = field(default_factory=interventions.SkipPlan)
     _fresh: dict[int, StateDict] = field(default_factory=dict)
 
     def keys(self, group: str) -> tuple[str, ...]:
@@ -133,7 +153,9 @@ class Plan:
         if cell.op == "final":
             return dict(final)
         buffer_keys, keys = surgery.buffer_keys(self.model), self.keys(cell.group)
-        if cell.op == "reinit":
+        if cell.op in interventions.NEW_OPS:
+            state = interventions.cell_state(self, cell)
+        elif cell.op == "reinit":
             state = surgery.reinit(final, self.checkpoints[cell.checkpoint], keys, buffers=self.buffers,
                                    buffer_keys=buffer_keys)
         else:
@@ -162,6 +184,13 @@ class Plan:
                                    "choose other seeds")
         return fresh
 
+    def naive_model(self, cell: Cell) -> nn.Module:
+        """The model the reference evaluates a cell on: a skip cell's module returns its input."""
+        if cell.op != "skip":
+            return self.model
+        path = self.skips.paths[cell.group]
+        return interventions.skipped(self.model, [path], self.skips.outputs)
+
     def entries(self, cell: Cell) -> dict[str, torch.Tensor]:
         """The entries in which the cell's variant differs from the final model (surgery's new tensors)."""
         final = self.checkpoints[self.final_epoch]
@@ -171,6 +200,8 @@ class Plan:
         """The keys :meth:`entries` returns, known without doing the surgery."""
         if cell.op == "final":
             return ()
+        if cell.op in interventions.NEW_OPS:
+            return interventions.moved_keys(self, cell)
         keys = self.keys(cell.group)
         if self.buffers == "keep":
             kept = surgery.buffer_keys(self.model)
@@ -191,7 +222,10 @@ class Plan:
 
 
 def make_plan(model, checkpoints, groups, seeds, joint, final, reinit_to, init, metrics, engine, batch_size,
-              max_examples, buffers, *, calibration: Data | None = None) -> Plan:
+              max_examples, buffers, *, calibration: Data | None = None,
+              ops: Sequence[str] = interventions.PAPER_OPS, alphas: Sequence[float] = interventions.DEFAULT_ALPHAS,
+              sigmas: Sequence[float] = interventions.DEFAULT_SIGMAS, source: int = 0,
+              probe: Data | None = None) -> Plan:
     """Check every argument of :func:`analyze` and lay out the grid; raises :class:`CriticalityError`."""
     if not checkpoints:
         raise CriticalityError("no checkpoints given: analysis needs at least the final model and epoch 0")
@@ -226,7 +260,17 @@ def make_plan(model, checkpoints, groups, seeds, joint, final, reinit_to, init, 
     resolved = groups if isinstance(groups, Groups) else resolve(model, groups)
     joints = dict(joint_group(resolved, members) for members in (joint or []))
     metric_fns = dict(metrics) if isinstance(metrics, Mapping) else {m: _metric(m) for m in metrics}
-    cells = grid(resolved.names, list(joints), reinit_to, seeds, final)
+    ops = interventions.check_ops(ops)
+    alphas = interventions.check_unit(alphas, "alphas") if "interpolate" in ops else ()
+    sigmas = interventions.check_unit(sigmas, "sigmas") if "noise" in ops else ()
+    if ("interpolate" in ops or "noise" in ops) and source not in checkpoints:
+        raise CriticalityError(f"interpolation/noise source epoch {source} is not among the checkpoints {epochs}")
+    if "noise" in ops and not seeds:
+        raise CriticalityError("the noise op averages over draws: give at least one seed")
+    skips = _plan_skips(model, resolved, joints, probe, batch_size) if "skip" in ops \
+        else interventions.SkipPlan()
+    cells = grid(resolved.names, list(joints), reinit_to, seeds, final, ops, alphas=alphas, sigmas=sigmas,
+                 source=source, skippable=list(skips.paths))
     if init is None and seeds and not hasattr(model, "init_scheme"):
         warnings.warn(f"{type(model).__name__} records no init_scheme: re-randomizing with its modules' own "
                       "reset_parameters (init='torch'); pass init= if training used another scheme", stacklevel=3)
@@ -236,7 +280,19 @@ def make_plan(model, checkpoints, groups, seeds, joint, final, reinit_to, init, 
     if buffers == "recalibrate" and calibration is None:
         raise CriticalityError("buffers='recalibrate' needs calibration data (training batches)")
     return Plan(model, checkpoints, resolved, joints, cells, final, init, metric_fns, engine, batch_size,
-                max_examples, buffers, calibration)
+                max_examples, buffers, calibration, skips)
+
+
+def _plan_skips(model, resolved: Groups, joints, probe: Data | None, batch_size: int):
+    """Which groups the skip op applies to, checked on one probe batch of the trained model."""
+    if probe is None:
+        raise CriticalityError("the skip op needs data to check each module's input and output shapes")
+    first = next(engine_mod.iter_batches(probe, min(batch_size, 2)), None)
+    if first is None:
+        raise CriticalityError("no data to evaluate on")
+    device = next(iter(model.state_dict().values()), torch.empty(0)).device
+    return interventions.plan_skips(model, {**resolved.members, **joints}, engine_mod.to_device(first, device)[0]
+                                    if hasattr(engine_mod, "to_device") else first[0].to(device))
 
 
 def _metric(name: str) -> Metric:
@@ -271,15 +327,18 @@ def run_cells(plan: Plan, data: Data, *, device: str | torch.device = "cpu", sto
 def _evaluate(plan: Plan, cells: list[Cell], data: Data, device) -> Any:
     if not cells:
         return
-    if plan.engine == "naive":
-        for cell in cells:
-            yield cell, engine_mod.evaluate_naive(plan.model, plan.state(cell), data, metrics=plan.metrics,
-                                                  batch_size=plan.batch_size, device=device,
-                                                  limit=plan.max_examples)
+    # Skip cells run the reference until the engine's Variant(skip=...) lands (contract 3).
+    naive = cells if plan.engine == "naive" else [c for c in cells if c.op == "skip"]
+    for cell in naive:
+        yield cell, engine_mod.evaluate_naive(plan.naive_model(cell), plan.state(cell), data, metrics=plan.metrics,
+                                              batch_size=plan.batch_size, device=device, limit=plan.max_examples)
+    done = set(naive)
+    rest = [c for c in cells if c not in done]
+    if not rest:
         return
     fast = Engine(plan.model, plan.checkpoints[plan.final_epoch], data, metrics=plan.metrics,
                   batch_size=plan.batch_size, device=device, limit=plan.max_examples)
-    yield from fast.evaluate([plan.variant(c) for c in cells])
+    yield from fast.evaluate([plan.variant(c) for c in rest])
 
 
 def finish(plan: Plan, rows: list[dict[str, Any]], *, threshold: float = DEFAULT_THRESHOLD,
@@ -287,7 +346,7 @@ def finish(plan: Plan, rows: list[dict[str, Any]], *, threshold: float = DEFAULT
     """Turn evaluated rows into the :class:`Result`: deltas, distances, verdicts, summary."""
     table = tabulate(rows, list(plan.metrics))
     dist = distances(plan.checkpoints, {**plan.groups.members, **plan.joint}, plan.model)
-    verdict_table = verdicts(table, threshold)
+    verdict_table = verdicts(table, threshold) if (table.op == "reinit").any() else pd.DataFrame()
     final = table[table.op == "final"].iloc[0]
     summary = {
         "final_epoch": plan.final_epoch,
@@ -301,6 +360,7 @@ def finish(plan: Plan, rows: list[dict[str, Any]], *, threshold: float = DEFAULT
                      "seeds": sorted({c.seed for c in plan.cells if c.seed is not None})},
         "non_finite_cells": int((~table.finite).sum()),
         "provenance": dict(provenance or {}),
+        **interventions.summary(plan),
     }
     return Result(table, dist, verdict_table, plan.groups, plan.joint, summary)
 
@@ -316,6 +376,8 @@ def tabulate(rows: Sequence[Mapping[str, Any]], metric_names: Sequence[str]) -> 
     table["finite"] = np.isfinite(table[list(metric_names)].to_numpy(dtype=float)).all(axis=1)
     for col in ("checkpoint", "seed"):
         table[col] = table[col].astype("Int64")
+    for col in ("alpha", "sigma"):  # absent from rows stored before these ops existed
+        table[col] = table[col].astype(float) if col in table else np.nan
     table["n"] = table["n"].astype(int)
     return table
 
