@@ -234,7 +234,7 @@ def _probe_io(model: nn.Module, paths: Sequence[str], probe: Any) -> dict[str, d
 
     def hook(path):
         def record(module, args, kwargs, output):
-            x = _hidden_input(args, kwargs)
+            x = hidden_input(args, kwargs)
             first = output[0] if isinstance(output, tuple) and output else output
             seen.setdefault(path, {
                 "input": tuple(x.shape[1:]) if isinstance(x, torch.Tensor) else None,
@@ -256,7 +256,7 @@ def _probe_io(model: nn.Module, paths: Sequence[str], probe: Any) -> dict[str, d
     return seen
 
 
-def _hidden_input(args: tuple, kwargs: Mapping[str, Any]) -> torch.Tensor | None:
+def hidden_input(args: tuple, kwargs: Mapping[str, Any]) -> torch.Tensor | None:
     """A module's hidden-state input: the first positional tensor, else the ``hidden_states`` keyword."""
     if args and isinstance(args[0], torch.Tensor):
         return args[0]
@@ -272,7 +272,7 @@ def call_model(model: nn.Module, inputs: Any) -> Any:
 def _identity(outputs: int):
     """A forward that returns its hidden-state input in a return structure of ``outputs`` (0: a tensor)."""
     def forward(*args, **kwargs):
-        x = _hidden_input(args, kwargs)
+        x = hidden_input(args, kwargs)
         return x if outputs == 0 else (x, *([None] * (outputs - 1)))
     return forward
 
