@@ -10,6 +10,7 @@ model and its draws follow the stated scale; skipping a residual block equals a 
 from __future__ import annotations
 
 import copy
+import json
 import math
 
 import numpy as np
@@ -143,3 +144,29 @@ def test_bad_arguments_are_refused():
     with pytest.raises(CriticalityError, match="no group can be skipped"):
         analyze(model, states, data, groups={"first": ["1"], "last": ["7"]}, ops=("reinit", "skip"), progress=False)
     assert surgery.interpolate(states[3], states[0], ["1.weight"], 1.0)["1.weight"].equal(states[3]["1.weight"])
+
+
+def test_cli_runs_every_op_and_the_report_shows_them(tmp_path):
+    """End to end at toy scale on the bundled digits: train, analyze with every op, draw, report."""
+    from criticality.cli import main
+
+    run = tmp_path / "run"
+    assert main(["--no-progress", "train", "fcn-2x16", "--data", "digits", "--epochs", "2", "--device", "cpu",
+                 "--max-train", "400", "--max-test", "200", "--out", str(run)]) == 0
+    assert main(["--no-progress", "analyze", str(run), "--ops",
+                 "reinit,rerandomize,interpolate,noise,skip,criticality,proxies", "--seeds", "1",
+                 "--alphas", "0,0.5,1", "--sigmas", "0.5,1", "--device", "cpu"]) == 0
+    analysis = run / "analysis"
+    summary = json.loads((analysis / "summary.json").read_text())
+    assert summary["ops"] == ["reinit", "rerandomize", "interpolate", "noise", "skip"]
+    assert set(summary["skip_refused"]) == {"fc1", "fc3"} and summary["skip_modules"] == {"fc2": "fc2"}
+    assert set(summary["module_criticality"]["mu"]) == {"fc1", "fc2", "fc3"}
+    assert {r["target"] for r in summary["proxies"]["spearman"]} == {"reinit@0", "skip"}
+    for name in ("module_criticality.csv", "module_criticality_points.csv", "proxies.csv"):
+        assert (analysis / name).is_file()
+    assert main(["--no-progress", "report", str(run)]) == 0
+    html = (run / "report.html").read_text()
+    assert "Interventions beyond the paper" in html and 'id="module_criticality"' in html
+    for stem in ("interpolation_error", "noise_error", "skip_error", "module_criticality", "proxies"):
+        assert (run / "figures" / f"{stem}.png").is_file()
+    assert main(["--no-progress", "analyze", str(run), "--ops", "reinit,lesion"]) == 2

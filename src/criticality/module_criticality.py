@@ -29,6 +29,7 @@ a prefix of the grid) — and drops an α once even its largest remaining σ can
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -77,8 +78,9 @@ def module_criticality(model: nn.Module, checkpoints: Mapping[int, Mapping[str, 
 def search_plan(plan: Plan, data: Data, *, eps: float = DEFAULT_EPS, alphas: Sequence[float] = DEFAULT_ALPHAS,
                 sigmas: Sequence[float] = DEFAULT_SIGMAS, draws: int = DEFAULT_DRAWS, source: int = 0,
                 search: str = "bisect", device: str | torch.device = "cpu", store: str | None = None,
-                progress: bool = False) -> ModuleCriticality:
-    """Module criticality of the groups of an analysis :class:`~criticality.analysis.Plan`."""
+                progress: bool = False, final_error: float | None = None) -> ModuleCriticality:
+    """Module criticality of the groups of an analysis :class:`~criticality.analysis.Plan` (``final_error``:
+    the trained model's, when already evaluated on ``data``)."""
     alphas = interventions.check_unit(alphas, "alphas")
     sigmas = interventions.check_unit(sigmas, "sigmas", zero=False)
     if search not in SEARCHES:
@@ -90,7 +92,7 @@ def search_plan(plan: Plan, data: Data, *, eps: float = DEFAULT_EPS, alphas: Seq
     if source not in plan.checkpoints:
         raise CriticalityError(f"source epoch {source} is not among the checkpoints {sorted(plan.checkpoints)}")
     probe = _Prober(plan, data, draws, source, device, store, progress)
-    final_error = probe.final_error()
+    final_error = probe.final_error() if final_error is None else final_error
     limit = final_error + eps + 1e-9  # errors are k/n: a rise of exactly eps is allowed
     if search == "grid":
         probe.points([(g, a, s) for g in plan.groups.names for a in alphas for s in sigmas], limit)
@@ -146,8 +148,8 @@ class _Prober:
         return {p: self.rows[p]["feasible"] for p in points}
 
     def _run(self, cells: list[Cell]) -> list[dict[str, Any]]:
-        self.plan.cells = cells
-        return run_cells(self.plan, self.data, device=self.device, store=self.store, progress=self.progress)
+        plan = dataclasses.replace(self.plan, cells=cells)  # the caller's plan keeps its grid
+        return run_cells(plan, self.data, device=self.device, store=self.store, progress=self.progress)
 
 
 def _result(plan: Plan, probe: _Prober, eps: float, final_error: float, alphas, sigmas, draws: int, source: int,

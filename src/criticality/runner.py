@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 
 from criticality import data as datasets
-from criticality import distributed, models, plots, report
+from criticality import distributed, interventions, models, plots, report
 from criticality.analysis import DEFAULT_THRESHOLD, finish, make_plan, run_cells
 from criticality.checkpoints import load_checkpoints
 from criticality.errors import CriticalityError
@@ -47,9 +47,13 @@ def read_run(run_dir: str | Path) -> dict[str, Any]:
 def analyze_run(run_dir: str | Path, *, groups: str | dict = "model", seeds: int = 3,
                 joint: Sequence[Sequence[str]] | None = None, split: str = "test", engine: str = "fast",
                 batch_size: int = 1000, device: str = "auto", max_examples: int | None = None,
-                threshold: float = DEFAULT_THRESHOLD, buffers: str = "reset", progress: bool = True) -> Path:
+                threshold: float = DEFAULT_THRESHOLD, buffers: str = "reset", progress: bool = True,
+                ops: Sequence[str] | str = interventions.PAPER_OPS, alphas: Sequence[float] | None = None,
+                sigmas: Sequence[float] | None = None, eps: float | None = None) -> Path:
     """Analyse a training run directory and write ``RUN/analysis`` (``RUN/analysis_train`` for the training
-    split); returns that directory."""
+    split); returns that directory. ``ops`` adds interventions (:mod:`criticality.interventions`) and
+    ``criticality`` / ``proxies``, whose tables land beside cells.csv (rank 0 only under torchrun)."""
+    grid_ops, extras = interventions.split_ops(ops)
     run_dir = Path(run_dir)
     config = read_run(run_dir)
     try:
@@ -67,7 +71,9 @@ def analyze_run(run_dir: str | Path, *, groups: str | dict = "model", seeds: int
     model = models.build(**build, init=cfg.init)
     plan = make_plan(model, load_checkpoints(run_dir), groups, seeds, joint, None, None, None, ("error", "loss"),
                      engine, batch_size, max_examples, buffers,
-                     calibration=_calibration(dataset, cfg) if buffers == "recalibrate" else None)
+                     calibration=_calibration(dataset, cfg) if buffers == "recalibrate" else None, ops=grid_ops,
+                     alphas=alphas or interventions.DEFAULT_ALPHAS, sigmas=sigmas or interventions.DEFAULT_SIGMAS,
+                     probe=data)
     out = run_dir / ("analysis" if split == "test" else f"analysis_{split}")  # the report reads analysis/
     store = out / ("cells.jsonl" if ctx.world == 1 else f"cells.rank{ctx.rank}-of-{ctx.world}.jsonl")
     rows = run_cells(plan, data, device=ctx.device, store=str(store),
@@ -85,6 +91,10 @@ def analyze_run(run_dir: str | Path, *, groups: str | dict = "model", seeds: int
         data={"name": dataset.name, "split": split, "n_test": n, "max_examples": max_examples,
               "stands_in_for": paper_data if paper_data and paper_data != dataset.name else None,
               "source": dataset.source})
+    if extras:
+        result.summary.update(interventions.run_extras(
+            plan, data, out, result.table, extras, draws=seeds, alphas=alphas, sigmas=sigmas, eps=eps,
+            device=ctx.device, store=str(store), progress=progress))
     write_tables(out, result.table, result.distances, result.summary)
     distributed.barrier()
     return out
