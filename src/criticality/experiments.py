@@ -22,6 +22,8 @@ _FCN = dict(lr=0.01, momentum=0.9, batch_size=128, init="glorot")
 _CONV = dict(lr=0.1, momentum=0.9, batch_size=128, weight_decay=5e-4, schedule="cosine", augment=True,
              init="kaiming")
 _QUICK = dict(epochs=5, max_train=10000, max_test=2000)
+_BEYOND = dict(ops=("reinit", "rerandomize", "interpolate", "noise", "skip", "criticality", "proxies"), seeds=2,
+               alphas=(0.0, 0.25, 0.5, 0.75, 1.0), sigmas=(0.1, 0.25, 0.5, 1.0))
 _QUICK_CONV = dict(epochs=8, max_train=2000, max_test=500, width=16, lr=0.02, batch_size=64, augment=False)
 
 
@@ -37,6 +39,9 @@ class Experiment:
     joint: tuple[tuple[str, ...], ...] = ()  # joint groups: member group names or glob patterns
     seeds: int = 3  # re-randomization draws per group
     sweep: str | None = None  # "width": runs differ in FCN width and seed (Fig 3 bars)
+    ops: tuple[str, ...] = ("reinit", "rerandomize")  # analysis ops (criticality.interventions; + criticality, proxies)
+    alphas: tuple[float, ...] | None = None  # interpolate / criticality α grid (None: their defaults)
+    sigmas: tuple[float, ...] | None = None  # noise / criticality σ grid (None: their defaults)
 
     def configs(self, scale: str = "quick", data: str | None = None, **overrides: Any) -> dict[str, TrainConfig]:
         """One TrainConfig per run at ``scale``; ``data`` replaces the paper's data set."""
@@ -99,6 +104,12 @@ def _registry() -> dict[str, Experiment]:
               "ResNet-18: each stage's blocks jointly, and all non-first blocks of the later stages",
               joint=(("stage1.*",), ("stage2.*",), ("stage3.*",), ("stage4.*",),
                      ("stage[34].block[2-9]",))),
+        # Beyond the paper (issue 13): every intervention on the paper's FCN and ResNet.
+        _fcn("beyond/fcn-3x256-interventions/mnist", "beyond", "fcn-3x256",
+             "FCN 3×256: interpolation, noise, skip, module criticality and block proxies", **_BEYOND),
+        _conv("beyond/resnet18-interventions/cifar10", "beyond", "resnet18", "cifar10",
+              "ResNet-18 V2: interpolation, noise, skipping each residual block, module criticality, proxies",
+              **_BEYOND),
     ]
     return {e.key: e for e in exps}
 

@@ -155,7 +155,7 @@ def run_experiment(exp: Experiment, *, scale: str = "quick", data: str | None = 
             _note_experiment(run_dir, exp, scale)
         distributed.barrier()
         analyze_run(run_dir, seeds=exp.seeds, joint=[list(j) for j in exp.joint] or None, device=cfg.device,
-                    progress=progress)
+                    progress=progress, ops=exp.ops, alphas=exp.alphas, sigmas=exp.sigmas)
         if not is_main:
             continue
         plots.draw_run(run_dir)
