@@ -170,3 +170,25 @@ def test_cli_runs_every_op_and_the_report_shows_them(tmp_path):
     for stem in ("interpolation_error", "noise_error", "skip_error", "module_criticality", "proxies"):
         assert (run / "figures" / f"{stem}.png").is_file()
     assert main(["--no-progress", "analyze", str(run), "--ops", "reinit,lesion"]) == 2
+
+
+def test_skipping_a_llama_layer_equals_the_model_without_it():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=3,
+                                   num_attention_heads=2, num_key_value_heads=1)
+    torch.manual_seed(0)
+    lm = transformers.LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 50, (3, 7))
+    mask = torch.ones(3, 7, dtype=torch.long)
+    mask[1, 5:] = 0
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    layers = {f"layer{i}": [k for k in lm.state_dict() if k.startswith(f"model.layers.{i}.")] for i in range(3)}
+    plan = interventions.plan_skips(lm, {**layers, "head": ["lm_head.weight"]}, inputs)
+    assert plan.paths == {f"layer{i}": f"model.layers.{i}" for i in range(3)} and "head" in plan.refused
+    without = copy.deepcopy(lm)
+    del without.model.layers[1]
+    with torch.no_grad():
+        with interventions.skipping(lm, ["model.layers.1"], plan.outputs):
+            got = lm(**inputs).logits
+        want = without(**inputs, use_cache=False).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
