@@ -267,8 +267,8 @@ def make_plan(model, checkpoints, groups, seeds, joint, final, reinit_to, init, 
         raise CriticalityError(f"interpolation/noise source epoch {source} is not among the checkpoints {epochs}")
     if "noise" in ops and not seeds:
         raise CriticalityError("the noise op averages over draws: give at least one seed")
-    skips = _plan_skips(model, resolved, joints, probe, batch_size) if "skip" in ops \
-        else interventions.SkipPlan()
+    skips = interventions.plan_skips_on(model, {**resolved.members, **joints}, probe, batch_size) \
+        if "skip" in ops else interventions.SkipPlan()
     cells = grid(resolved.names, list(joints), reinit_to, seeds, final, ops, alphas=alphas, sigmas=sigmas,
                  source=source, skippable=list(skips.paths))
     if init is None and seeds and not hasattr(model, "init_scheme"):
@@ -281,18 +281,6 @@ def make_plan(model, checkpoints, groups, seeds, joint, final, reinit_to, init, 
         raise CriticalityError("buffers='recalibrate' needs calibration data (training batches)")
     return Plan(model, checkpoints, resolved, joints, cells, final, init, metric_fns, engine, batch_size,
                 max_examples, buffers, calibration, skips)
-
-
-def _plan_skips(model, resolved: Groups, joints, probe: Data | None, batch_size: int):
-    """Which groups the skip op applies to, checked on one probe batch of the trained model."""
-    if probe is None:
-        raise CriticalityError("the skip op needs data to check each module's input and output shapes")
-    first = next(engine_mod.iter_batches(probe, min(batch_size, 2)), None)
-    if first is None:
-        raise CriticalityError("no data to evaluate on")
-    device = next(iter(model.state_dict().values()), torch.empty(0)).device
-    return interventions.plan_skips(model, {**resolved.members, **joints}, engine_mod.to_device(first, device)[0]
-                                    if hasattr(engine_mod, "to_device") else first[0].to(device))
 
 
 def _metric(name: str) -> Metric:

@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from criticality import surgery
+from criticality.engine import iter_batches
 from criticality.errors import CriticalityError
 
 StateDict = dict[str, torch.Tensor]
@@ -173,6 +174,19 @@ class SkipPlan:
     paths: dict[str, str] = field(default_factory=dict)
     outputs: dict[str, int] = field(default_factory=dict)  # path → 0 (returns a tensor) or tuple length
     refused: dict[str, str] = field(default_factory=dict)  # group → why it gets no skip cells
+
+
+def plan_skips_on(model: nn.Module, groups: Mapping[str, Sequence[str]], data: Any, batch_size: int) -> SkipPlan:
+    """:func:`plan_skips` on the first (at most 2) examples of the evaluation ``data``."""
+    if data is None:
+        raise CriticalityError("the skip op needs data to check each module's input and output shapes")
+    first = next(iter_batches(data, min(batch_size, 2)), None)
+    if first is None:
+        raise CriticalityError("no data to evaluate on")
+    device = next(iter(model.state_dict().values()), torch.empty(0)).device
+    inputs = first[0]
+    inputs = {k: v.to(device) for k, v in inputs.items()} if isinstance(inputs, Mapping) else inputs.to(device)
+    return plan_skips(model, groups, inputs)
 
 
 def module_of(model: nn.Module, keys: Collection[str], name: str | None = None) -> str | None:
