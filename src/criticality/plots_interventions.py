@@ -125,8 +125,9 @@ def proxies_scatter(proxies: pd.DataFrame, cells: pd.DataFrame, correlations: li
         matched = proxies[proxies.group.isin(delta.index)]
         if matched.empty:
             continue
-        ax.scatter(matched.bi, delta.reindex(matched.group), marker=marker,
-                   label=f"{target} (Spearman ρ = {rho.get((target, 'bi'), float('nan')):.2f})")
+        r = rho.get((target, "bi"), float("nan"))
+        note = f"Spearman ρ = {r:.2f}" if np.isfinite(r) else "ρ undefined: < 3 blocks or a constant side"
+        ax.scatter(matched.bi, delta.reindex(matched.group), marker=marker, label=f"{target} ({note})")
     ax.set_xlabel("Block Influence (1 − mean cos(input, output))")
     ax.set_ylabel("Δ test error")
     ax.set_title("Does the one-pass proxy rank blocks like the interventions?", fontsize=10)
