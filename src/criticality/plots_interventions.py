@@ -31,9 +31,8 @@ def _figure(width: float = 6.0, height: float = 3.6) -> tuple[Figure, object]:
 
 def _numeric(cells: pd.DataFrame) -> pd.DataFrame:
     cells = cells.copy()
-    for col in ("alpha", "sigma", "error", "delta_error"):
-        if col in cells.columns:
-            cells[col] = pd.to_numeric(cells[col], errors="coerce")
+    for col in ("alpha", "sigma", "error", "delta_error"):  # alpha/sigma: absent from tables of older runs
+        cells[col] = pd.to_numeric(cells[col], errors="coerce") if col in cells.columns else np.nan
     return cells
 
 
