@@ -161,3 +161,166 @@ class StagesAttribute(nn.Module):
 TRICKY = {"relu_between": ReluBetweenStages, "skip_across": SkipAcrossStages, "residual_seq": ResidualSequential,
           "mislabelled": Mislabelled, "shared_twice": shared_twice, "inplace_first": inplace_first,
           "stages_attribute": StagesAttribute}
+
+
+# ---- models that copy timm's patterns (timm itself cannot be installed next to this torch) ----
+
+class TimmAttention(nn.Module):
+    def __init__(self, dim: int, heads: int = 2):
+        super().__init__()
+        self.heads = heads
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x):  # (N, T, D)
+        n, t, d = x.shape
+        q, k, v = self.qkv(x).reshape(n, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v)  # (N, heads, T, D/heads)
+        return self.proj(out.transpose(1, 2).reshape(n, t, d))
+
+
+class LayerScale(nn.Module):
+    def __init__(self, dim: int, init_values: float = 1e-5):
+        super().__init__()
+        self.init_values = init_values
+        self.gamma = nn.Parameter(init_values * torch.ones(dim))
+
+    def reset_parameters(self):
+        nn.init.constant_(self.gamma, self.init_values)
+
+    def forward(self, x):
+        return x * self.gamma
+
+
+class TimmBlock(nn.Module):
+    """timm's pre-norm ViT block: norm1 -> attn -> ls1, norm2 -> mlp -> ls2."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.norm1, self.attn, self.ls1 = nn.LayerNorm(dim), TimmAttention(dim), LayerScale(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+        self.ls2 = LayerScale(dim)
+
+    def forward(self, x):
+        x = x + self.ls1(self.attn(self.norm1(x)))
+        return x + self.ls2(self.mlp(self.norm2(x)))
+
+
+class TimmViT(nn.Module):
+    """timm's VisionTransformer layout: raw cls_token / pos_embed parameters, a ``blocks`` Sequential."""
+
+    pretrained_cfg: dict = {}  # timm's marker: re-randomization picks the "timm" scheme
+
+    def __init__(self, dim: int = 16, depth: int = 3, classes: int = 5):
+        super().__init__()
+        self.patch_embed = nn.Conv2d(1, dim, 3, stride=3)  # (N, 1, 6, 6) -> (N, dim, 2, 2)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 5, dim))
+        self.blocks = nn.Sequential(*[TimmBlock(dim) for _ in range(depth)])
+        self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, classes)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.normal_(self.cls_token, std=1e-6)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x):
+        x = x.reshape(-1, 1, 6, 6)
+        h = self.patch_embed(x).flatten(2).transpose(1, 2)  # (N, 4, dim)
+        h = torch.cat([self.cls_token.expand(len(h), -1, -1), h], dim=1) + self.pos_embed  # (N, 5, dim)
+        return self.head(self.norm(self.blocks(h))[:, 0])
+
+
+class TimmBasicBlock(nn.Module):
+    def __init__(self, c_in: int, c: int, stride: int = 1):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c_in, c, 3, stride, 1, bias=False), nn.BatchNorm2d(c)
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, 1, 1, bias=False), nn.BatchNorm2d(c)
+        self.downsample = (nn.Sequential(nn.Conv2d(c_in, c, 1, stride, bias=False), nn.BatchNorm2d(c))
+                           if stride != 1 or c_in != c else None)
+
+    def zero_init_last(self):
+        nn.init.zeros_(self.bn2.weight)
+
+    def forward(self, x):
+        h = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
+        return torch.relu(h + (x if self.downsample is None else self.downsample(x)))
+
+
+class TimmResNet(nn.Module):
+    """timm's ResNet layout: conv1/bn1 stem, ``layer1`` .. ``layer4`` Sequentials, zero-init last BN, fc."""
+
+    pretrained_cfg: dict = {}
+
+    def __init__(self, width: int = 4, classes: int = 5):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(1, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width)
+        c = width
+        for i in range(1, 5):
+            out = width * 2 ** ((i - 1) // 2)
+            self.add_module(f"layer{i}", nn.Sequential(TimmBasicBlock(c, out, 1 if i == 1 else 2),
+                                                       TimmBasicBlock(out, out)))
+            c = out
+        self.fc = nn.Linear(c, classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        for m in self.modules():
+            if hasattr(m, "zero_init_last"):
+                m.zero_init_last()
+
+    def forward(self, x):
+        h = torch.relu(self.bn1(self.conv1(x.reshape(-1, 1, 6, 6))))
+        for i in range(1, 5):
+            h = getattr(self, f"layer{i}")(h)
+        return self.fc(h.mean((2, 3)))
+
+
+TIMM_LIKE = {"timm_vit": TimmViT, "timm_resnet": TimmResNet}
+
+
+# ---- real Hugging Face transformers classes, tiny random configs (transformers is a test dependency) ----
+
+def hf_models() -> dict:
+    """name -> (builder, example inputs maker): Llama (GQA, rotary), GPT-2 (tied), BERT, ViT, ResNet."""
+    import transformers as T
+
+    def ids(n, g):
+        return torch.randint(0, 64, (n, 6), generator=g)
+
+    def pixels(size):
+        return lambda n, g: torch.randn(n, 1, size, size, generator=g)
+
+    return {
+        "llama": (lambda: T.LlamaForCausalLM(T.LlamaConfig(
+            vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=16, pad_token_id=0, bos_token_id=1,
+            eos_token_id=2)), ids),
+        "gpt2": (lambda: T.GPT2LMHeadModel(T.GPT2Config(
+            vocab_size=64, n_embd=32, n_layer=2, n_head=2, n_positions=16, bos_token_id=1, eos_token_id=2)), ids),
+        "bert": (lambda: T.BertForSequenceClassification(T.BertConfig(
+            vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+            max_position_embeddings=16, num_labels=3)), ids),
+        "vit": (lambda: T.ViTForImageClassification(T.ViTConfig(
+            image_size=8, patch_size=4, num_channels=1, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+            intermediate_size=64, num_labels=3)), pixels(8)),
+        "resnet": (lambda: T.ResNetForImageClassification(T.ResNetConfig(
+            num_channels=1, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic",
+            num_labels=3)), pixels(16)),
+    }
+
+
+class Logits(nn.Module):
+    """An HF model as a plain classifier for this branch's engine: ``x -> logits (N, classes)``.
+
+    A causal LM predicts the next token after the sequence (its last position's logits, (N, vocab)).
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.m = model
+
+    def forward(self, x):
+        out = self.m(x).logits
+        return out[:, -1] if out.dim() == 3 else out

@@ -36,15 +36,16 @@ from criticality import interventions, surgery
 from criticality.checkpoints import check_compatible
 from criticality.engine import METRICS, Data, Engine, Metric, Variant
 from criticality.errors import CriticalityError
-from criticality.groups import Groups, GroupSpec, resolve
+from criticality.foreign import draws_summary
+from criticality.groups import Groups, GroupSpec, default_spec, resolve
 from criticality.groups import joint as joint_group
-from criticality.initializers import InitScheme, scheme_name
+from criticality.initializers import DRAW_SCHEMES, InitScheme, choose, scheme_name
 from criticality.store import CellStore, cell_key
 
 StateDict = Mapping[str, torch.Tensor]
 DEFAULT_THRESHOLD = 0.02  # Δ test error at checkpoint 0 at or below which a layer counts as robust
 ENGINES = ("fast", "naive")
-RERANDOMIZE_SALT = 1_000_003  # draw seed s uses generator seed SALT + s (see Plan._draw)
+RERANDOMIZE_SALT = 1_000_003  # draw seed s: each module drawn from draw_seed(SALT + s, its path) (Plan._draw)
 
 
 @dataclass(frozen=True)
@@ -93,7 +94,7 @@ def grid(group_names: Sequence[str], joint_names: Sequence[str], reinit_to: Sequ
 
 
 def analyze(model: nn.Module, checkpoints: Mapping[int, StateDict], data: Data, *,
-            groups: GroupSpec | Groups = "model", seeds: int | Sequence[int] = 3,
+            groups: GroupSpec | Groups | None = None, seeds: int | Sequence[int] = 3,
             joint: Sequence[Sequence[str]] | None = None, final: int | None = None,
             reinit_to: Sequence[int] | None = None, init: InitScheme | None = None,
             metrics: Sequence[str] | Mapping[str, Metric] = ("error", "loss"), engine: str = "fast",
@@ -106,9 +107,13 @@ def analyze(model: nn.Module, checkpoints: Mapping[int, StateDict], data: Data, 
     """Measure re-initialization and re-randomization robustness of every group of ``model``.
 
     ``checkpoints`` maps epoch → state dict; the final model is the largest epoch unless ``final`` names
-    one. ``reinit_to`` defaults to every epoch before the final one. ``seeds`` is a count or a list of
-    generator seeds for the fresh draws, which use ``init`` (default: ``model.init_scheme``, else the
-    modules' own ``reset_parameters``). ``engine="naive"`` evaluates every cell with the plain
+    one. ``groups`` defaults to the model's own ``layer_groups()`` when it declares them, else one group
+    per block of its stack (``"blocks"``), else ``"auto"`` (see :mod:`criticality.groups`); the spec used
+    is said on stderr and recorded as ``summary["groups_spec"]``. ``reinit_to`` defaults to every epoch
+    before the final one. ``seeds`` is a count or a list of seeds for the fresh draws, which use ``init``
+    (default: chosen by :func:`criticality.initializers.choose`: ``hf`` for Hugging Face models, ``timm``
+    for timm models, ``model.init_scheme``, else the modules' own ``reset_parameters``; ``"shuffle"``
+    works for any model). ``engine="naive"`` evaluates every cell with the plain
     reference. ``store`` names a cells.jsonl file that makes the run resumable. ``shard=(rank, world)``
     evaluates only this rank's share of the cells (see :mod:`criticality.distributed`).
     ``buffers``: a group's norm-layer running statistics move with it (``reset``, default), stay as
@@ -141,8 +146,9 @@ class Plan:
     max_examples: int | None
     buffers: str
     calibration: Data | None = None  # training batches for buffers="recalibrate"
+    start_epoch: int = 0  # the initialization: shuffle draws permute it; draws must not reproduce it
     skips: interventions.SkipPlan = field(default_factory=interventions.SkipPlan)
-    _fresh: dict[int, StateDict] = field(default_factory=dict)
+    _fresh: dict[tuple[str, int], StateDict] = field(default_factory=dict)  # (group, seed) -> its draw
 
     def keys(self, group: str) -> tuple[str, ...]:
         return self.joint[group] if group in self.joint else self.groups.members[group]
@@ -159,29 +165,38 @@ class Plan:
             state = surgery.reinit(final, self.checkpoints[cell.checkpoint], keys, buffers=self.buffers,
                                    buffer_keys=buffer_keys)
         else:
-            if cell.seed not in self._fresh:
-                self._fresh[cell.seed] = self._draw(cell.seed)
-            state = surgery.rerandomize(final, self._fresh[cell.seed], keys, buffers=self.buffers,
+            state = surgery.rerandomize(final, self.fresh(cell.group, cell.seed), keys, buffers=self.buffers,
                                         buffer_keys=buffer_keys)
         if self.buffers == "recalibrate":
             inputs = (x for x, _ in engine_mod.iter_batches(self.calibration, self.batch_size))
             state = surgery.recalibrate(self.model, state, keys, inputs)
         return state
 
-    def _draw(self, seed: int) -> StateDict:
-        """A fresh model's state from generator seed ``RERANDOMIZE_SALT + seed``.
+    def fresh(self, group: str, seed: int) -> StateDict:
+        """The group's fresh draw for ``seed``, kept only while this group's cells run (the engine asks for
+        it once per chunk of batches); memory: one group's tensors per seed, never a whole model."""
+        if (group, seed) not in self._fresh:
+            self._fresh = {gs: d for gs, d in self._fresh.items() if gs[0] == group}
+            self._fresh[(group, seed)] = self._draw(group, seed)
+        return self._fresh[(group, seed)]
+
+    def _draw(self, group: str, seed: int) -> StateDict:
+        """The group's tensors drawn by :func:`surgery.fresh_group` from seed ``RERANDOMIZE_SALT + seed``.
 
         The salt keeps draw ``seed`` apart from a training run initialized with the same small seed: a
         "fresh" draw equal to the layer's own initial values would be re-initialization, not
-        re-randomization. Such a collision is checked for and refused.
+        re-randomization. Such a collision (every drawn, non-constant tensor of the group equal to epoch 0)
+        is refused.
         """
-        fresh = surgery.fresh_state(self.model, self.init, torch.Generator().manual_seed(RERANDOMIZE_SALT + seed))
-        start = self.checkpoints[min(self.checkpoints)]
-        floats = [k for k in fresh if fresh[k].is_floating_point() and fresh[k].numel() > 1]
+        start = self.checkpoints[self.start_epoch]
+        fresh = surgery.fresh_group(self.model, self.init, RERANDOMIZE_SALT + seed, self.keys(group), start=start)
+        # Only drawn tensors count: a constant one (a norm's weight 1) equals its initial value by design.
+        floats = [k for k in fresh if fresh[k].is_floating_point() and fresh[k].numel() > 1
+                  and not torch.all(fresh[k] == fresh[k].flatten()[0])]
         same = [k for k in floats if torch.equal(fresh[k], start[k].to(fresh[k].device))]
         if same and len(same) == len(floats):
-            raise CriticalityError(f"re-randomization seed {seed} reproduces the initialization exactly; "
-                                   "choose other seeds")
+            raise CriticalityError(f"re-randomization seed {seed} reproduces the initialization of group {group!r} "
+                                   "exactly; choose other seeds")
         return fresh
 
     def naive_model(self, cell: Cell) -> nn.Module:
@@ -217,6 +232,7 @@ class Plan:
         return {"model": type(self.model).__name__, "keys": _fingerprint(self.model.state_dict()),
                 "checkpoints": {e: _fingerprint(sd) for e, sd in sorted(self.checkpoints.items())},
                 "final": self.final_epoch, "init": scheme_name(self.init), "metrics": sorted(self.metrics),
+                "draws": "per-module",  # round 1 drew whole models: its stored re-randomizations differ
                 "groups": {g: list(k) for g, k in {**self.groups.members, **self.joint}.items()},
                 "max_examples": self.max_examples, "buffers": self.buffers, "batch_size": self.batch_size}
 
@@ -257,6 +273,11 @@ def make_plan(model, checkpoints, groups, seeds, joint, final, reinit_to, init, 
         raise CriticalityError(f"reinit_to {reinit_to} leaves out epoch 0, which the verdicts compare against")
     for e, sd in checkpoints.items():
         check_compatible(model, sd, where=f"checkpoint of epoch {e}")
+    if groups is None:
+        groups = default_spec(model)
+        print(f"criticality: groups={groups!r} ({type(model).__name__}: "
+              f"{'it declares layer_groups()' if groups == 'model' else 'no layer_groups() declared'})",
+              file=sys.stderr)
     resolved = groups if isinstance(groups, Groups) else resolve(model, groups)
     joints = dict(joint_group(resolved, members) for members in (joint or []))
     metric_fns = dict(metrics) if isinstance(metrics, Mapping) else {m: _metric(m) for m in metrics}
@@ -271,16 +292,19 @@ def make_plan(model, checkpoints, groups, seeds, joint, final, reinit_to, init, 
         if "skip" in ops else interventions.SkipPlan()
     cells = grid(resolved.names, list(joints), reinit_to, seeds, final, ops, alphas=alphas, sigmas=sigmas,
                  source=source, skippable=list(skips.paths))
-    if init is None and seeds and not hasattr(model, "init_scheme"):
+    init, guessed = choose(model, init)
+    if guessed and seeds:
         warnings.warn(f"{type(model).__name__} records no init_scheme: re-randomizing with its modules' own "
-                      "reset_parameters (init='torch'); pass init= if training used another scheme", stacklevel=3)
-    init = init if init is not None else getattr(model, "init_scheme", "torch")
+                      "reset_parameters (init='torch'); pass init= if training used another scheme "
+                      "(init='shuffle' works for any model)", stacklevel=3)
+    if isinstance(init, str) and init not in DRAW_SCHEMES:
+        raise CriticalityError(f"unknown init scheme {init!r}; choose one of {', '.join(DRAW_SCHEMES)} or a callable")
     if buffers not in surgery.BUFFER_MODES:
         raise CriticalityError(f"unknown buffer mode {buffers!r}; choose one of {', '.join(surgery.BUFFER_MODES)}")
     if buffers == "recalibrate" and calibration is None:
         raise CriticalityError("buffers='recalibrate' needs calibration data (training batches)")
     return Plan(model, checkpoints, resolved, joints, cells, final, init, metric_fns, engine, batch_size,
-                max_examples, buffers, calibration, skips)
+                max_examples, buffers, calibration, skips=skips)
 
 
 def _metric(name: str) -> Metric:
@@ -341,11 +365,13 @@ def finish(plan: Plan, rows: list[dict[str, Any]], *, threshold: float = DEFAULT
         **{f"final_{m}": float(final[m]) for m in plan.metrics},
         "threshold": threshold,
         "verdicts": verdict_table.to_dict(orient="records"),
+        "groups_spec": plan.groups.spec,
         "coverage": plan.groups.coverage(),
         "joint": {g: list(k) for g, k in plan.joint.items()},
         "settings": {"init": scheme_name(plan.init), "engine": plan.engine, "batch_size": plan.batch_size,
                      "max_examples": plan.max_examples, "buffers": plan.buffers,
                      "seeds": sorted({c.seed for c in plan.cells if c.seed is not None})},
+        "draws": draws_summary(plan.model, scheme_name(plan.init), {**plan.groups.members, **plan.joint}),
         "non_finite_cells": int((~table.finite).sum()),
         "provenance": dict(provenance or {}),
         **interventions.summary(plan),

@@ -69,7 +69,8 @@ def _overrides(args: argparse.Namespace, cls: type) -> dict:
 
 def _analysis_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--groups", default="model",
-                        help="model (the model's own layers) | auto | blocks | a JSON file {name: [patterns]}")
+                        help="model (the model's own layers) | blocks | sublayers | auto | "
+                             "a JSON file {name: [patterns]}")
     parser.add_argument("--seeds", type=NON_NEGATIVE, default=3, help="re-randomization draws per group")
     parser.add_argument("--joint", action="append", default=None, metavar="G1,G2,…",
                         help="a joint group: comma-separated group names or globs (repeat for several)")
@@ -238,11 +239,12 @@ def _warn_non_finite(analysis_dir: Path) -> None:
 
 
 def _groups(spec: str) -> str | dict:
-    if spec in ("model", "auto", "blocks"):
+    if spec in ("model", "blocks", "sublayers", "auto"):
         return spec
     path = Path(spec)
     if not path.is_file():
-        raise CriticalityError(f"--groups {spec!r}: use model, auto, blocks or a JSON file of {{name: [patterns]}}")
+        raise CriticalityError(f"--groups {spec!r}: use model, blocks, sublayers, auto or a JSON file of "
+                               "{name: [patterns]}")
     try:
         mapping = json.loads(path.read_text())
     except json.JSONDecodeError as e:
