@@ -306,7 +306,7 @@ def test_stored_cells_are_not_reused_for_other_data(tmp_path):
     model, states = trajectory("fcn")
     store = str(tmp_path / "cells.jsonl")
     analyze(model, states, make_data(seed=1), groups="auto", seeds=1, progress=False, store=store)
-    with pytest.raises(CriticalityError, match="data"):
+    with pytest.raises(CriticalityError, match=r"other settings \(differs: data\)"):
         analyze(model, states, make_data(seed=2), groups="auto", seeds=1, progress=False, store=store)
 
 

@@ -155,7 +155,7 @@ CASES = {
     "unknown model": (lambda t, r, runs: ["train", "fcn-3x25b", "--data", "digits", "--out", t / "new"],
                       "unknown model 'fcn-3x25b'; did you mean 'fcn-3x256'"),
     "unknown data set": (lambda t, r, runs: ["train", "--data", "fashion", "--out", t / "new"],
-                         "unknown data set 'fashion'; did you mean 'fashion-mnist'"),
+                         "unknown --data 'fashion'; did you mean 'fashion-mnist'"),
     "unknown device": (lambda t, r, runs: analyze(r, "--device", "tpu"), "unknown device 'tpu'"),
     # data files
     "missing data set": (lambda t, r, runs: ["train", "--data", "mnist", "--data-root", t, "--out", t / "new"],

@@ -31,8 +31,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from criticality import distributed, interventions, surgery
 from criticality import engine as engine_mod
-from criticality import interventions, surgery
 from criticality.checkpoints import check_compatible
 from criticality.engine import METRICS, Data, Engine, Metric, Variant
 from criticality.errors import CriticalityError
@@ -43,6 +43,7 @@ from criticality.initializers import DRAW_SCHEMES, InitScheme, choose, scheme_na
 from criticality.store import CellStore, cell_key
 
 StateDict = Mapping[str, torch.Tensor]
+MAX_CELLS = 100_000  # a larger grid is a typo (--seeds 100000000000): each cell is a pass over the data
 DEFAULT_THRESHOLD = 0.02  # Δ test error at checkpoint 0 at or below which a layer counts as robust
 ENGINES = ("fast", "naive")
 RERANDOMIZE_SALT = 1_000_003  # draw seed s: each module drawn from draw_seed(SALT + s, its path) (Plan._draw)
@@ -251,6 +252,8 @@ def make_plan(model, checkpoints, groups, seeds, joint, final, reinit_to, init, 
         raise CriticalityError(f"batch size must be a positive integer, got {batch_size}")
     if max_examples is not None and max_examples < 1:
         raise CriticalityError(f"--max-examples must be positive, got {max_examples}")
+    if isinstance(seeds, int) and not 0 <= seeds <= MAX_CELLS:
+        raise CriticalityError(f"seeds must be a count from 0 to {MAX_CELLS}, got {seeds}")
     seeds = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
     if any(s < 0 for s in seeds):
         raise CriticalityError(f"seeds must be non-negative, got {seeds}")
@@ -281,6 +284,9 @@ def make_plan(model, checkpoints, groups, seeds, joint, final, reinit_to, init, 
     resolved = groups if isinstance(groups, Groups) else resolve(model, groups)
     joints = dict(joint_group(resolved, members) for members in (joint or []))
     metric_fns = dict(metrics) if isinstance(metrics, Mapping) else {m: _metric(m) for m in metrics}
+    if "error" not in metric_fns:  # the verdicts and the terminal table compare test error
+        raise CriticalityError(f"metrics {sorted(metric_fns)} lack 'error', which the verdicts compare; add it "
+                               "(e.g. metrics=('error', ...) or {'error': fn, ...})")
     ops = interventions.check_ops(ops)
     alphas = interventions.check_unit(alphas, "alphas") if "interpolate" in ops else ()
     sigmas = interventions.check_unit(sigmas, "sigmas") if "noise" in ops else ()
@@ -288,6 +294,13 @@ def make_plan(model, checkpoints, groups, seeds, joint, final, reinit_to, init, 
         raise CriticalityError(f"interpolation/noise source epoch {source} is not among the checkpoints {epochs}")
     if "noise" in ops and not seeds:
         raise CriticalityError("the noise op averages over draws: give at least one seed")
+    per_group = len(seeds) * ("rerandomize" in ops) + len(reinit_to) * ("reinit" in ops) + len(alphas) \
+        + len(sigmas) * len(seeds) + ("skip" in ops)  # cells per group, at most
+    n_cells = 1 + (len(resolved.names) + len(joints)) * per_group
+    if n_cells > MAX_CELLS:
+        raise CriticalityError(f"the grid has {n_cells:,} cells ({len(resolved.names) + len(joints)} groups × "
+                               f"{per_group} cells + 1), each a full pass over the evaluation data; at most "
+                               f"{MAX_CELLS:,} are run (fewer seeds, checkpoints, alphas or sigmas)")
     skips = interventions.plan_skips_on(model, {**resolved.members, **joints}, probe, batch_size) \
         if "skip" in ops else interventions.SkipPlan()
     cells = grid(resolved.names, list(joints), reinit_to, seeds, final, ops, alphas=alphas, sigmas=sigmas,
@@ -322,11 +335,11 @@ def run_cells(plan: Plan, data: Data, *, device: str | torch.device = "cpu", sto
     wanted = set(keys)
     done = {k: r for k, r in (saved.rows.items() if saved else []) if k in wanted}
     todo = [c for c, k in zip(cells, keys, strict=True) if k not in done]
-    if done:
+    if done and distributed.is_main():  # under torchrun: rank 0's line only
         print(f"resuming: {len(done)} of {len(cells)} cells already done ({store}), computing {len(todo)}",
               file=sys.stderr)
     bar = tqdm(total=len(cells), initial=len(cells) - len(todo), desc="cells", unit="cell", disable=not progress)
-    for cell, result in _evaluate(plan, todo, data, device):
+    for cell, result in _data_errors(_evaluate(plan, todo, data, device)):
         row = {**cell.as_dict(), **result}
         done[cell_key(row)] = row
         if saved:
@@ -334,6 +347,24 @@ def run_cells(plan: Plan, data: Data, *, device: str | torch.device = "cpu", sto
         bar.update()
     bar.close()
     return [done[k] for k in keys]
+
+
+def _data_errors(results: Any) -> Any:
+    """``results``, with a failure before the first cell is done (the probe batch and the first cell, which
+    are the unmodified model on the user's data) turned into one line about the data: wrong shapes,
+    dtypes, label ranges or lengths fail there, in torch, with a RuntimeError / ValueError / IndexError."""
+    results = iter(results)
+    try:
+        first = next(results)
+    except StopIteration:
+        return
+    except (RuntimeError, ValueError, TypeError, IndexError) as e:
+        reason = " ".join(str(e).split())[:300]
+        raise CriticalityError(f"the model cannot be evaluated on the data ({type(e).__name__}: {reason}); check "
+                               "the inputs' shape and dtype and that the labels are class indices, one per "
+                               "example") from e
+    yield first
+    yield from results
 
 
 def _evaluate(plan: Plan, cells: list[Cell], data: Data, device) -> Any:

@@ -94,6 +94,11 @@ def load_checkpoints(run_dir: str | Path, epochs: Iterable[int] | None = None) -
 def check_compatible(model: nn.Module, state: Mapping[str, torch.Tensor], where: str = "checkpoint") -> None:
     """Raise a :class:`CriticalityError` listing every key or shape by which ``state`` misfits ``model``."""
     own = model.state_dict()
+    if not isinstance(state, Mapping):
+        raise CriticalityError(f"{where} is a {type(state).__name__}, not a state dict (a mapping key -> tensor)")
+    odd = sorted(str(k) for k in set(own) & set(state) if not isinstance(state[k], torch.Tensor))
+    if odd:
+        raise CriticalityError(f"{where}: {odd[0]} is a {type(state[odd[0]]).__name__}, not a tensor")
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     shapes = sorted(f"{k}: {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"

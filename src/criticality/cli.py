@@ -1,15 +1,21 @@
 """``criticality run | train | analyze | report | list``: parse, call the library, say where the output is.
 
-Every user error is one line on stderr and exit status 2 (``--debug`` shows the traceback).
+Exit status: 0 done; 2 a user error (bad option, file, name; a run directory in use; a full or read-only
+disk), one line on stderr (``--debug`` shows the traceback); 130 Ctrl-C and 143 SIGTERM (rerun the same
+command to resume); 1 an internal error (a bug: one line, the traceback with ``--debug``). Under
+``torchrun`` only rank 0 prints, and every rank exits with the status.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import fnmatch
 import json
 import math
+import os
+import signal
 import sys
 import types
 import typing
@@ -18,7 +24,26 @@ from pathlib import Path
 from criticality import distributed, experiments, models
 from criticality.analysis import DEFAULT_THRESHOLD
 from criticality.errors import CriticalityError
+from criticality.files import loads
+from criticality.groups import check_mapping
 from criticality.train import TrainConfig
+
+# Disk and permission failures are the user's environment, not a bug: one line, exit status 2.
+ENVIRONMENT_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's or torchrun's stop), handled like Ctrl-C: clean-up runs, then exit 143."""
+
+
+def _terminate(signum, frame) -> typing.NoReturn:
+    raise Terminated()
+
+
+def say_error(message: str) -> None:
+    """One line on stderr, from rank 0 only under torchrun (every rank still exits non-zero)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(message, file=sys.stderr)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -44,8 +69,10 @@ NON_NEGATIVE = _number(int, 0, "a non-negative integer")
 NON_NEGATIVE_FLOAT = _number(float, 0.0, "a non-negative number")
 
 
-def _add_config_options(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
-    """One ``--option`` per dataclass field, typed and documented from the field."""
+def _add_config_options(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = (),
+                        default_note: str | None = None) -> None:
+    """One ``--option`` per dataclass field, typed and documented from the field; ``default_note``
+    replaces the field's default in the help (``run``: the experiment sets the defaults)."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if f.name in skip:
@@ -59,7 +86,8 @@ def _add_config_options(parser: argparse.ArgumentParser, cls: type, skip: tuple[
         parse = {int: POSITIVE if f.name in ("epochs", "batch_size", "width", "max_train", "max_test",
                                              "image_size") else NON_NEGATIVE,
                  float: NON_NEGATIVE_FLOAT}.get(base, base)
-        parser.add_argument(flag, type=parse, default=None, help=f"{help_} (default: {f.default})")
+        parser.add_argument(flag, type=parse, default=None,
+                            help=f"{help_} (default: {default_note or f.default})")
 
 
 def _overrides(args: argparse.Namespace, cls: type) -> dict:
@@ -94,6 +122,7 @@ def _analysis_options(parser: argparse.ArgumentParser) -> None:
                         help="noise scales σ in [0, 1], relative to each group's movement RMS (noise, criticality)")
     parser.add_argument("--eps", type=NON_NEGATIVE_FLOAT, default=None,
                         help="module criticality: tolerated rise of test error over the final model (default 0.02)")
+    _wait_option(parser)
 
 
 def _unit_list(text: str) -> tuple[float, ...]:
@@ -104,6 +133,11 @@ def _unit_list(text: str) -> tuple[float, ...]:
     if not values or not all(0.0 <= v <= 1.0 for v in values):
         raise argparse.ArgumentTypeError(f"{text!r}: give numbers in [0, 1]")
     return values
+
+
+def _wait_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--wait", action="store_true",
+                        help="when another process holds the run directory, wait for it instead of stopping")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -125,11 +159,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("experiment", nargs="?", default=experiments.DEFAULT, help="key or unique part of a key")
     run.add_argument("--scale", choices=experiments.SCALES, default="quick")
     run.add_argument("--out", help="output directory (default runs/KEY/SCALE)")
-    _add_config_options(run, TrainConfig, skip=("model",))
+    _wait_option(run)
+    _add_config_options(run, TrainConfig, skip=("model",), default_note="the experiment's, at --scale")
 
     train = sub.add_parser("train", help="train a model, keeping the checkpoint trajectory")
     train.add_argument("model_name", metavar="MODEL", nargs="?", help="registry name (default fcn-3x256)")
     train.add_argument("--out", required=True, help="run directory to create or resume")
+    _wait_option(train)
     _add_config_options(train, TrainConfig, skip=("model",))
 
     analyze = sub.add_parser("analyze", help="measure every layer's robustness in a run directory")
@@ -147,24 +183,44 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         return _dispatch(args)
     except CriticalityError as e:
         if args.debug:
             raise
-        print(f"criticality: error: {e}", file=sys.stderr)
+        say_error(f"criticality: error: {_one_line(e)}")
         return 2
+    except Terminated:
+        say_error("criticality: terminated (SIGTERM); finished work is saved: rerun the same command to resume")
+        return 143
     except KeyboardInterrupt:
-        print("criticality: interrupted; rerun the same command to resume", file=sys.stderr)
+        say_error("criticality: interrupted; finished work is saved: rerun the same command to resume")
         return 130
+    except OSError as e:
+        if args.debug or e.errno not in ENVIRONMENT_ERRORS:
+            if args.debug:
+                raise
+            say_error(f"criticality: internal error: {type(e).__name__}: {_one_line(e)} "
+                      "(rerun with --debug for the traceback)")
+            return 1
+        where = f" ({e.filename})" if e.filename else ""
+        say_error(f"criticality: error: {e.strerror or e}{where}; earlier outputs are intact (every file is "
+                  "replaced atomically): free space or fix permissions and rerun the same command")
+        return 2
     except Exception as e:  # noqa: BLE001 - one line for the user, the traceback on --debug
         if args.debug:
             raise
-        print(f"criticality: internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)",
-              file=sys.stderr)
+        say_error(f"criticality: internal error: {type(e).__name__}: {_one_line(e)} "
+                  "(rerun with --debug for the traceback)")
         return 1
     finally:
+        signal.signal(signal.SIGTERM, previous)
         distributed.teardown()  # under torchrun: leave the process group so every process exits cleanly
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -178,7 +234,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         fields = _overrides(args, TrainConfig)
         config = TrainConfig(**{**fields, "model": args.model_name or TrainConfig.model})
-        train(config, args.out, progress=progress)
+        train(config, args.out, progress=progress, wait=args.wait)
         if distributed.is_main():
             print(f"trained {config.model} on {config.data}: {Path(args.out) / 'checkpoints'}")
         return 0
@@ -189,14 +245,18 @@ def _dispatch(args: argparse.Namespace) -> int:
                           joint=[j.split(",") for j in args.joint] if args.joint else None, split=args.split,
                           engine=args.engine, batch_size=args.batch_size, device=args.device,
                           max_examples=args.max_examples, threshold=args.threshold, buffers=args.buffers,
-                          progress=progress, ops=args.ops, alphas=args.alphas, sigmas=args.sigmas, eps=args.eps)
+                          progress=progress, wait=args.wait, ops=args.ops, alphas=args.alphas, sigmas=args.sigmas,
+                          eps=args.eps)
         if distributed.is_main():
+            _print_verdicts(out)
             print(f"wrote {out / 'cells.csv'}, {out / 'distances.csv'}, {out / 'summary.json'}")
             _warn_non_finite(out)
         return 0
     if args.command == "report":
         from criticality import plots, report
+        from criticality.runner import read_summary
 
+        read_summary(Path(args.run_dir) / "analysis")  # a missing or corrupt analysis is one line, exit 2
         plots.draw_run(args.run_dir)
         print(f"report: {report.write_report(args.run_dir)}")
         return 0
@@ -204,6 +264,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         pattern = args.pattern or "*"
         names = [m for m in models.names() if pattern in m or fnmatch.fnmatchcase(m, pattern)] if args.models \
             else experiments.names(args.pattern)
+        if not names:
+            what, flag = ("model", " --models") if args.models else ("experiment", "")
+            raise CriticalityError(f"no {what} matches {pattern!r}; `criticality list{flag}` shows them all")
         for name in names:
             note = "" if args.models else f"  {experiments.REGISTRY[name].description}"
             print(f"{name}{note}")
@@ -219,19 +282,33 @@ def _run(args: argparse.Namespace, progress: bool) -> int:
     overrides = _overrides(args, TrainConfig)
     data = overrides.pop("data", None)
     if data is None and args.scale == "quick":
-        data = default_data()  # Fashion-MNIST when installed, else the bundled digits
-    reports = run_experiment(exp, scale=args.scale, data=data, out=args.out, progress=progress, **overrides)
+        if overrides.get("data_root"):
+            data = exp.data  # the user gave the experiment's own data: use it at this scale too
+        else:
+            data = default_data()  # Fashion-MNIST when installed, else the bundled digits
+            if data != exp.data and distributed.is_main():
+                print(f"quick scale: {data} stands in for {exp.data} (pass --data-root DIR holding {exp.data} to "
+                      "use it, or --scale paper)", file=sys.stderr)
+    reports = run_experiment(exp, scale=args.scale, data=data, out=args.out, progress=progress, wait=args.wait,
+                             **overrides)
     for path in reports:
+        _print_verdicts(Path(path).parent / "analysis")
         print(f"report: {path}")
         _warn_non_finite(Path(path).parent / "analysis")
     return 0
 
 
+def _print_verdicts(analysis_dir: Path) -> None:
+    from criticality.runner import format_verdicts, read_summary
+
+    print(format_verdicts(read_summary(analysis_dir)))
+
+
 def _warn_non_finite(analysis_dir: Path) -> None:
     """One line on stderr when some cells evaluated to NaN/inf: they stay in the table, flagged."""
     try:
-        bad = json.loads((analysis_dir / "summary.json").read_text()).get("non_finite_cells", 0)
-    except (OSError, ValueError):
+        bad = loads((analysis_dir / "summary.json").read_text()).get("non_finite_cells", 0)
+    except (OSError, ValueError, AttributeError):
         return
     if bad:
         print(f"criticality: warning: {bad} cells have a non-finite error or loss (NaN/inf); they are the rows "
@@ -246,12 +323,21 @@ def _groups(spec: str) -> str | dict:
         raise CriticalityError(f"--groups {spec!r}: use model, blocks, sublayers, auto or a JSON file of "
                                "{name: [patterns]}")
     try:
-        mapping = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CriticalityError(f"--groups {spec}: not valid JSON ({e})") from e
+        mapping = json.loads(path.read_bytes().decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise CriticalityError(f"--groups {spec}: not valid JSON ({_one_line(e)})") from e
     if not isinstance(mapping, dict):
-        raise CriticalityError(f"--groups {spec}: expected a JSON object {{name: [patterns]}}")
-    return mapping
+        raise CriticalityError(f"--groups {spec}: expected a JSON object {{name: [patterns]}}, "
+                               f"got {type(mapping).__name__}")
+    return check_mapping(mapping, f"--groups {spec}")
+
+
+def _no_duplicates(pairs: list[tuple[str, typing.Any]]) -> dict:
+    names = [k for k, _ in pairs]
+    twice = sorted({k for k in names if names.count(k) > 1})
+    if twice:
+        raise ValueError(f"group {twice[0]!r} is defined twice")
+    return dict(pairs)
 
 
 if __name__ == "__main__":

@@ -127,10 +127,13 @@ def names(pattern: str | None = None) -> list[str]:
 
 
 def get(name: str) -> Experiment:
-    """An experiment by key, or by a path component that names exactly one key (``fcn-3x256``)."""
+    """An experiment by key, or by a path component or any other part of a key that names exactly one key
+    (``fcn-3x256``, ``3x256``; a path component wins over a longer key that merely contains it)."""
     if name in REGISTRY:
         return REGISTRY[name]
     hits = [k for k in REGISTRY if name in k.split("/") or fnmatch.fnmatchcase(k, name)]
+    if not hits:  # any unique part of a key: "3x256", "fig6/resnet50"
+        hits = [k for k in REGISTRY if name in k]
     if len(hits) == 1:
         return REGISTRY[hits[0]]
     if len(hits) > 1:

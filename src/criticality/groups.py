@@ -89,7 +89,7 @@ def resolve(model: nn.Module, spec: GroupSpec | None = None) -> Groups:
     keys = list(model.state_dict().keys())
     spec = default_spec(model) if spec is None else spec
     if isinstance(spec, Mapping):
-        named = {name: list(patterns) for name, patterns in spec.items()}
+        named = check_mapping(spec)
     elif spec == "model":
         if not callable(getattr(model, "layer_groups", None)):
             raise CriticalityError(f"{type(model).__name__} declares no layer_groups(); use groups='blocks', "
@@ -298,3 +298,25 @@ def _merge_tied(model: nn.Module, groups: dict[str, list[str]]) -> dict[str, lis
             if any(matches(k, p) for k in tied for p in pats):
                 pats += [k for k in tied if not any(matches(k, p) for p in pats)]
     return groups
+
+
+def check_mapping(spec: Mapping, source: str = "groups") -> dict[str, list[str]]:
+    """A user's ``{name: pattern or [patterns]}`` as ``{name: [patterns]}``; anything else is one clear line."""
+    if not spec:
+        raise CriticalityError(f"{source}: no groups given (expected {{name: [patterns]}})")
+    out = {}
+    for name, patterns in spec.items():
+        if not isinstance(name, str) or not name.strip():
+            raise CriticalityError(f"{source}: group names must be non-empty strings, got {name!r}")
+        if isinstance(patterns, str):
+            patterns = [patterns]
+        if not isinstance(patterns, list | tuple):
+            raise CriticalityError(f"{source}: group {name!r} must be a pattern or a list of patterns, "
+                                   f"got {type(patterns).__name__} {patterns!r}")
+        if not patterns:
+            raise CriticalityError(f"{source}: group {name!r} has an empty list of patterns")
+        bad = [p for p in patterns if not isinstance(p, str) or not p]
+        if bad:
+            raise CriticalityError(f"{source}: group {name!r}: patterns must be non-empty strings, got {bad[0]!r}")
+        out[name] = list(patterns)
+    return out

@@ -124,7 +124,8 @@ def proxies_scatter(proxies: pd.DataFrame, cells: pd.DataFrame, correlations: li
         matched = proxies[proxies.group.isin(delta.index)]
         if matched.empty:
             continue
-        r = rho.get((target, "bi"), float("nan"))
+        r = rho.get((target, "bi"))  # summary.json writes an undefined ρ (NaN) as null
+        r = float("nan") if r is None else float(r)
         note = f"Spearman ρ = {r:.2f}" if np.isfinite(r) else "ρ undefined: < 3 blocks or a constant side"
         ax.scatter(matched.bi, delta.reindex(matched.group), marker=marker, label=f"{target} ({note})")
     ax.set_xlabel("Block Influence (1 − mean cos(input, output))")

@@ -13,6 +13,8 @@ draws the figures (``RUN/figures``) and writes ``RUN/report.html``.
 
 from __future__ import annotations
 
+import copy
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,12 +23,12 @@ import pandas as pd
 import torch
 
 from criticality import data as datasets
-from criticality import distributed, interventions, models, plots, report
+from criticality import distributed, interventions, lock, models, plots, report
 from criticality.analysis import DEFAULT_THRESHOLD, finish, make_plan, run_cells
 from criticality.checkpoints import load_checkpoints
 from criticality.errors import CriticalityError
 from criticality.experiments import Experiment, run_configs
-from criticality.files import atomic_path, write_json
+from criticality.files import atomic_path, read_json, write_json
 from criticality.provenance import provenance
 from criticality.store import cell_key
 from criticality.train import RUN_FORMAT, TrainConfig, read_config, train
@@ -48,12 +50,13 @@ def analyze_run(run_dir: str | Path, *, groups: str | dict = "model", seeds: int
                 joint: Sequence[Sequence[str]] | None = None, split: str = "test", engine: str = "fast",
                 batch_size: int = 1000, device: str = "auto", max_examples: int | None = None,
                 threshold: float = DEFAULT_THRESHOLD, buffers: str = "reset", progress: bool = True,
-                ops: Sequence[str] | str = interventions.PAPER_OPS, alphas: Sequence[float] | None = None,
-                sigmas: Sequence[float] | None = None, eps: float | None = None) -> Path:
+                wait: bool = False, ops: Sequence[str] | str = interventions.PAPER_OPS,
+                alphas: Sequence[float] | None = None, sigmas: Sequence[float] | None = None,
+                eps: float | None = None) -> Path:
     """Analyse a training run directory and write ``RUN/analysis`` (``RUN/analysis_train`` for the training
-    split); returns that directory. ``ops`` adds interventions (:mod:`criticality.interventions`) and
-    ``criticality`` / ``proxies``, whose tables land beside cells.csv (rank 0 only under torchrun)."""
-    grid_ops, extras = interventions.split_ops(ops)
+    split); returns that directory. Holds the run directory's lock (:mod:`criticality.lock`) meanwhile.
+    ``ops`` adds interventions (:mod:`criticality.interventions`) and ``criticality`` / ``proxies``, whose
+    tables land beside cells.csv (rank 0 only under torchrun)."""
     run_dir = Path(run_dir)
     config = read_run(run_dir)
     try:
@@ -62,7 +65,18 @@ def analyze_run(run_dir: str | Path, *, groups: str | dict = "model", seeds: int
         raise CriticalityError(f"{run_dir / 'config.json'} is incomplete or has unknown fields ({e})") from e
     if split not in ("test", "train"):
         raise CriticalityError(f"--split must be test or train, got {split!r}")
+    grid_ops, extras = interventions.split_ops(ops)
     ctx = distributed.setup(device)
+    with lock.held(run_dir, "criticality analyze", wait=wait):
+        return _analyze(run_dir, config, cfg, build, ctx, groups=groups, seeds=seeds, joint=joint, split=split,
+                        engine=engine, batch_size=batch_size, max_examples=max_examples, threshold=threshold,
+                        buffers=buffers, progress=progress,
+                        ops=dict(grid_ops=grid_ops, extras=extras, alphas=alphas, sigmas=sigmas, eps=eps))
+
+
+def _analyze(run_dir: Path, config: dict, cfg: TrainConfig, build: dict, ctx: distributed.Context, *, groups,
+             seeds, joint, split, engine, batch_size, max_examples, threshold, buffers, progress, ops) -> Path:
+    grid_ops, extras, alphas, sigmas, eps = (ops[k] for k in ("grid_ops", "extras", "alphas", "sigmas", "eps"))
     dataset = datasets.load(cfg.data, cfg.data_root, max_train=cfg.max_train, max_test=cfg.max_test,
                             image_size=cfg.image_size)
     split_data = dataset.test if split == "test" else dataset.train
@@ -75,6 +89,10 @@ def analyze_run(run_dir: str | Path, *, groups: str | dict = "model", seeds: int
                      alphas=alphas or interventions.DEFAULT_ALPHAS, sigmas=sigmas or interventions.DEFAULT_SIGMAS,
                      probe=data)
     out = run_dir / ("analysis" if split == "test" else f"analysis_{split}")  # the report reads analysis/
+    if ctx.is_main:
+        n = min(x for x in (max_examples, _size(split_data)) if x)
+        cost = _estimate(model, data, n, batch_size, ctx.device, len(plan.cells) // ctx.world + 1)
+        print(f"analysis: {len(plan.cells)} cells, each one pass over {n} {split} examples{cost}", file=sys.stderr)
     store = out / ("cells.jsonl" if ctx.world == 1 else f"cells.rank{ctx.rank}-of-{ctx.world}.jsonl")
     rows = run_cells(plan, data, device=ctx.device, store=str(store),
                      shard=(ctx.rank, ctx.world) if ctx.world > 1 else None, progress=progress and ctx.is_main)
@@ -113,17 +131,99 @@ def _calibration(dataset: datasets.Dataset, cfg: TrainConfig):
 
 
 def _merge_shards(shards: list[list[dict]], plan) -> list[dict]:
-    """Rank-order shards back into grid order (rank r evaluated cells r, r + W, r + 2W, …; a rank beyond
-    the number of cells evaluated none)."""
+    """The shards' rows back in grid order, matched by cell key (rank r evaluated cells r, r + W, …; a rank
+    beyond the number of cells evaluated none). Every cell must come back exactly once."""
     world = len(shards)
     if [len(s) for s in shards] != [len(plan.cells[r::world]) for r in range(world)]:
         raise CriticalityError(f"shards of {[len(s) for s in shards]} rows do not split {len(plan.cells)} cells "
                                f"over {world} processes")
-    merged = [shards[i % world][i // world] for i in range(len(plan.cells))]
-    for row, cell in zip(merged, plan.cells, strict=True):
-        if cell_key(row) != cell_key(cell.as_dict()):
-            raise CriticalityError(f"shard row {cell_key(row)} is out of place (expected {cell_key(cell.as_dict())})")
+    by_key = {cell_key(row): row for shard in shards for row in shard}
+    merged = []
+    for r, cell in enumerate(plan.cells):
+        key = cell_key(cell.as_dict())
+        if key not in by_key or cell_key(shards[r % world][r // world]) != key:
+            raise CriticalityError(f"shard row {cell_key(shards[r % world][r // world])} is out of place "
+                                   f"(expected {key})")
+        merged.append(by_key[key])
     return merged
+
+
+def _estimate(model: torch.nn.Module, data, n: int, batch_size: int, device: torch.device, cells: int) -> str:
+    """", at most about T" for ``cells`` full forward passes over ``n`` examples, timed on one batch of
+    tensor data ("" for a loader: fetching a batch to time it would cost a worker start-up). An upper
+    bound: the fast engine re-runs only each cell's suffix, and stored cells are not run again."""
+    if not (isinstance(data, tuple) and isinstance(data[0], torch.Tensor)):
+        return ""
+    import time
+
+    x = data[0][:min(batch_size, n)]
+    try:
+        probe = copy.deepcopy(model).to(device).eval()
+        with torch.no_grad():
+            probe(x.to(device))  # warm-up (allocations, kernels)
+            start = time.perf_counter()
+            probe(x.to(device))
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            seconds = (time.perf_counter() - start) * cells * -(-n // len(x))
+    except Exception:  # noqa: BLE001 - an estimate only: the analysis itself reports any real problem
+        return ""
+    minutes = seconds / 60
+    return f", at most about {max(seconds, 1):.0f} s" if minutes < 2 else f", at most about {minutes:.0f} min" \
+        if minutes < 120 else f", at most about {minutes / 60:.1f} h"
+
+
+def _size(split) -> int:
+    return len(split[1]) if isinstance(split, tuple) else len(split)
+
+
+def read_summary(analysis_dir: str | Path) -> dict[str, Any]:
+    """``analysis/summary.json`` as written by :func:`analyze_run`; missing or corrupt is one clear line."""
+    path = Path(analysis_dir) / "summary.json"
+    if not path.is_file():
+        raise CriticalityError(f"no analysis in {path.parent.parent} ({path} is missing); run "
+                               f"`criticality analyze {path.parent.parent}` first")
+    try:
+        summary = read_json(path)
+    except (OSError, ValueError) as e:
+        raise CriticalityError(f"{path} is not valid JSON ({' '.join(str(e).split())}); rerun "
+                               f"`criticality analyze {path.parent.parent}` to rewrite it") from e
+    if not isinstance(summary, dict) or not isinstance(summary.get("verdicts"), list):
+        raise CriticalityError(f"{path} is not an analysis summary (no verdicts); rerun "
+                               f"`criticality analyze {path.parent.parent}` to rewrite it")
+    return summary
+
+
+# Columns of the terminal's verdict table, in order, when the summary has them (interval columns of
+# criticality.statistics are shown as they come).
+_VERDICT_COLUMNS = {"group": "group", "delta_error": "Δ error @0", "verdict": "verdict",
+                    "rerandomize_error_mean": "re-randomized error"}
+
+
+def format_verdicts(summary: dict[str, Any]) -> str:
+    """The verdicts as a plain-text table: group, Δ test error when reset to epoch 0, verdict, mean
+    re-randomized error, and whatever interval columns the summary holds."""
+    rows = [r for r in summary.get("verdicts", []) if isinstance(r, dict)]
+    if not rows:
+        return "no verdicts"
+    extra = [k for k in rows[0] if k not in _VERDICT_COLUMNS and k not in ("joint", "threshold")
+             and any(w in k for w in ("low", "high", "ci", "interval", "p_value"))]
+    columns = [*(k for k in _VERDICT_COLUMNS if k in rows[0]), *extra]
+    head = [_VERDICT_COLUMNS.get(k, k) for k in columns]
+    body = [[_cell(r.get(k), signed=k.startswith("delta")) for k in columns] for r in rows]
+    widths = [max(len(x) for x in col) for col in zip(head, *body, strict=True)]
+    lines = ["  ".join(x.ljust(w) for x, w in zip(line, widths, strict=True)).rstrip() for line in [head, *body]]
+    threshold = summary.get("threshold")
+    note = f"(threshold Δ ≤ {threshold} is robust; final error {_cell(summary.get('final_error'))})"
+    return "\n".join([*lines, note])
+
+
+def _cell(v: Any, signed: bool = False) -> str:
+    if isinstance(v, float):
+        return f"{v:+.3f}" if signed else f"{v:.3f}"
+    if isinstance(v, list):
+        return "[" + ", ".join(_cell(x, signed) for x in v) + "]"
+    return str(v)
 
 
 def write_tables(out: Path, table: pd.DataFrame, dist: pd.DataFrame, summary: dict) -> None:
@@ -142,20 +242,20 @@ def write_tables(out: Path, table: pd.DataFrame, dist: pd.DataFrame, summary: di
 
 
 def run_experiment(exp: Experiment, *, scale: str = "quick", data: str | None = None, out: str | Path | None = None,
-                   progress: bool = True, **overrides: Any) -> list[Path]:
+                   progress: bool = True, wait: bool = False, **overrides: Any) -> list[Path]:
     """Train (or resume), analyse, draw and report every run of ``exp``; returns the report paths."""
     out = Path(out) if out else Path("runs") / exp.key / scale
     configs = run_configs(exp, scale, data, **overrides)
     reports, widths, is_main = [], [], True
     for name, cfg in configs.items():
         run_dir = out if len(configs) == 1 else out / name
-        train(cfg, run_dir, progress=progress)
+        train(cfg, run_dir, progress=progress, wait=wait)
         is_main = distributed.setup(cfg.device).is_main
         if is_main:
             _note_experiment(run_dir, exp, scale)
         distributed.barrier()
         analyze_run(run_dir, seeds=exp.seeds, joint=[list(j) for j in exp.joint] or None, device=cfg.device,
-                    progress=progress, ops=exp.ops, alphas=exp.alphas, sigmas=exp.sigmas)
+                    progress=progress, wait=wait, ops=exp.ops, alphas=exp.alphas, sigmas=exp.sigmas)
         if not is_main:
             continue
         plots.draw_run(run_dir)

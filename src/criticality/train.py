@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,13 +36,16 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from criticality import data as datasets
-from criticality import distributed, engine, models
+from criticality import distributed, engine, lock, models
 from criticality.checkpoints import check_compatible, list_epochs, load_checkpoint, save_checkpoint
-from criticality.errors import CriticalityError
-from criticality.files import atomic_path, atomic_write, write_json
+from criticality.errors import CriticalityError, unknown_name
+from criticality.files import atomic_path, atomic_write, dumps, loads, write_json
+from criticality.initializers import SCHEMES
 from criticality.provenance import provenance
 
 RUN_FORMAT = 1  # bump when the run-directory layout changes incompatibly
+_SYNONYMS = {"xavier": "glorot", "he": "kaiming", "default": "torch", "fashion_mnist": "fashion-mnist",
+             "fmnist": "fashion-mnist", "cifar": "cifar10", "cifar-10": "cifar10"}  # names users try
 
 
 @dataclass
@@ -71,6 +75,8 @@ class TrainConfig:
     image_size: int = field(default=224, metadata={"help": "imagenet: crop side in pixels"})
     workers: int = field(default=4, metadata={"help": "DataLoader worker processes (imagenet only)"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
+    allow_divergence: bool = field(default=False, metadata={
+        "help": "keep training when the training loss becomes NaN/inf (default: stop with an error)"})
 
     def validate(self) -> None:
         for name in ("epochs", "batch_size"):
@@ -84,8 +90,14 @@ class TrainConfig:
                                        f"got {getattr(self, name)}")
         if self.seed < 0:
             raise CriticalityError(f"--seed must be non-negative, got {self.seed}")
-        if self.schedule not in ("constant", "step", "cosine"):
-            raise CriticalityError(f"unknown --schedule {self.schedule!r}; use constant, step or cosine")
+        for name, known in (("schedule", ("constant", "step", "cosine")), ("init", SCHEMES),
+                            ("data", datasets.NAMES)):
+            value = getattr(self, name)
+            if value in _SYNONYMS:
+                raise CriticalityError(f"unknown --{name} {value!r}; did you mean {_SYNONYMS[value]!r}? "
+                                       f"(known: {', '.join(known)})")
+            if value not in known:
+                raise unknown_name(f"--{name}", value, known)
         checkpoint_epochs(self.epochs, self.checkpoints)
 
 
@@ -125,18 +137,31 @@ def load_data(config: TrainConfig) -> datasets.Dataset:
     )
 
 
-def train(config: TrainConfig, run_dir: str | Path, *, progress: bool = True) -> Path:
-    """Train ``config`` into ``run_dir`` (resuming if it holds an unfinished run); returns ``run_dir``."""
+def train(config: TrainConfig, run_dir: str | Path, *, progress: bool = True, wait: bool = False) -> Path:
+    """Train ``config`` into ``run_dir`` (resuming if it holds an unfinished run); returns ``run_dir``.
+
+    Holds ``run_dir``'s lock (:mod:`criticality.lock`; ``wait``: wait for another holder instead of
+    refusing). A non-finite training loss stops training with a :class:`CriticalityError` after the last
+    finite epoch was saved, unless ``config.allow_divergence``."""
     config.validate()
     run_dir = Path(run_dir)
     ctx = distributed.setup(config.device)
     dataset = load_data(config)
     model = build_model(config, dataset).to(ctx.device)
     state = _Trainer(config, model, dataset, ctx)
+    # Locked once the data and model are known good: a refused command leaves no run directory behind.
+    with lock.held(run_dir, "criticality train", wait=wait):
+        return _train(config, run_dir, state, ctx, progress)
+
+
+def _train(config: TrainConfig, run_dir: Path, state: _Trainer, ctx: distributed.Context, progress: bool) -> Path:
     start = _begin(config, run_dir, state, ctx)
     keep = checkpoint_epochs(config.epochs, config.checkpoints)
+    warned = False
     for epoch in range(start + 1, config.epochs + 1):
         record = state.epoch(epoch, progress=progress and ctx.is_main)
+        _check_finite(record, config, run_dir, ctx.is_main)
+        warned = warned or _warn_exploding(record, config, state.dataset.num_classes, ctx.is_main)
         if ctx.is_main:
             if epoch in keep:
                 save_checkpoint(run_dir, epoch, state.model.state_dict(), **_metrics(record))
@@ -171,6 +196,34 @@ def _begin(config: TrainConfig, run_dir: Path, state: _Trainer, ctx: distributed
         state.save_resume(run_dir, 0)
     distributed.barrier()
     return 0
+
+
+def _check_finite(record: dict[str, Any], config: TrainConfig, run_dir: Path, say: bool) -> None:
+    """Divergence is loud: stop (default) or go on with a warning (``allow_divergence``)."""
+    loss, epoch = record["train_loss"], record["epoch"]
+    if math.isfinite(loss):
+        return
+    if not config.allow_divergence:
+        raise CriticalityError(f"training diverged in epoch {epoch}: the training loss is {loss} (--lr {config.lr} "
+                               f"too large?); epochs up to {epoch - 1} are kept in {run_dir}. Lower --lr and use a "
+                               "new --out, or pass --allow-divergence to keep training anyway")
+    if say:
+        print(f"criticality: warning: epoch {epoch}: the training loss is {loss} (diverged); going on because of "
+              "--allow-divergence", file=sys.stderr)
+
+
+EXPLODED = 100  # × the chance-level loss ln(classes): a finite loss this large means the run is diverging
+
+
+def _warn_exploding(record: dict[str, Any], config: TrainConfig, classes: int, say: bool) -> bool:
+    """One warning line the first time the training loss is finite but far above chance level."""
+    loss = record["train_loss"]
+    if not math.isfinite(loss) or loss <= EXPLODED * math.log(max(classes, 2)):
+        return False
+    if say:
+        print(f"criticality: warning: epoch {record['epoch']}: the training loss is {loss:.3g}, over {EXPLODED}× the "
+              f"chance level ln({classes}); training is diverging (--lr {config.lr} too large?)", file=sys.stderr)
+    return True
 
 
 def _record_extension(path: Path, resolved: dict[str, Any]) -> None:
@@ -234,7 +287,7 @@ def _check_same_run(old: dict, new: dict, run_dir: Path) -> None:
             f"{run_dir} was written by an incompatible version of criticality "
             f"(run format {old.get('format')!r}, this version reads {RUN_FORMAT}); use a new --out"
         )
-    ignore = {"epochs", "checkpoints", "device", "download", "data_root", "workers"}
+    ignore = {"epochs", "checkpoints", "device", "download", "data_root", "workers", "allow_divergence"}
     a, b = old.get("config", {}), new["config"]
     if a.get("epochs") != b["epochs"] and b["schedule"] != "constant":
         raise CriticalityError(
@@ -260,10 +313,10 @@ def _metrics(record: dict[str, Any]) -> dict[str, Any]:
 def _append_log(run_dir: Path, record: dict[str, Any]) -> None:
     """Rewrite log.jsonl atomically with ``record`` replacing any earlier line for its epoch."""
     path = run_dir / "log.jsonl"
-    lines = [json.loads(s) for s in path.read_text().splitlines() if s.strip()] if path.exists() else []
+    lines = [loads(s) for s in path.read_text().splitlines() if s.strip()] if path.exists() else []
     lines = [r for r in lines if r["epoch"] < record["epoch"]] + [record]
-    with atomic_write(path) as f:
-        f.writelines(json.dumps(r) + "\n" for r in lines)
+    with atomic_write(path) as f:  # strict JSON: a NaN loss is the string "NaN" (see criticality.files)
+        f.writelines(dumps(r) + "\n" for r in lines)
 
 
 class _Trainer:

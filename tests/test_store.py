@@ -1,0 +1,68 @@
+"""The cell store: rows keyed by cell, so a sharded analysis resumes whatever the number of processes.
+
+Run: ``.venv/bin/pytest tests/test_store.py -q`` (a few seconds; CPU).
+
+Checks: cells stored by 2 shards are all reused by 3 shards and by one process (nothing recomputed);
+a sibling store of other settings is ignored, never mixed in; NaN/inf in a stored row round-trip through
+strict JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import torch
+
+from criticality.analysis import make_plan, run_cells
+from criticality.runner import _merge_shards
+from criticality.store import CellStore, cell_key
+from toy import fcn
+
+
+def _plan():
+    g = torch.Generator().manual_seed(0)
+    model = fcn()
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    end = {k: v + 0.3 * torch.randn(v.shape, generator=g) for k, v in start.items()}
+    x, y = torch.randn(60, 1, 6, 6, generator=g), torch.randint(0, 5, (60,), generator=g)
+    plan = make_plan(model, {0: start, 2: end}, "auto", 1, None, None, None, "torch", ("error", "loss"), "fast",
+                     30, None, "reset")
+    return plan, (x, y)
+
+
+def test_sharded_cells_are_reused_by_any_world_size(tmp_path, capsys, monkeypatch):
+    plan, data = _plan()
+    two = [run_cells(plan, data, store=str(tmp_path / f"cells.rank{r}-of-2.jsonl"), shard=(r, 2), progress=False)
+           for r in range(2)]
+    capsys.readouterr()
+    import criticality.analysis as analysis
+
+    def no_evaluation(plan, cells, *args, **kwargs):
+        assert not cells, f"stored cells were computed again: {cells}"
+        return iter(())
+
+    monkeypatch.setattr(analysis, "_evaluate", no_evaluation)
+    three = [run_cells(plan, data, store=str(tmp_path / f"cells.rank{r}-of-3.jsonl"), shard=(r, 3), progress=False)
+             for r in range(3)]
+    one = run_cells(plan, data, store=str(tmp_path / "cells.jsonl"), progress=False)
+    assert "computing 0" in capsys.readouterr().err
+    merged2, merged3 = _merge_shards(two, plan), _merge_shards(three, plan)
+    assert [cell_key(r) for r in one] == [cell_key(c.as_dict()) for c in plan.cells]
+    assert [r["error"] for r in merged2] == [r["error"] for r in merged3] == [r["error"] for r in one]
+
+
+def test_a_sibling_store_of_other_settings_is_ignored(tmp_path):
+    CellStore(tmp_path / "cells.rank0-of-2.jsonl", {"a": 1}).add({"op": "final", "group": "", "checkpoint": 2,
+                                                                  "seed": None, "error": 0.5})
+    assert CellStore(tmp_path / "cells.jsonl", {"a": 2}).rows == {}
+    assert len(CellStore(tmp_path / "cells.rank1-of-2.jsonl", {"a": 1}).rows) == 1
+
+
+def test_non_finite_rows_round_trip_as_strict_json(tmp_path):
+    store = CellStore(tmp_path / "cells.jsonl", {"a": 1})
+    store.add({"op": "final", "group": "", "checkpoint": 2, "seed": None, "error": math.nan, "loss": math.inf})
+    line = (tmp_path / "cells.jsonl").read_text().splitlines()[1]
+    assert json.loads(line, parse_constant=lambda c: 1 / 0)["loss"] == "Infinity"
+    row = next(iter(CellStore(tmp_path / "cells.jsonl", {"a": 1}).rows.values()))
+    assert math.isnan(row["error"]) and row["loss"] == math.inf
