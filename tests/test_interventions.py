@@ -192,3 +192,11 @@ def test_skipping_a_llama_layer_equals_the_model_without_it():
             got = lm(**inputs).logits
         want = without(**inputs, use_cache=False).logits
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_the_engine_reuses_the_prefix_in_front_of_a_skipped_block():
+    from criticality.engine import Engine, Variant
+
+    model, states = trajectory("residual")
+    fast = Engine(model, states[3], make_data(seed=7), batch_size=64)
+    assert fast.position(Variant("skip block2", {}, keys=(), skip=("block2",))) == 2  # stem, block1 cached

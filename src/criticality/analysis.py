@@ -226,7 +226,8 @@ class Plan:
 
     def variant(self, cell: Cell) -> Variant:
         """The cell for the engine: its tensors are made when it is evaluated, not before."""
-        return Variant(cell, lambda: self.entries(cell), keys=self.moved_keys(cell))
+        skip = (self.skips.paths[cell.group],) if cell.op == "skip" else ()
+        return Variant(cell, lambda: self.entries(cell), keys=self.moved_keys(cell), skip=skip)
 
     def settings(self) -> dict[str, Any]:
         """What must match for stored cells to be reused (see :mod:`criticality.store`)."""
@@ -370,18 +371,15 @@ def _data_errors(results: Any) -> Any:
 def _evaluate(plan: Plan, cells: list[Cell], data: Data, device) -> Any:
     if not cells:
         return
-    # Skip cells run the reference until the engine's Variant(skip=...) lands (contract 3).
-    naive = cells if plan.engine == "naive" else [c for c in cells if c.op == "skip"]
-    for cell in naive:
-        yield cell, engine_mod.evaluate_naive(plan.naive_model(cell), plan.state(cell), data, metrics=plan.metrics,
-                                              batch_size=plan.batch_size, device=device, limit=plan.max_examples)
-    done = set(naive)
-    rest = [c for c in cells if c not in done]
-    if not rest:
+    if plan.engine == "naive":
+        for cell in cells:
+            yield cell, engine_mod.evaluate_naive(plan.naive_model(cell), plan.state(cell), data,
+                                                  metrics=plan.metrics, batch_size=plan.batch_size, device=device,
+                                                  limit=plan.max_examples)
         return
     fast = Engine(plan.model, plan.checkpoints[plan.final_epoch], data, metrics=plan.metrics,
                   batch_size=plan.batch_size, device=device, limit=plan.max_examples)
-    yield from fast.evaluate([plan.variant(c) for c in rest])
+    yield from fast.evaluate([plan.variant(c) for c in cells])
 
 
 def finish(plan: Plan, rows: list[dict[str, Any]], *, threshold: float = DEFAULT_THRESHOLD,

@@ -58,6 +58,7 @@ class Variant:
     id: Hashable
     entries: Mapping[str, torch.Tensor] | Callable[[], Mapping[str, torch.Tensor]] = field(default_factory=dict)
     keys: tuple[str, ...] | None = None
+    skip: tuple[str, ...] = ()  # module paths that return their input in this cell (contract 3)
 
     def touched(self) -> tuple[str, ...]:
         return tuple(self.entries) if self.keys is None else self.keys
@@ -190,7 +191,13 @@ class Engine:
 
     def position(self, variant: Variant) -> int:
         """Index of the first stage the variant touches (len(stages): touches none)."""
-        return min((self._stage_of[k] for k in variant.touched()), default=len(self.stages))
+        touched = [self._stage_of[k] for k in variant.touched()] + [self._module_stage(p) for p in variant.skip]
+        return min(touched, default=len(self.stages))
+
+    def _module_stage(self, path: str) -> int:
+        """Index of the stage holding the module at ``path`` (0 when it is in none: re-run everything)."""
+        module = self.model.get_submodule(path)
+        return next((i for i, (_, s) in enumerate(self.stages) if any(m is module for m in s.modules())), 0)
 
     def evaluate(self, variants: Iterable[Variant]) -> Iterator[tuple[Hashable, dict[str, float]]]:
         variants = sorted(variants, key=self.position)
@@ -215,7 +222,9 @@ class Engine:
                 pos = self.position(v)
                 acts, at = self._advance(acts, at, pos), pos
                 self.cache_bytes = max(self.cache_bytes, sum(a.numel() * a.element_size() for a in acts))
-                with swapped(self.model, v.materialize()), torch.inference_mode():
+                from criticality.interventions import skipping  # interim skip hook (contract 3); local: no cycle
+
+                with swapped(self.model, v.materialize()), skipping(self.model, v.skip), torch.inference_mode():
                     for a, (_, y) in zip(acts, chunk, strict=True):
                         # The suffix gets a copy: a stage may work in place on its input (inplace=True),
                         # and the cached activation must survive for the next cell.

@@ -283,21 +283,31 @@ def call_model(model: nn.Module, inputs: Any) -> Any:
     return model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
 
 
-def _identity(outputs: int):
-    """A forward that returns its hidden-state input in a return structure of ``outputs`` (0: a tensor)."""
+def _identity(outputs: int | None, module: nn.Module | None = None):
+    """A forward that returns its hidden-state input in a return structure of ``outputs`` (0: a tensor).
+
+    ``outputs=None``: the structure is learnt from one call of ``module``'s own forward, on the first call.
+    """
+    known = {} if outputs is None else {"n": outputs}
+
     def forward(*args, **kwargs):
         x = hidden_input(args, kwargs)
-        return x if outputs == 0 else (x, *([None] * (outputs - 1)))
+        if "n" not in known:
+            out = type(module).forward(module, *args, **kwargs)
+            known["n"] = len(out) if isinstance(out, tuple) else 0
+        return x if known["n"] == 0 else (x, *([None] * (known["n"] - 1)))
     return forward
 
 
 @contextlib.contextmanager
-def skipping(model: nn.Module, paths: Sequence[str], outputs: Mapping[str, int]) -> Iterator[nn.Module]:
-    """Temporarily make the modules at ``paths`` of ``model`` return their input; restored on exit."""
+def skipping(model: nn.Module, paths: Sequence[str],
+             outputs: Mapping[str, int] | None = None) -> Iterator[nn.Module]:
+    """Temporarily make the modules at ``paths`` of ``model`` return their input; restored on exit.
+    ``outputs``: each module's return structure (see :class:`SkipPlan`), learnt on first use when absent."""
     modules = [model.get_submodule(p) for p in paths]
     try:
         for p, m in zip(paths, modules, strict=True):
-            m.forward = _identity(outputs[p])  # an instance attribute shadows the class's forward
+            m.forward = _identity((outputs or {}).get(p), m)  # an instance attribute shadows the class's forward
         yield model
     finally:
         for m in modules:
