@@ -194,8 +194,9 @@ def test_distances_match_a_hand_computation():
     d = distances(states, {"first": ["1.weight", "1.bias"]})
     theta = lambda e: torch.cat([states[e]["1.weight"].flatten(), states[e]["1.bias"].flatten()]).double()  # noqa: E731
     want = ((theta(3) - theta(0)).norm() / theta(0).norm()).item()
-    assert d[d.checkpoint == 3].l2.iloc[0] == pytest.approx(want)
-    assert d[d.checkpoint == 0][["l2", "linf", "cosine"]].abs().max().max() == pytest.approx(0, abs=1e-12)
+    assert d[d.checkpoint == 3].l2_rel.iloc[0] == pytest.approx(want)  # l2 is the paper's: tests/test_distances.py
+    at0 = d[d.checkpoint == 0][["l2", "linf", "l2_rel", "linf_rel", "cosine"]]
+    assert at0.abs().max().max() == pytest.approx(0, abs=1e-12)
 
 
 def test_verdicts_and_summary():

@@ -207,7 +207,7 @@ CASES = {
     "--lr -1": (lambda t, r, runs: ["train", "--lr", "-1", "--out", t], "--lr: '-1' is not a non-negative number"),
     "--lr inf": (lambda t, r, runs: ["train", "--lr", "inf", "--out", t], "'inf' is not a non-negative number"),
     "--checkpoints a,b": (lambda t, r, runs: [*RESUME, t / "new", "--checkpoints", "a,b"],
-                          "--checkpoints must be 'auto' or comma-separated epochs"),
+                          "--checkpoints must be auto, every or comma-separated epochs"),
 }
 
 

@@ -28,7 +28,8 @@ from torch import nn
 from criticality import analysis, distributed, experiments, initializers, models, surgery
 from criticality.analysis import analyze
 from criticality.errors import CriticalityError
-from criticality.train import TrainConfig, _scheduler, train
+from criticality.schedules import scheduler as _scheduler
+from criticality.train import TrainConfig, train
 
 N = 200
 
@@ -235,10 +236,13 @@ def test_distances_at_a_non_zero_checkpoint_by_hand():
     row = d[(d.group == "fc2") & (d.checkpoint == 3)].iloc[0]
     t0 = torch.cat([sd[0]["3.weight"].flatten(), sd[0]["3.bias"]]).double()
     t3 = torch.cat([sd[3]["3.weight"].flatten(), sd[3]["3.bias"]]).double()
-    assert row.l2 == pytest.approx(((t3 - t0).norm() / t0.norm()).item(), rel=1e-9)
-    assert row.linf == pytest.approx(((t3 - t0).abs().max() / t0.abs().max()).item(), rel=1e-9)
+    # l2 / linf are the paper's (÷ √n, absolute); l2_rel / linf_rel divide by θ0's norms (issue 17)
+    assert row.l2 == pytest.approx(((t3 - t0).norm() / t0.numel() ** 0.5).item(), rel=1e-9)
+    assert row.linf == pytest.approx((t3 - t0).abs().max().item(), rel=1e-9)
+    assert row.l2_rel == pytest.approx(((t3 - t0).norm() / t0.norm()).item(), rel=1e-9)
+    assert row.linf_rel == pytest.approx(((t3 - t0).abs().max() / t0.abs().max()).item(), rel=1e-9)
     assert row.cosine == pytest.approx(1 - (t3 @ t0 / (t3.norm() * t0.norm())).item(), abs=1e-9)
-    assert row.l2 > 0.01
+    assert row.l2_rel > 0.01
 
 
 def test_interpolate_off_the_midpoint():

@@ -158,7 +158,7 @@ def test_stem_choice():
 
 def test_names_and_canonical_name():
     assert NAMES[:2] == ["fcn-3x256", "fcn-5x256"]
-    assert "vgg16-bn" in NAMES and "resnet101" in NAMES and len(NAMES) == 2 + 8 + 4
+    assert "vgg16-bn" in NAMES and "resnet101" in NAMES and len(NAMES) == 2 + 8 + 4 + 2  # + vit-tiny, mixer-tiny
     model = _build("FCN-03x16", (1, 8, 8))
     assert model.name == "fcn-3x16"
     assert model.build_kwargs == dict(name="fcn-3x16", input_shape=(1, 8, 8), num_classes=10, width=None, stem=None)

@@ -64,7 +64,8 @@ def make_cells(singles=SINGLES, joint=(JOINT,), final_epoch=5) -> pd.DataFrame:
 
 def make_distances(groups=(*SINGLES, JOINT)) -> pd.DataFrame:
     rows = [
-        dict(group=g, checkpoint=c, l2=0.1 * k * c, linf=0.2 * k * c, cosine=0.01 * k * c)
+        dict(group=g, checkpoint=c, l2=0.1 * k * c, linf=0.2 * k * c, l2_rel=0.3 * k * c, linf_rel=0.4 * k * c,
+             cosine=0.01 * k * c)
         for k, g in enumerate(groups, 1)
         for c in CHECKPOINTS
     ]
@@ -167,20 +168,23 @@ def test_distance_heatmap():
 
 
 def test_width_bars():
+    """Fig 3: per (depth, width) the mean ± 1 std over seeds of each run's mean over layers 2..L."""
     rng = np.random.default_rng(0)
     df = pd.DataFrame(
         [
-            dict(width=w, group=g, seed=s, delta_error=rng.uniform(0, 0.1))
-            for w in (256, 32, 2048)
+            dict(depth=d, width=w, group=g, seed=s, delta_error=rng.uniform(0, 0.1))
+            for d in (3, 5)
+            for w in (256, 32, 512)
             for g in ("fc2", "fc3")
             for s in range(3)
         ]
     )
     ax = plots.width_bars(df).axes[0]
-    assert ticks(ax.get_xticklabels()) == ["32", "256", "2048"]
+    assert ticks(ax.get_xticklabels()) == ["32", "256", "512"]
     heights = [p.get_height() for p in ax.patches]
-    expected = df[df.group == "fc2"].groupby("width")["delta_error"].mean()
-    assert heights[:3] == pytest.approx(list(expected))
+    per_run = df[df.depth == 3].groupby(["width", "seed"])["delta_error"].mean()
+    assert heights[:3] == pytest.approx(list(per_run.groupby("width").mean()))
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["FCN 3×H", "FCN 5×H"]
     with pytest.raises(CriticalityError, match="lacks columns"):
         plots.width_bars(df.drop(columns="seed"))
 
@@ -209,7 +213,8 @@ def test_draw_run(tmp_path):
     write_run(tmp_path)
     paths = plots.draw_run(tmp_path)
     names = {p.name for p in paths}
-    stems = ["robustness_error", "robustness_loss", "joint_error", "distance_l2", "distance_linf", "distance_cosine"]
+    stems = ["robustness_error", "robustness_loss", "joint_error", "distance_l2", "distance_linf", "distance_l2_rel",
+             "distance_linf_rel", "distance_cosine"]
     assert names == {f"{s}.{x}" for s in stems for x in ("png", "svg")}
     assert all(p.parent == tmp_path / "figures" and p.stat().st_size > 0 for p in paths)
     for p in paths:

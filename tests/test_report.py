@@ -78,7 +78,7 @@ def test_report_is_self_contained(run_report):
     assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", text, re.I)
     assert "<link" not in text and "@import" not in text and "url(" not in text
     assert "<script" not in text.lower()  # no JS at all, and the evil group name is escaped
-    assert text.count('src="data:image/png;base64,') == 6  # error, joint, loss, 3 distances
+    assert text.count('src="data:image/png;base64,') == 8  # error, joint, loss, 5 distances
 
 
 def test_report_content(run_report):

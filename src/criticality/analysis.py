@@ -1,11 +1,11 @@
-"""The robustness grid: operations × groups × sources → one tidy table; distances; verdicts.
+"""The robustness grid: operations × groups × sources → one tidy table; verdicts (distances: distances.py).
 
 ::
 
     result = criticality.analyze(model, checkpoints={0: sd0, 1: sd1, 10: sd10, 40: sd40},
                                  data=(x_test, y_test), groups="auto", seeds=3, joint=None)
     result.table      # one row per cell: op, group, joint, checkpoint, seed, error, loss, n, delta_*, finite
-    result.distances  # group, checkpoint, l2, linf, cosine (normalized distance to checkpoint 0)
+    result.distances  # group, checkpoint, n, l2, linf (the paper's), l2_rel, linf_rel, cosine (distances.py)
     result.verdicts   # group, delta_error at checkpoint 0, threshold, verdict (critical / robust)
 
 The grid is general: a cell is ``(op, group, checkpoint, seed, alpha, sigma)``; ``op`` is ``final`` (the trained
@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from criticality import distributed, interventions, surgery
 from criticality import engine as engine_mod
 from criticality.checkpoints import check_compatible
+from criticality.distances import distances  # noqa: F401  (re-exported: analysis.distances)
 from criticality.engine import METRICS, Data, Engine, Metric, Variant
 from criticality.errors import CriticalityError
 from criticality.foreign import draws_summary
@@ -445,36 +446,6 @@ def verdicts(table: pd.DataFrame, threshold: float = DEFAULT_THRESHOLD) -> pd.Da
                     "rerandomize_error_mean": float(rand.mean()) if len(rand) else float("nan"),
                     "rerandomize_error_std": float(rand.std(ddof=0)) if len(rand) else float("nan")})
     return pd.DataFrame(out)
-
-
-def distances(checkpoints: Mapping[int, StateDict], groups: Mapping[str, Sequence[str]],
-              model: nn.Module | None = None) -> pd.DataFrame:
-    """Normalized distance of each group's parameters at every checkpoint to its values at epoch 0.
-
-    ``l2 = ‖θτ − θ0‖₂ / ‖θ0‖₂``, ``linf = ‖θτ − θ0‖∞ / ‖θ0‖∞``, ``cosine = 1 − cos(θτ, θ0)``, over the
-    group's floating-point parameters flattened together (buffers excluded when ``model`` is given).
-    """
-    start = checkpoints[min(checkpoints)]
-    skip = surgery.buffer_keys(model) if model is not None else set()
-    out = []
-    for group, keys in groups.items():
-        params = [k for k in keys if k not in skip and start[k].is_floating_point()]
-        if not params:
-            continue
-        theta0 = torch.cat([start[k].detach().double().flatten() for k in params])
-        for epoch in sorted(checkpoints):
-            theta = torch.cat([checkpoints[epoch][k].detach().double().flatten() for k in params])
-            out.append({"group": group, "checkpoint": epoch, **_distance(theta, theta0)})
-    return pd.DataFrame(out, columns=["group", "checkpoint", "l2", "linf", "cosine"])
-
-
-def _distance(theta: torch.Tensor, theta0: torch.Tensor) -> dict[str, float]:
-    diff = theta - theta0
-    n2, ninf = theta0.norm().item(), theta0.abs().max().item()
-    cos = torch.nn.functional.cosine_similarity(theta, theta0, dim=0).item() if n2 > 0 else float("nan")
-    return {"l2": diff.norm().item() / n2 if n2 > 0 else float("nan"),
-            "linf": diff.abs().max().item() / ninf if ninf > 0 else float("nan"),
-            "cosine": 1.0 - cos}
 
 
 def data_fingerprint(data: Data, limit: int | None = None) -> str:

@@ -25,6 +25,7 @@ Groups, one stage each and named like it:
   the max pools, ``avgpool`` and ``flatten`` are stages without a group.
 - ResNet: ``stem``, ``stage1.block1`` .. ``stage4.blockB``, ``head`` (final BN + ReLU + pool + Linear);
   keys read like ``stage2.block1.conv1.weight`` and ``stage2.block1.shortcut.conv.weight``.
+- ``vit-tiny`` / ``mixer-tiny`` (:mod:`criticality.vit`): one group per sub-layer, one stage per block.
 
 :func:`build` also sets ``model.name`` (canonical name), ``model.init_scheme`` (the ``init`` it ran,
 needed to re-randomize from the same scheme) and ``model.build_kwargs`` (resolved ``name``,
@@ -44,6 +45,9 @@ from torch import nn
 
 from criticality.errors import CriticalityError, unknown_name
 from criticality.initializers import initialize
+from criticality.vit import PatchNet
+
+PATCH_MODELS = {"vit-tiny": "vit", "mixer-tiny": "mixer"}  # in-house, vit.py
 
 Stages = list[tuple[str, nn.Module]]
 
@@ -278,7 +282,7 @@ _FCN_NAME = re.compile(r"fcn-(\d+)x(\d+)")
 def names() -> list[str]:
     """Canonical registry names; ``build`` also accepts ``fcn-{depth}x{width}`` for any depth, width."""
     vggs = [v for name in _VGG_CONVS for v in (name, f"{name}-bn")]
-    return ["fcn-3x256", "fcn-5x256", *vggs, *_RESNETS]
+    return ["fcn-3x256", "fcn-5x256", *vggs, *_RESNETS, *PATCH_MODELS]
 
 
 def _check(ok: bool, message: str) -> None:
@@ -306,6 +310,9 @@ def _make(
         _check(stem in STEMS, f"unknown stem {stem!r}; choose one of {', '.join(STEMS)}")
         block, depths = _RESNETS[key]
         model = ResNetV2(block, depths, c, num_classes, width, stem)
+    elif key in PATCH_MODELS:
+        width = 64 if width is None else width
+        model = PatchNet(PATCH_MODELS[key], (c, h, w), num_classes, width)
     else:
         raise unknown_name("model", key, names())
     _check(stem is None or key in _RESNETS, f"option stem applies to resnets only, not {key!r}")

@@ -26,19 +26,15 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
+from criticality.distances import LABELS as DISTANCE_LABELS
 from criticality.errors import CriticalityError
 from criticality.files import atomic_path
 
 DPI = 150
-NORMS = ("l2", "linf", "cosine")
+NORMS = tuple(DISTANCE_LABELS)  # l2, linf (the paper's), l2_rel, linf_rel, cosine (ours)
 AUTO_TRANSPOSE_ABOVE = 8  # groups; deeper nets get layers as columns
 _CMAP = matplotlib.colormaps["viridis"].with_extremes(bad="0.82")
 _METRIC_LABEL = {"error": "test error", "loss": "test loss (cross-entropy)"}
-_NORM_LABEL = {
-    "l2": "‖θτ − θ0‖₂ / ‖θ0‖₂",
-    "linf": "‖θτ − θ0‖∞ / ‖θ0‖∞",
-    "cosine": "cosine distance(θτ, θ0)",
-}
 _CELL_NA = ["", "nan", "NaN", "<NA>"]
 
 
@@ -181,7 +177,8 @@ def distance_heatmap(
     vmax: float | None = None,
     title: str | None = None,
 ) -> Figure:
-    """Normalized distance of each group's parameters at each checkpoint to checkpoint 0 (Fig 1b, c)."""
+    """Distance of each group's parameters at each checkpoint to checkpoint 0 (Fig 1b, c); ``norm`` is a
+    column of distances.csv (see :mod:`criticality.distances`), named on the colour bar and title."""
     grid = distance_grid(distances, norm)
     values = grid.to_numpy(dtype=float)  # (groups, checkpoints)
     digits = 3 if _finite_max(values, default=1.0) < 0.1 else 2  # cosine distances are often tiny
@@ -194,38 +191,44 @@ def distance_heatmap(
         list(grid.columns),
         transpose=len(rows) > AUTO_TRANSPOSE_ABOVE if transpose is None else transpose,
         vmax=_finite_max(values) if vmax is None else vmax,
-        title=title or f"Distance to initialization ({norm})",
+        title=title or f"Distance to initialization: {DISTANCE_LABELS[norm]}",
         row_axis="layer group",
         col_axis="checkpoint (epoch)",
-        cbar=_NORM_LABEL[norm],
+        cbar=DISTANCE_LABELS[norm],
         row_breaks=[],
         col_breaks=[],
     )
 
 
 def width_bars(df: pd.DataFrame, title: str | None = None) -> Figure:
-    """Fig 3: Δ test error per group, grouped by hidden width; error bars = one std over seeds (ddof=1)."""
-    missing = {"width", "group", "seed", "delta_error"} - set(df.columns)
+    """Fig 3: one bar per (hidden width, model depth): mean ± 1 std (ddof=1) over seeds of ``delta_error``,
+    the Δ test error after re-initializing a layer to checkpoint 0, averaged over layers 2..L per run
+    (runner's widths.csv: ``width, depth, seed, delta_error``; without ``depth`` one depth is assumed)."""
+    missing = {"width", "seed", "delta_error"} - set(df.columns)
     if missing:
         raise CriticalityError(f"width table lacks columns {', '.join(sorted(missing))}")
-    groups = list(dict.fromkeys(df["group"]))
-    widths = sorted(df["width"].unique())
-    stats = df.groupby(["width", "group"])["delta_error"].agg(["mean", "std"]).fillna({"std": 0.0})
-    fig = Figure(figsize=(max(5.0, 1.1 * len(widths) + 2.5), 3.6), layout="constrained")
+    df = df.assign(depth=df["depth"] if "depth" in df.columns else 0)
+    per_run = df.groupby(["depth", "width", "seed"])["delta_error"].mean()  # mean over layers (old tables)
+    stats = per_run.groupby(["depth", "width"]).agg(["mean", "std", "count"]).fillna({"std": 0.0})
+    depths, widths = sorted(df["depth"].unique()), sorted(df["width"].unique())
+    fig = Figure(figsize=(max(5.0, 0.9 * len(widths) * max(len(depths), 1) + 2.5), 3.6), layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    bar = 0.8 / max(len(groups), 1)
+    bar = 0.8 / max(len(depths), 1)
     x = np.arange(len(widths))
-    for k, g in enumerate(groups):
-        s = stats.xs(g, level="group").reindex(widths)
-        ax.bar(x + (k - (len(groups) - 1) / 2) * bar, s["mean"], bar, yerr=s["std"], capsize=2, label=_literal(g))
+    for k, d in enumerate(depths):
+        s = stats.xs(d, level="depth").reindex(widths)
+        label = f"FCN {d}×H" if d else None
+        ax.bar(x + (k - (len(depths) - 1) / 2) * bar, s["mean"], bar, yerr=s["std"], capsize=2, label=label)
     ax.set_xticks(x, [str(w) for w in widths])
-    ax.set_xlabel("hidden width")
-    ax.set_ylabel("Δ test error (re-init to checkpoint 0)")
+    ax.set_xlabel("hidden width H")
+    ax.set_ylabel("Δ test error, re-init to epoch 0\n(mean over layers 2..L)")
     ax.axhline(0, color="0.3", lw=0.8)
-    ax.legend(title="layer", fontsize=8, frameon=False)
-    title = title or "Re-initialization robustness vs width (mean ± std over seeds)"
-    ax.set_title(textwrap.fill(title, 80), fontsize=10)
+    if any(depths):
+        ax.legend(fontsize=8, frameon=False)
+    n = int(stats["count"].max()) if len(stats) else 0
+    title = title or "Re-initialization robustness vs width"
+    ax.set_title(textwrap.fill(f"{title} (mean ± 1 std over {n} seeds)", 60), fontsize=10)
     return fig
 
 
@@ -346,6 +349,9 @@ def draw_run(run_dir: str | Path) -> list[Path]:
     summary = json.loads((analysis / "summary.json").read_text()) if (analysis / "summary.json").is_file() else {}
     config = json.loads((run / "config.json").read_text()) if (run / "config.json").is_file() else {}
     cells = read_cells(cells_path)
+    columns = (config.get("experiment") or {}).get("columns")
+    if columns:  # the paper's checkpoint columns (registry field), the final epoch always drawn
+        cells = cells[(cells["op"] != "reinit") | cells["checkpoint"].isin(columns)]
     chance = float(summary.get("chance_error", 1.0))
     where = " · ".join(_name_of(config[k]) for k in ("model", "data") if config.get(k))
     suffix = f" — {where}" if where else ""
@@ -366,10 +372,13 @@ def draw_run(run_dir: str | Path) -> list[Path]:
         paths += save(fig, out / "joint_error")
     if (analysis / "distances.csv").is_file():
         distances = read_distances(analysis / "distances.csv")
+        if columns:
+            final = int(distances["checkpoint"].max())
+            distances = distances[distances["checkpoint"].isin([*columns, final])]
         for norm in NORMS:
             if norm in distances.columns:
                 paths += save(
-                    distance_heatmap(distances, norm, title=f"Distance to init ({norm}){suffix}"),
+                    distance_heatmap(distances, norm, title=f"{DISTANCE_LABELS[norm]}{suffix}"),
                     out / f"distance_{norm}",
                 )
     from criticality import plots_interventions  # the interventions' figures, for the ops that ran

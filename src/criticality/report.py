@@ -34,9 +34,12 @@ FIGURES = [
         "robustness_loss",
         "The same grid with test loss (cross-entropy); the colour scale stops at the largest finite value.",
     ),
-    ("distance_l2", "Normalized ℓ2 distance of each group's parameters to initialization (paper Fig 1b)."),
-    ("distance_linf", "Normalized ℓ∞ distance to initialization (paper Fig 1c)."),
-    ("distance_cosine", "Cosine distance to initialization."),
+    ("distance_l2", "ℓ2 distance of each group's parameters to initialization, ‖θτ − θ0‖₂ / √n "
+                    "(the paper's definition, Fig 1b)."),
+    ("distance_linf", "ℓ∞ distance to initialization, ‖θτ − θ0‖∞ (the paper's definition, Fig 1c)."),
+    ("distance_l2_rel", "Relative ℓ2 distance, ‖θτ − θ0‖₂ / ‖θ0‖₂ (ours)."),
+    ("distance_linf_rel", "Relative ℓ∞ distance, ‖θτ − θ0‖∞ / ‖θ0‖∞ (ours)."),
+    ("distance_cosine", "Cosine distance to initialization (ours)."),
 ]
 
 _CSS = """
@@ -81,6 +84,7 @@ def render(config: dict, summary: dict, figures_dir: Path) -> str:
         _data_note(data, data_name),
         _headline(summary),
         _how_to_read(summary),
+        _assumptions(config.get("experiment") or {}),
         _verdicts(summary),
         _figures(figures_dir),
         _interventions(summary, figures_dir),
@@ -113,6 +117,16 @@ def _data_note(data: dict, data_name: str) -> str:
         capped = f" (capped by max_examples = {_e(cap)})" if cap is not None else ""
         parts.append(f"<p>Evaluated on {_e(n_test)} test examples of {_e(data_name)}{capped}.</p>")
     return "\n".join(parts)
+
+
+def _assumptions(experiment: dict) -> str:
+    """The registry's named assumptions: values the paper does not state, chosen by us."""
+    items = experiment.get("assumptions") or []
+    if not items:
+        return ""
+    lis = "".join(f"<li>{_e(a)}</li>" for a in items)
+    standin = f'<p class="standin">Stands in: {_e(experiment["stands_in"])}.</p>' if experiment.get("stands_in") else ""
+    return f"<h2>Ours, not the paper's</h2>\n{standin}<p>Settings this experiment had to choose:</p>\n<ul>{lis}</ul>"
 
 
 def _headline(summary: dict) -> str:

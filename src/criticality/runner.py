@@ -14,6 +14,7 @@ draws the figures (``RUN/figures``) and writes ``RUN/report.html``.
 from __future__ import annotations
 
 import copy
+import fnmatch
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,7 +24,7 @@ import pandas as pd
 import torch
 
 from criticality import data as datasets
-from criticality import distributed, interventions, lock, models, plots, report
+from criticality import distributed, engine, interventions, lock, models, plots, report
 from criticality.analysis import DEFAULT_THRESHOLD, finish, make_plan, run_cells
 from criticality.checkpoints import load_checkpoints
 from criticality.errors import CriticalityError
@@ -83,7 +84,9 @@ def _analyze(run_dir: Path, config: dict, cfg: TrainConfig, build: dict, ctx: di
     data = split_data if isinstance(split_data, tuple) else torch.utils.data.DataLoader(
         split_data, batch_size=batch_size, num_workers=cfg.workers)
     model = models.build(**build, init=cfg.init)
-    plan = make_plan(model, load_checkpoints(run_dir), groups, seeds, joint, None, None, None, ("error", "loss"),
+    checkpoints = load_checkpoints(run_dir)
+    plan = make_plan(model, checkpoints, groups, seeds, joint, None, _reinit_to(config, checkpoints), None,
+                     ("error", "loss"),
                      engine, batch_size, max_examples, buffers,
                      calibration=_calibration(dataset, cfg) if buffers == "recalibrate" else None, ops=grid_ops,
                      alphas=alphas or interventions.DEFAULT_ALPHAS, sigmas=sigmas or interventions.DEFAULT_SIGMAS,
@@ -116,6 +119,15 @@ def _analyze(run_dir: Path, config: dict, cfg: TrainConfig, build: dict, ctx: di
     write_tables(out, result.table, result.distances, result.summary)
     distributed.barrier()
     return out
+
+
+def _reinit_to(config: dict, checkpoints) -> list[int] | None:
+    """The experiment's paper columns that the run kept (before the final epoch); None = every checkpoint."""
+    columns = (config.get("experiment") or {}).get("columns")
+    if not columns:
+        return None
+    final = max(checkpoints)
+    return [e for e in columns if e in checkpoints and e < final] or None
 
 
 CALIBRATION_EXAMPLES = 2048  # training images that re-estimate BatchNorm statistics (buffers="recalibrate")
@@ -262,25 +274,70 @@ def run_experiment(exp: Experiment, *, scale: str = "quick", data: str | None = 
         reports.append(report.write_report(run_dir))
         if exp.sweep == "width":
             widths.append(_width_rows(run_dir, cfg))
+    if exp.sweep == "frozen" and is_main:
+        _frozen_table(out, configs)
     if widths:
         table = pd.concat(widths, ignore_index=True)
         with atomic_path(out / "widths.csv") as tmp:
             table.to_csv(tmp, index=False)
-        plots.save(plots.width_bars(table, title=exp.description), out / "figures" / "width_bars")
+        title = f"Fig 3, {scale} scale: layers 2..L reset to epoch 0"
+        plots.save(plots.width_bars(table, title=title), out / "figures" / "width_bars")
     return reports
+
+
+def _frozen_table(out: Path, configs: dict[str, TrainConfig]) -> pd.DataFrame:
+    """Table 1 (journal): test error of the full model, mean ± std of single-block re-inits to epoch 0 over
+    the frozen blocks, the full model with those blocks jointly re-initialized, removed (identity), and
+    the model trained with them frozen. Written to ``out/table1.csv``."""
+    full, frozen = out / "full", out / "frozen"
+    cells = plots.read_cells(full / "analysis" / "cells.csv")
+    patterns = [p.strip() for p in configs["frozen"].freeze.split(",") if p.strip()]
+    at0 = cells[(cells.op == "reinit") & (cells.checkpoint == 0)]
+    single = at0[~at0.joint & at0.group.map(lambda g: any(fnmatch.fnmatchcase(g, p) for p in patterns))]
+    joint = at0[at0.joint]
+    final = lambda run: float(plots.read_cells(run / "analysis" / "cells.csv").query("op == 'final'").error.iloc[0])  # noqa: E731
+    table = pd.DataFrame([
+        {"model": "full", "error": final(full)},
+        {"model": "single block re-initialized (mean ± std)", "error": single.error.mean(), "std": single.error.std()},
+        {"model": "re-initialized jointly", "error": float(joint.error.iloc[0]) if len(joint) else float("nan")},
+        {"model": "removed jointly (identity)", "error": _removed_error(full, patterns)},
+        {"model": "frozen jointly (trained so)", "error": final(frozen)},
+    ])
+    with atomic_path(out / "table1.csv") as tmp:
+        table.to_csv(tmp, index=False)
+    return table
+
+
+def _removed_error(run_dir: Path, patterns: list[str]) -> float:
+    """Test error of the final model with the stages matching ``patterns`` replaced by the identity (the
+    skip intervention, done here by hand until the interventions module's ``skip`` op is used)."""
+    config = read_run(run_dir)
+    cfg, build = TrainConfig(**config["config"]), config["model"]["build"]
+    model = models.build(**build, init=cfg.init)
+    checkpoints = load_checkpoints(run_dir)
+    model.load_state_dict(dict(checkpoints[max(checkpoints)]))
+    for prefix, _ in model.stages():
+        if any(fnmatch.fnmatchcase(prefix, p) for p in patterns):
+            parent, _, child = prefix.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, torch.nn.Identity())
+    dataset = datasets.load(cfg.data, cfg.data_root, max_train=cfg.max_train, max_test=cfg.max_test,
+                            image_size=cfg.image_size)
+    return engine.evaluate(model, dataset.test)["error"]
 
 
 def _note_experiment(run_dir: Path, exp: Experiment, scale: str) -> None:
     config = read_run(run_dir)
-    config["experiment"] = {"key": exp.key, "figure": exp.figure, "scale": scale, "paper_data": exp.data}
+    config["experiment"] = {"key": exp.key, "figure": exp.figure, "scale": scale, "paper_data": exp.data,
+                            "columns": list(exp.columns) if scale == "paper" else None,
+                            "assumptions": list(exp.assumptions), "stands_in": exp.stands_in or None}
     write_json(run_dir / "config.json", config)
 
 
 def _width_rows(run_dir: Path, cfg: TrainConfig) -> pd.DataFrame:
-    """Fig 3 rows: Δ test error when each layer except the first is reset to epoch 0."""
+    """Fig 3 rows, one per layer 2..L: Δ test error when that layer alone is reset to epoch 0."""
     cells = plots.read_cells(run_dir / "analysis" / "cells.csv")
     at0 = cells[(cells.op == "reinit") & (cells.checkpoint == 0) & ~cells.joint]
     at0 = at0[at0.group != at0.group.iloc[0]]
-    width = int(cfg.model.split("x")[-1])
-    return pd.DataFrame({"width": width, "group": at0.group.to_numpy(), "seed": cfg.seed,
-                         "delta_error": at0.delta_error.to_numpy()})
+    depth, width = (int(v) for v in cfg.model.removeprefix("fcn-").split("x"))
+    return pd.DataFrame({"depth": depth, "width": width, "group": at0.group.to_numpy(), "seed": cfg.seed,
+                         "delta_error": at0.delta_error.to_numpy(), "error": at0.error.to_numpy()})

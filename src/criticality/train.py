@@ -21,6 +21,7 @@ learning rate needs no rescaling; only rank 0 evaluates and writes.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import json
 import math
 import sys
@@ -41,7 +42,9 @@ from criticality.checkpoints import check_compatible, list_epochs, load_checkpoi
 from criticality.errors import CriticalityError, unknown_name
 from criticality.files import atomic_path, atomic_write, dumps, loads, write_json
 from criticality.initializers import SCHEMES
+from criticality.precision import AMP_MODES, autocast, autocast_dtype, grad_scaler, use_channels_last
 from criticality.provenance import provenance
+from criticality.schedules import SCHEDULES, parse_epochs, scheduler
 
 RUN_FORMAT = 1  # bump when the run-directory layout changes incompatibly
 _SYNONYMS = {"xavier": "glorot", "he": "kaiming", "default": "torch", "fashion_mnist": "fashion-mnist",
@@ -60,16 +63,28 @@ class TrainConfig:
     batch_size: int = field(default=128, metadata={"help": "examples per SGD step, across all processes"})
     lr: float = field(default=0.01, metadata={"help": "SGD learning rate"})
     momentum: float = field(default=0.9, metadata={"help": "SGD momentum"})
-    weight_decay: float = field(default=0.0, metadata={"help": "L2 weight decay (5e-4 for VGG/ResNet)"})
-    schedule: str = field(
-        default="constant", metadata={"help": "lr schedule: constant | step (x0.1 at 50%%, 75%%) | cosine"}
-    )
+    weight_decay: float = field(default=0.0, metadata={"help": "L2 weight decay (the paper's main results: 0)"})
+    schedule: str = field(default="constant", metadata={
+        "help": "lr schedule: constant | piecewise (x gamma at --milestones; the paper's) | step (x0.1 at "
+                "50%%, 75%%) | cosine"})
+    milestones: str = field(default="30,60,90", metadata={"help": "piecewise: epochs after which lr *= gamma"})
+    gamma: float = field(default=0.2, metadata={"help": "piecewise: lr factor at each milestone"})
+    warmup: int = field(default=0, metadata={
+        "help": "epochs of linear lr warm-up from lr/10 (0 = none; plain VGG needs it at lr 0.1)"})
+    freeze: str = field(default="", metadata={
+        "help": "comma-separated glob patterns of layer groups kept at their initialization (not trained)"})
+    amp: str = field(default="auto", metadata={
+        "help": "mixed precision: auto (bf16 on CUDA if supported, else fp16 + GradScaler; off on CPU) | "
+                "off | bf16 | fp16"})
+    channels_last: str = field(default="auto", metadata={"help": "auto (conv nets on CUDA) | on | off"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the training step's model"})
     augment: bool = field(default=False, metadata={"help": "random crop (pad 4) + flip, for 32x32 images"})
     init: str = field(default="torch", metadata={
         "help": "torch (modules' reset_parameters) | glorot (the paper's TF) | kaiming (He, convs)"})
     width: int | None = field(default=None, metadata={"help": "base channels for vgg/resnet (default 64)"})
     seed: int = field(default=0, metadata={"help": "seed of the init and of every data-order/augmentation draw"})
-    checkpoints: str = field(default="auto", metadata={"help": "auto (0,1,2,3,5,10,20,40,… + final) or e.g. 0,1,5,20"})
+    checkpoints: str = field(default="auto", metadata={
+        "help": "auto (0,1,2,3,5,10,20,40,… + final) | every (each epoch, the paper's) | e.g. 0,1,5,20"})
     max_train: int | None = field(default=None, metadata={"help": "train on a fixed subset of this many examples"})
     max_test: int | None = field(default=None, metadata={"help": "evaluate on a fixed subset of this many examples"})
     image_size: int = field(default=224, metadata={"help": "imagenet: crop side in pixels"})
@@ -90,32 +105,57 @@ class TrainConfig:
                                        f"got {getattr(self, name)}")
         if self.seed < 0:
             raise CriticalityError(f"--seed must be non-negative, got {self.seed}")
-        for name, known in (("schedule", ("constant", "step", "cosine")), ("init", SCHEMES),
-                            ("data", datasets.NAMES)):
+        for name, known in (("schedule", SCHEDULES), ("init", SCHEMES), ("data", datasets.NAMES),
+                            ("amp", AMP_MODES), ("channels_last", ("auto", "on", "off"))):
             value = getattr(self, name)
             if value in _SYNONYMS:
                 raise CriticalityError(f"unknown --{name} {value!r}; did you mean {_SYNONYMS[value]!r}? "
                                        f"(known: {', '.join(known)})")
             if value not in known:
-                raise unknown_name(f"--{name}", value, known)
+                raise unknown_name(f"--{name.replace('_', '-')}", value, known)
+        if not 0 < self.gamma < math.inf:
+            raise CriticalityError(f"--gamma must be a finite number > 0, got {self.gamma}")
+        if self.warmup < 0:
+            raise CriticalityError(f"--warmup must be >= 0 epochs, got {self.warmup}")
+        parse_epochs(self.milestones, "--milestones")
         checkpoint_epochs(self.epochs, self.checkpoints)
 
 
 def checkpoint_epochs(epochs: int, spec: str = "auto") -> list[int]:
-    """The epochs whose weights are kept: always 0 and the final one."""
-    if spec == "auto":
-        keep, e = {0, 1, 2, 3}, 5
+    """The epochs whose weights are kept: always 0 and the final one. ``spec`` is ``auto``, ``every`` or a
+    list of epochs; ``auto,8,40`` adds epochs to auto's (the paper-scale registry keeps its columns so)."""
+    words = [s.strip() for s in spec.split(",") if s.strip()]
+    keep: set[int] = set()
+    if "every" in words:
+        keep |= set(range(epochs + 1))
+    if "auto" in words:
+        keep, e = keep | {0, 1, 2, 3}, 5
         while e < epochs:
             keep.add(e)
             e *= 2
-    else:
-        try:
-            keep = {int(s) for s in spec.split(",") if s.strip()}
-        except ValueError as err:
-            raise CriticalityError(f"--checkpoints must be 'auto' or comma-separated epochs, got {spec!r}") from err
-        if any(e < 0 for e in keep):
-            raise CriticalityError(f"--checkpoints epochs must be >= 0, got {spec!r}")
+    rest = ",".join(w for w in words if w not in ("auto", "every"))
+    try:
+        keep |= set(parse_epochs(rest, "--checkpoints"))
+    except CriticalityError as err:
+        raise CriticalityError(f"--checkpoints must be auto, every or comma-separated epochs, got {spec!r}") from err
     return sorted({e for e in keep if e <= epochs} | {0, epochs})
+
+
+def frozen_modules(model: nn.Module, patterns: str) -> list[nn.Module]:
+    """The modules of the layer groups matching ``patterns`` (comma-separated globs over
+    ``model.layer_groups()`` names, e.g. ``stage*.block2``); a pattern that matches nothing is an error."""
+    globs = [p.strip() for p in patterns.split(",") if p.strip()]
+    if not globs:
+        return []
+    groups = model.layer_groups()
+    named = dict(model.named_modules())
+    out = []
+    for pattern in globs:
+        hits = [g for g in groups if fnmatch.fnmatchcase(g, pattern)]
+        if not hits:
+            raise CriticalityError(f"--freeze {pattern!r} matches no layer group (groups: {', '.join(groups)})")
+        out += [named[prefix] for g in hits for prefix in groups[g] if named[prefix] not in out]
+    return out
 
 
 def build_model(config: TrainConfig, dataset: datasets.Dataset) -> nn.Module:
@@ -287,9 +327,11 @@ def _check_same_run(old: dict, new: dict, run_dir: Path) -> None:
             f"{run_dir} was written by an incompatible version of criticality "
             f"(run format {old.get('format')!r}, this version reads {RUN_FORMAT}); use a new --out"
         )
-    ignore = {"epochs", "checkpoints", "device", "download", "data_root", "workers", "allow_divergence"}
-    a, b = old.get("config", {}), new["config"]
-    if a.get("epochs") != b["epochs"] and b["schedule"] != "constant":
+    ignore = {"epochs", "checkpoints", "device", "download", "data_root", "workers", "allow_divergence", "compile",
+              "channels_last"}
+    # A run written before a field existed ran with that field's default.
+    a, b = {**dataclasses.asdict(TrainConfig()), **old.get("config", {})}, new["config"]
+    if a.get("epochs") != b["epochs"] and b["schedule"] in ("step", "cosine"):
         raise CriticalityError(
             f"{run_dir} was trained with a {b['schedule']} schedule over {a.get('epochs')} epochs; "
             f"--epochs {b['epochs']} would change that schedule midway. Use a new --out"
@@ -324,17 +366,32 @@ class _Trainer:
 
     def __init__(self, config: TrainConfig, model: nn.Module, dataset: datasets.Dataset, ctx):
         self.config, self.dataset, self.ctx, self.module = config, dataset, ctx, model
-        self.model = model  # the bare module; `self.net` may wrap it in DDP
+        self.model = model  # the bare module; `self.net` may wrap it in DDP and/or torch.compile
+        self.frozen = frozen_modules(model, config.freeze)
+        for module in self.frozen:
+            module.requires_grad_(False)
+        self.channels_last = use_channels_last(config.channels_last, model, ctx.device)
+        if self.channels_last:
+            model.to(memory_format=torch.channels_last)
         gpu = [ctx.device] if ctx.device.type == "cuda" else None
         self.net = nn.parallel.DistributedDataParallel(model, device_ids=gpu) if distributed.active() else model
-        self.opt = torch.optim.SGD(
-            model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
-        )
-        self.sched = _scheduler(self.opt, config)
+        if config.compile:
+            self.net = torch.compile(self.net)
+        trained = [p for p in model.parameters() if p.requires_grad]  # frozen groups never reach the optimizer
+        self.opt = torch.optim.SGD(trained, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+        self.sched = scheduler(self.opt, config)
+        self.amp = autocast_dtype(config.amp, ctx.device)
+        self.scaler = grad_scaler(self.amp, ctx.device)
         self.generator = torch.Generator().manual_seed(config.seed + 1)  # data order + augmentation
+        train = dataset.train
+        # In-memory data moves to the GPU once; batches, crops and flips are then indexing on the device.
+        on_device = isinstance(train, tuple) and ctx.device.type == "cuda"
+        self.train_data = tuple(t.to(ctx.device) for t in train) if on_device else train
 
     def epoch(self, epoch: int, progress: bool) -> dict[str, Any]:
         self.net.train()
+        for module in self.frozen:
+            module.eval()  # a frozen group's BatchNorm statistics stay at their initial values too
         start, seen = time.perf_counter(), 0
         # Running sums stay on the device: reading them every step would stall a GPU once per step.
         loss_acc = torch.zeros((), dtype=torch.float64, device=self.ctx.device)
@@ -349,20 +406,29 @@ class _Trainer:
         )
         for step, (x, y, n) in enumerate(bar):  # this process's share of a global batch of n examples
             x, y = x.to(self.ctx.device, non_blocking=True), y.to(self.ctx.device, non_blocking=True)
-            logits = self.net(x)  # (B / W, classes)
-            summed = F.cross_entropy(logits, y, reduction="sum")
+            if self.channels_last and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast(self.amp, self.ctx.device):
+                logits = self.net(x)  # (B / W, classes)
+            summed = F.cross_entropy(logits.float(), y, reduction="sum")
             # DDP averages gradients over the W processes, so (Σ over this share) · W / n becomes the mean
             # over the global batch, exactly, also when a short last batch splits unevenly.
             loss = summed * self.ctx.world / n
             self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            self.opt.step()
+            if self.scaler is None:
+                loss.backward()
+                self.opt.step()
+            else:  # fp16: scale the loss so small gradients survive, unscale before the step
+                self.scaler.scale(loss).backward()
+                self.scaler.step(self.opt)
+                self.scaler.update()
             seen += len(y)
             loss_acc += summed.detach().double()
             wrong_acc += (logits.argmax(1) != y).sum()
             if progress and step % 20 == 0:
                 bar.set_postfix(loss=f"{loss_acc.item() / seen:.3f}", err=f"{wrong_acc.item() / seen:.3f}",
                                 refresh=False)
+        lr = self.opt.param_groups[0]["lr"]  # the rate this epoch ran at (the step below sets the next one's)
         self.sched.step()
         seen, loss_sum, wrong = distributed.sum_over_ranks([seen, loss_acc.item(), wrong_acc.item()],
                                                            self.ctx.device)
@@ -372,7 +438,7 @@ class _Trainer:
             "train_loss": loss_sum / seen,
             "train_error": wrong / seen,
             **(self.evaluate() if self.ctx.is_main else {}),  # only rank 0 logs it
-            "lr": self.opt.param_groups[0]["lr"],
+            "lr": lr,
             "seconds": round(seconds, 3),
             "images_per_s": round(seen / seconds, 1),
         }
@@ -389,7 +455,7 @@ class _Trainer:
         from ``self.generator`` (the same on every rank). Rank r takes the r-th of W nearly equal slices
         (``tensor_split``); a last global batch with fewer examples than processes is dropped, so that no
         process steps on an empty batch."""
-        train, c, ctx = self.dataset.train, self.config, self.ctx
+        train, c, ctx = self.train_data, self.config, self.ctx
         if isinstance(train, tuple):
             augment = (lambda x: datasets.crop_flip(x, self.generator)) if c.augment else None
             for x, y in datasets.batches(*train, c.batch_size, shuffle=True, generator=self.generator, augment=augment):
@@ -422,6 +488,7 @@ class _Trainer:
             "optimizer": self.opt.state_dict(),
             "scheduler": self.sched.state_dict(),
             "generator": self.generator.get_state(),
+            **({"scaler": self.scaler.state_dict()} if self.scaler is not None else {}),
         }
         with atomic_path(run_dir / "state" / "resume.pt") as tmp:
             torch.save(extra, tmp)
@@ -454,16 +521,9 @@ class _Trainer:
             self.opt.load_state_dict(extra["optimizer"])
             self.sched.load_state_dict(extra["scheduler"])
             self.generator.set_state(extra["generator"])
+            if self.scaler is not None and "scaler" in extra:
+                self.scaler.load_state_dict(extra["scaler"])
         except (KeyError, ValueError, TypeError, RuntimeError) as e:
             raise CriticalityError(f"{path}: optimizer or data-order state does not fit this run ({e}); "
                                    f"{fix}") from e
         return epoch
-
-
-def _scheduler(opt: torch.optim.Optimizer, config: TrainConfig):
-    if config.schedule == "step":
-        milestones = [max(1, config.epochs // 2), max(1, config.epochs * 3 // 4)]
-        return torch.optim.lr_scheduler.MultiStepLR(opt, milestones, gamma=0.1)
-    if config.schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=config.epochs)
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
