@@ -202,8 +202,8 @@ def test_distances_match_a_hand_computation():
 def test_verdicts_and_summary():
     model, states = trajectory("fcn")
     r = criticality.analyze(model, states, make_data(), groups="auto", seeds=2, threshold=0.5, progress=False)
-    assert set(r.verdicts.verdict) <= {"robust", "critical"}
-    assert (r.verdicts.verdict == np.where(r.verdicts.delta_error <= 0.5, "robust", "critical")).all()
+    assert set(r.verdicts.verdict) <= {"robust", "critical", "inconclusive"}
+    assert (r.verdicts.point_verdict == np.where(r.verdicts.delta_error <= 0.5, "robust", "critical")).all()
     json.dumps(r.summary, default=str)
     with pytest.raises(CriticalityError, match="no epoch 0"):
         criticality.analyze(model, {1: states[1], 3: states[3]}, make_data(), groups="auto", seeds=1,
@@ -299,7 +299,7 @@ def test_a_delta_equal_to_the_threshold_is_robust():
         {"op": "reinit", "group": "a", "joint": False, "checkpoint": 0, "seed": None, "error": 0.1201,
          "loss": 1.0, "n": 10000}])
     assert tabulate(table.to_dict("records"), ["error", "loss"]).delta_error.iloc[1] > 0.02  # float noise
-    v = verdicts(tabulate(table.to_dict("records"), ["error", "loss"]), 0.02)
+    v = verdicts(tabulate(table.to_dict("records"), ["error", "loss"]), 0.02, rule="point")
     assert v.verdict.iloc[0] == "robust"
 
 

@@ -1,4 +1,5 @@
-"""The robustness grid: operations × groups × sources → one tidy table; verdicts (distances: distances.py).
+"""The robustness grid: operations × groups × sources → one tidy table (verdicts: verdicts.py, distances:
+distances.py).
 
 ::
 
@@ -6,14 +7,19 @@
                                  data=(x_test, y_test), groups="auto", seeds=3, joint=None)
     result.table      # one row per cell: op, group, joint, checkpoint, seed, error, loss, n, delta_*, finite
     result.distances  # group, checkpoint, n, l2, linf (the paper's), l2_rel, linf_rel, cosine (distances.py)
-    result.verdicts   # group, delta_error at checkpoint 0, threshold, verdict (critical / robust)
+    result.verdicts   # group, Δ error at checkpoint 0 with its interval and p, verdict (critical / robust /
+                      # inconclusive), examples that would settle it, re-randomized error with its interval
+    result.examples(op="reinit", group="fc1", checkpoint=0)  # one row per test example
+    result.per_class(op="reinit", group="fc1", checkpoint=0)  # error per true class vs the final model
 
 The grid is general: a cell is ``(op, group, checkpoint, seed, alpha, sigma)``; ``op`` is ``final`` (the trained
 model), ``reinit`` (group back to ``checkpoint``), ``rerandomize`` (group from a fresh draw with ``seed``), or one of
 the interventions of :mod:`criticality.interventions`: ``interpolate`` (``alpha``), ``noise`` (``sigma``, ``seed``)
 and ``skip``.
-Joint groups (``joint=[["fc2", "fc3"]]``) get the same cells under the name ``fc2+fc3``. This module
-knows nothing of the model zoo, the data sets or the CLI.
+Joint groups (``joint=[["fc2", "fc3"]]``) get the same cells under the name ``fc2+fc3``. Every cell keeps
+per-example records (:mod:`criticality.examples`), from which :mod:`criticality.statistics` gives each
+cell's paired interval of Δ against the final model. This module knows nothing of the model zoo, the data
+sets or the CLI.
 """
 
 from __future__ import annotations
@@ -31,22 +37,33 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from criticality import distributed, interventions, surgery
+from criticality import distributed, interventions, statistics, surgery
 from criticality import engine as engine_mod
 from criticality.checkpoints import check_compatible
 from criticality.distances import distances  # noqa: F401  (re-exported: analysis.distances)
 from criticality.engine import METRICS, Data, Engine, Metric, Variant
 from criticality.errors import CriticalityError
+from criticality.examples import (
+    Examples,
+    ExampleStore,
+    Record,
+    as_record,
+    class_targets,
+    evaluate_records,
+    examples_path,
+    means,
+)
 from criticality.foreign import draws_summary
 from criticality.groups import Groups, GroupSpec, default_spec, resolve
 from criticality.groups import joint as joint_group
 from criticality.initializers import DRAW_SCHEMES, InitScheme, choose, scheme_name
 from criticality.store import CellStore, cell_key
+from criticality.verdicts import DEFAULT_THRESHOLD, intervals, p_values, verdicts
 
 StateDict = Mapping[str, torch.Tensor]
 MAX_CELLS = 100_000  # a larger grid is a typo (--seeds 100000000000): each cell is a pass over the data
-DEFAULT_THRESHOLD = 0.02  # Δ test error at checkpoint 0 at or below which a layer counts as robust
 ENGINES = ("fast", "naive")
+VERDICT_RULES = ("interval", "point")  # three outcomes from the paired interval, or the paper's point rule
 RERANDOMIZE_SALT = 1_000_003  # draw seed s: each module drawn from draw_seed(SALT + s, its path) (Plan._draw)
 
 
@@ -73,6 +90,19 @@ class Result:
     groups: Groups
     joint: dict[str, tuple[str, ...]] = field(default_factory=dict)
     summary: dict[str, Any] = field(default_factory=dict)
+    records: Examples = field(default_factory=Examples)
+
+    def examples(self, op: str = "final", **where: Any) -> pd.DataFrame:
+        """One cell's per-example records, one row per example in data order (see
+        :meth:`criticality.examples.Examples.frame`); ``where`` picks the cell: ``group=``, ``checkpoint=``,
+        ``seed=`` (and any other cell field). ``result.examples()`` is the final model."""
+        return self.records.frame(self.records.find(op=op, **where))
+
+    def per_class(self, op: str = "final", metric: str = "error", **where: Any) -> pd.DataFrame:
+        """Error (or another 0/1 metric) per true class of one cell, beside the final model's."""
+        from criticality.examples import per_class
+
+        return per_class(self.records, metric, op=op, **where)
 
 
 def grid(group_names: Sequence[str], joint_names: Sequence[str], reinit_to: Sequence[int],
@@ -104,6 +134,7 @@ def analyze(model: nn.Module, checkpoints: Mapping[int, StateDict], data: Data, 
             threshold: float = DEFAULT_THRESHOLD, buffers: str = "reset", store: str | None = None,
             shard: tuple[int, int] | None = None, progress: bool = True,
             provenance: Mapping[str, Any] | None = None, calibration: Data | None = None,
+            verdict: str = "interval", verdict_metric: str | None = None, stats_seed: int = 0,
             ops: Sequence[str] = interventions.PAPER_OPS, alphas: Sequence[float] = interventions.DEFAULT_ALPHAS,
             sigmas: Sequence[float] = interventions.DEFAULT_SIGMAS, source: int = 0) -> Result:
     """Measure re-initialization and re-randomization robustness of every group of ``model``.
@@ -120,6 +151,10 @@ def analyze(model: nn.Module, checkpoints: Mapping[int, StateDict], data: Data, 
     evaluates only this rank's share of the cells (see :mod:`criticality.distributed`).
     ``buffers``: a group's norm-layer running statistics move with it (``reset``, default), stay as
     trained (``keep``), or are recomputed for each variant on the ``calibration`` batches (``recalibrate``).
+    ``verdict="interval"`` calls a group critical / robust only when the 95 % paired-bootstrap interval of
+    its Δ ``verdict_metric`` (at re-initialization to epoch 0) clears ``threshold`` (in that metric's units;
+    default ``error``, else the first metric), inconclusive otherwise; ``"point"`` is the paper's rule on Δ
+    alone. ``stats_seed`` seeds the bootstrap.
     ``ops`` picks the operations (default the paper's two; see :mod:`criticality.interventions` for
     ``interpolate`` over ``alphas`` from checkpoint ``source``, ``noise`` over ``sigmas`` × ``seeds`` and
     ``skip``).
@@ -128,7 +163,8 @@ def analyze(model: nn.Module, checkpoints: Mapping[int, StateDict], data: Data, 
                      max_examples, buffers, calibration=calibration, ops=ops, alphas=alphas, sigmas=sigmas,
                      source=source, probe=data)
     rows = run_cells(plan, data, device=device, store=store, shard=shard, progress=progress)
-    return finish(plan, rows, threshold=threshold, provenance=provenance)
+    return finish(plan, rows, threshold=threshold, provenance=provenance, verdict=verdict,
+                  verdict_metric=verdict_metric, stats_seed=stats_seed)
 
 
 @dataclass
@@ -332,23 +368,43 @@ def run_cells(plan: Plan, data: Data, *, device: str | torch.device = "cpu", sto
               shard: tuple[int, int] | None = None, progress: bool = True) -> list[dict[str, Any]]:
     """Evaluate the plan's cells (this shard's share), reusing and extending ``store``; rows in grid order."""
     cells = plan.cells if shard is None else plan.cells[shard[0]::shard[1]]
-    saved = CellStore(store, {**plan.settings(), "data": data_fingerprint(data, plan.max_examples)}) if store else None
+    settings = {**plan.settings(), "data": data_fingerprint(data, plan.max_examples)}
+    saved = CellStore(store, settings) if store else None
+    kept = ExampleStore(examples_path(store), settings) if store else None  # per-example records
     keys = [cell_key(c.as_dict()) for c in cells]
     wanted = set(keys)
-    done = {k: r for k, r in (saved.rows.items() if saved else []) if k in wanted}
+    # A stored cell without records (a store from before records existed) is recomputed to get them.
+    need = plan.engine == "naive"  # TODO(engine merge): every engine gives records, drop this condition
+    done = {k: {**r, "records": kept.records.get(k)} for k, r in (saved.rows.items() if saved else [])
+            if k in wanted and (k in kept.records or not need)}
     todo = [c for c, k in zip(cells, keys, strict=True) if k not in done]
     if done and distributed.is_main():  # under torchrun: rank 0's line only
         print(f"resuming: {len(done)} of {len(cells)} cells already done ({store}), computing {len(todo)}",
               file=sys.stderr)
     bar = tqdm(total=len(cells), initial=len(cells) - len(todo), desc="cells", unit="cell", disable=not progress)
     for cell, result in _data_errors(_evaluate(plan, todo, data, device)):
+        raw, result = getattr(result, "records", None), dict(result)  # the engine's records (contract 3)
+        raw = result.pop("records", raw)
+        records = as_record(raw) if raw else None
         row = {**cell.as_dict(), **result}
-        done[cell_key(row)] = row
+        done[cell_key(row)] = {**row, "records": records}
         if saved:
+            if records is not None:  # records first: a stored row always has its records beside it
+                kept.add(cell.as_dict(), records)
             saved.add(row)
         bar.update()
     bar.close()
-    return [done[k] for k in keys]
+    if kept is not None and kept.targets is None and (targets := _targets(data, plan)) is not None:
+        kept.add_targets(targets)
+    rows = [done[k] for k in keys]
+    if rows:  # the data's labels ride on the first row, for Result.per_class
+        rows[0] = {**rows[0], "targets": kept.targets if kept is not None else _targets(data, plan)}
+    return rows
+
+
+def _targets(data: Data, plan: Plan) -> np.ndarray | None:
+    """The evaluation data's labels (one class per example), or None."""
+    return class_targets(y for _, y in engine_mod.iter_batches(data, plan.batch_size, plan.max_examples))
 
 
 def _data_errors(results: Any) -> Any:
@@ -374,9 +430,10 @@ def _evaluate(plan: Plan, cells: list[Cell], data: Data, device) -> Any:
         return
     if plan.engine == "naive":
         for cell in cells:
-            yield cell, engine_mod.evaluate_naive(plan.naive_model(cell), plan.state(cell), data,
-                                                  metrics=plan.metrics, batch_size=plan.batch_size, device=device,
-                                                  limit=plan.max_examples)
+            # Until the engine gives records itself (contract 3), the naive path makes them and its means.
+            records = evaluate_records(plan.naive_model(cell), plan.state(cell), data, metrics=plan.metrics,
+                                       batch_size=plan.batch_size, device=device, limit=plan.max_examples)
+            yield cell, {**means(records), "records": records}
         return
     fast = Engine(plan.model, plan.checkpoints[plan.final_epoch], data, metrics=plan.metrics,
                   batch_size=plan.batch_size, device=device, limit=plan.max_examples)
@@ -384,17 +441,32 @@ def _evaluate(plan: Plan, cells: list[Cell], data: Data, device) -> Any:
 
 
 def finish(plan: Plan, rows: list[dict[str, Any]], *, threshold: float = DEFAULT_THRESHOLD,
-           provenance: Mapping[str, Any] | None = None) -> Result:
-    """Turn evaluated rows into the :class:`Result`: deltas, distances, verdicts, summary."""
-    table = tabulate(rows, list(plan.metrics))
+           provenance: Mapping[str, Any] | None = None, verdict: str = "interval",
+           verdict_metric: str | None = None, stats_seed: int = 0) -> Result:
+    """Turn evaluated rows into the :class:`Result`: deltas with intervals, distances, verdicts, summary."""
+    if verdict not in VERDICT_RULES:
+        raise CriticalityError(f"unknown verdict rule {verdict!r}; choose one of {', '.join(VERDICT_RULES)}")
+    if verdict_metric is None:  # test error when measured; label-free runs judge their first metric
+        verdict_metric = "error" if "error" in plan.metrics else next(iter(plan.metrics))
+    if verdict_metric not in plan.metrics:
+        raise CriticalityError(f"verdict metric {verdict_metric!r} is not among the metrics {list(plan.metrics)}")
+    records = [r.get("records") for r in rows]
+    targets = next((r["targets"] for r in rows if r.get("targets") is not None), None)
+    table = tabulate(rows, list(plan.metrics), records, seed=stats_seed, p_metric=verdict_metric)
     dist = distances(plan.checkpoints, {**plan.groups.members, **plan.joint}, plan.model)
-    verdict_table = verdicts(table, threshold) if (table.op == "reinit").any() else pd.DataFrame()
+    # Verdicts compare re-initialization to epoch 0: none when the ops left reinit out.
+    verdict_table = verdicts(table, threshold, records, rule=verdict, metric=verdict_metric, seed=stats_seed) \
+        if (table.op == "reinit").any() else pd.DataFrame()
     final = table[table.op == "final"].iloc[0]
     summary = {
         "final_epoch": plan.final_epoch,
         **{f"final_{m}": float(final[m]) for m in plan.metrics},
         "threshold": threshold,
-        "verdicts": verdict_table.to_dict(orient="records"),
+        "verdict_rule": verdict,
+        "verdict_metric": verdict_metric,
+        "bootstrap": {"resamples": statistics.RESAMPLES, "level": statistics.LEVEL, "seed": stats_seed},
+        # NaN (no interval, settled verdict) becomes null: JSON without NaN, and summaries compare equal.
+        "verdicts": verdict_table.astype(object).where(verdict_table.notna(), None).to_dict(orient="records"),
         "groups_spec": plan.groups.spec,
         "coverage": plan.groups.coverage(),
         "joint": {g: list(k) for g, k in plan.joint.items()},
@@ -406,17 +478,30 @@ def finish(plan: Plan, rows: list[dict[str, Any]], *, threshold: float = DEFAULT
         "provenance": dict(provenance or {}),
         **interventions.summary(plan),
     }
-    return Result(table, dist, verdict_table, plan.groups, plan.joint, summary)
+    kept = {cell_key(r): rec for r, rec in zip(rows, records, strict=True) if rec is not None}
+    cells = {cell_key(r): {k: r[k] for k in Cell("final").as_dict()} for r in rows if cell_key(r) in kept}
+    return Result(table, dist, verdict_table, plan.groups, plan.joint, summary, Examples(kept, cells, targets))
 
 
-def tabulate(rows: Sequence[Mapping[str, Any]], metric_names: Sequence[str]) -> pd.DataFrame:
-    """Rows → the tidy table, with ``delta_<metric>`` against the final model and a ``finite`` flag."""
-    table = pd.DataFrame(list(rows))
+def tabulate(rows: Sequence[Mapping[str, Any]], metric_names: Sequence[str],
+             records: Sequence[Record | None] | None = None, *, seed: int = 0,
+             p_metric: str = "error") -> pd.DataFrame:
+    """Rows → the tidy table, with ``delta_<metric>`` against the final model and a ``finite`` flag.
+
+    With ``records`` (one per row, None where missing) every cell also gets ``delta_<metric>_low/high``
+    (95 % paired-bootstrap interval, the same resamples for every cell, seeded by ``seed``) and
+    ``p_value`` (exact McNemar on ``p_metric``'s discordant examples when its records are 0/1; NaN else).
+    """
+    table = pd.DataFrame([{k: v for k, v in r.items() if k not in ("records", "targets")} for r in rows])
     finals = table[table.op == "final"]
     if finals.empty:
         raise CriticalityError("the grid has no final-model cell to compare against")
     for m in metric_names:
         table[f"delta_{m}"] = table[m] - float(finals.iloc[0][m])
+    records = list(records) if records is not None else [None] * len(table)
+    for m in metric_names:
+        table[[f"delta_{m}_low", f"delta_{m}_high"]] = intervals(records, finals.index[0], m, seed)
+    table["p_value"] = p_values(records, finals.index[0], p_metric)
     table["finite"] = np.isfinite(table[list(metric_names)].to_numpy(dtype=float)).all(axis=1)
     for col in ("checkpoint", "seed"):
         table[col] = table[col].astype("Int64")
@@ -426,26 +511,6 @@ def tabulate(rows: Sequence[Mapping[str, Any]], metric_names: Sequence[str]) -> 
     return table
 
 
-def verdicts(table: pd.DataFrame, threshold: float = DEFAULT_THRESHOLD) -> pd.DataFrame:
-    """Per group: Δ error when re-initialized to the first checkpoint, and critical / robust."""
-    reinit = table[table.op == "reinit"]
-    if reinit.empty:
-        raise CriticalityError("no re-initialization cells: verdicts need a checkpoint before the final one")
-    first = int(reinit.checkpoint.min())
-    if first != 0:
-        raise CriticalityError(f"no epoch 0 (initialization) among the checkpoints (earliest is {first}); "
-                               "verdicts compare against the initialization")
-    out = []
-    for group, cells in table[table.op != "final"].groupby("group", sort=False):
-        at0 = cells[(cells.op == "reinit") & (cells.checkpoint == 0)].iloc[0]
-        rand = cells[cells.op == "rerandomize"]["error"]
-        # Errors are k/n: a Δ of exactly the threshold must not read as 0.020000000000000004 > 0.02.
-        robust = bool(at0.delta_error <= threshold + 1e-9)
-        out.append({"group": group, "joint": bool(at0.joint), "delta_error": float(at0.delta_error),
-                    "threshold": threshold, "verdict": "robust" if robust else "critical",
-                    "rerandomize_error_mean": float(rand.mean()) if len(rand) else float("nan"),
-                    "rerandomize_error_std": float(rand.std(ddof=0)) if len(rand) else float("nan")})
-    return pd.DataFrame(out)
 
 
 def data_fingerprint(data: Data, limit: int | None = None) -> str:

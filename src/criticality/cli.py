@@ -110,6 +110,9 @@ def _analysis_options(parser: argparse.ArgumentParser) -> None:
                         help="evaluate on the first N examples only (quick look; recorded in the output)")
     parser.add_argument("--threshold", type=NON_NEGATIVE_FLOAT, default=DEFAULT_THRESHOLD,
                         help="Δ test error at epoch 0 up to which a layer counts as robust")
+    parser.add_argument("--verdict", choices=("interval", "point"), default="interval",
+                        help="interval: critical / robust only when the 95%% paired-bootstrap interval clears the "
+                             "threshold, else inconclusive; point: the paper's rule on the Δ alone")
     parser.add_argument("--buffers", choices=("reset", "keep", "recalibrate"), default="reset",
                         help="norm-layer running statistics: move with the group (reset), stay as trained (keep), "
                              "or are re-estimated on 2048 training images (recalibrate)")
@@ -245,8 +248,8 @@ def _dispatch(args: argparse.Namespace) -> int:
                           joint=[j.split(",") for j in args.joint] if args.joint else None, split=args.split,
                           engine=args.engine, batch_size=args.batch_size, device=args.device,
                           max_examples=args.max_examples, threshold=args.threshold, buffers=args.buffers,
-                          progress=progress, wait=args.wait, ops=args.ops, alphas=args.alphas, sigmas=args.sigmas,
-                          eps=args.eps)
+                          verdict=args.verdict, progress=progress, wait=args.wait, ops=args.ops, alphas=args.alphas,
+                          sigmas=args.sigmas, eps=args.eps)
         if distributed.is_main():
             _print_verdicts(out)
             print(f"wrote {out / 'cells.csv'}, {out / 'distances.csv'}, {out / 'summary.json'}")

@@ -29,6 +29,7 @@ from matplotlib.patches import Rectangle
 from criticality.distances import LABELS as DISTANCE_LABELS
 from criticality.errors import CriticalityError
 from criticality.files import atomic_path
+from criticality.verdicts import straddling
 
 DPI = 150
 NORMS = tuple(DISTANCE_LABELS)  # l2, linf (the paper's), l2_rel, linf_rel, cosine (ours)
@@ -127,12 +128,14 @@ def robustness_heatmap(
     title: str | None = None,
     *,
     groups: list[str] | None = None,
+    threshold: float | None = None,
 ) -> Figure:
     """The paper's robustness heatmap of ``metric`` ("error" or "loss", any numeric column works).
 
     ``vmax``: top of the colour scale (bottom is 0); pass the chance error for ``metric="error"``
     (default 1.0); for other metrics the default is the largest finite value. ``transpose=None`` puts
     layers on the columns when there are more than 8 groups. ``groups`` keeps only those rows.
+    ``threshold``: outline the re-init cells whose Δ interval (``delta_<metric>_low/high``) straddles it.
     """
     grid, std, n_seeds = robustness_grid(cells, metric)
     if groups is not None:
@@ -153,6 +156,10 @@ def robustness_heatmap(
     col_breaks = ([1] if "rand" in grid.columns else []) + [len(grid.columns) - 1]
     seeds = f", mean ± std over {n_seeds} seeds" if n_seeds > 1 else ""
     note = f"rand = re-randomized{seeds}; 0, 1, … = re-initialized to that checkpoint; final = trained model"
+    unsure = straddling(cells, metric, threshold) if threshold is not None else set()
+    marks = np.array([[(g, c) in unsure for c in grid.columns] for g in grid.index], dtype=bool)
+    if marks.any():
+        note += f"\ndashed outline: the 95 % interval of Δ straddles the threshold {threshold:g} (inconclusive)"
     return _heatmap(
         values,
         texts,
@@ -167,6 +174,7 @@ def robustness_heatmap(
         row_breaks=[n_single] if 0 < n_single < len(rows) else [],
         col_breaks=col_breaks,
         note=note,
+        marks=marks,
     )
 
 
@@ -246,11 +254,12 @@ def _fmt(v: float, digits: int = 2) -> str:
 
 
 def _heatmap(
-    values, texts, rows, cols, *, transpose, vmax, title, row_axis, col_axis, cbar, row_breaks, col_breaks, note=None
+    values, texts, rows, cols, *, transpose, vmax, title, row_axis, col_axis, cbar, row_breaks, col_breaks, note=None,
+    marks=None,
 ) -> Figure:
     """Draw ``values`` (rows × cols) annotated with ``texts``; transposed puts rows on the x axis."""
     if transpose:
-        values, texts = values.T, texts.T
+        values, texts, marks = values.T, texts.T, None if marks is None else marks.T
         rows, cols, row_axis, col_axis = cols, rows, col_axis, row_axis
         row_breaks, col_breaks = col_breaks, row_breaks
     rows, cols = [_literal(r) for r in rows], [_literal(c) for c in cols]
@@ -278,6 +287,8 @@ def _heatmap(
                 )
                 color = "0.15"
             ax.text(j, i, texts[i, j], ha="center", va="center", fontsize=fontsize, color=color)
+            if marks is not None and marks[i, j]:  # inconclusive: the interval straddles the threshold
+                ax.add_patch(Rectangle((j - 0.45, i - 0.45), 0.9, 0.9, fill=False, edgecolor=color, lw=1.2, ls="--"))
     for b in row_breaks:  # boundaries: a line between index b - 1 and b
         ax.axhline(b - 0.5, color="white", lw=3)
     for b in col_breaks:
@@ -318,7 +329,8 @@ def save(fig: Figure, path_without_suffix: str | Path) -> list[Path]:
 
 def read_cells(path: str | Path) -> pd.DataFrame:
     """``cells.csv`` back into the analysis dtypes (the final row's empty group stays ``""``)."""
-    numeric = ["checkpoint", "seed", "error", "loss", "n", "delta_error", "delta_loss"]
+    numeric = ["checkpoint", "seed", "error", "loss", "n", "delta_error", "delta_loss", "delta_error_low",
+               "delta_error_high", "delta_loss_low", "delta_loss_high", "p_value"]
     df = pd.read_csv(
         path, keep_default_na=False, na_values={c: _CELL_NA for c in numeric}, dtype={"group": str, "op": str}
     )
@@ -353,12 +365,15 @@ def draw_run(run_dir: str | Path) -> list[Path]:
     if columns:  # the paper's checkpoint columns (registry field), the final epoch always drawn
         cells = cells[(cells["op"] != "reinit") | cells["checkpoint"].isin(columns)]
     chance = float(summary.get("chance_error", 1.0))
+    # Inconclusive cells are outlined on the error heatmaps when the verdicts were judged on Δ error.
+    marks_at = summary.get("threshold") if summary.get("verdict_metric", "error") == "error" else None
     where = " · ".join(_name_of(config[k]) for k in ("model", "data") if config.get(k))
     suffix = f" — {where}" if where else ""
     out = run / "figures"
     paths: list[Path] = []
     paths += save(
-        robustness_heatmap(cells, "error", vmax=chance, title=f"Test error{suffix}"), out / "robustness_error"
+        robustness_heatmap(cells, "error", vmax=chance, title=f"Test error{suffix}", threshold=marks_at),
+        out / "robustness_error",
     )
     paths += save(robustness_heatmap(cells, "loss", title=f"Test loss{suffix}"), out / "robustness_loss")
     joint = [g for g in group_order(cells) if g in _joint_set(cells[cells["op"] != "final"])]
@@ -367,7 +382,8 @@ def draw_run(run_dir: str | Path) -> list[Path]:
         rows = [m for g in joint for m in g.split("+") if m in singles]
         rows = list(dict.fromkeys(rows)) + joint
         fig = robustness_heatmap(
-            cells, "error", vmax=chance, groups=rows, title=f"Joint vs single-layer resets: test error{suffix}"
+            cells, "error", vmax=chance, groups=rows, title=f"Joint vs single-layer resets: test error{suffix}",
+            threshold=marks_at,
         )
         paths += save(fig, out / "joint_error")
     if (analysis / "distances.csv").is_file():

@@ -51,6 +51,7 @@ table { border-collapse: collapse; margin: .5em 0; } th, td { border: 1px solid 
   text-align: left; vertical-align: top; } th { background: #f2f2f2; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
 td.critical { color: #a00018; font-weight: bold; } td.robust { color: #1b5e20; }
+td.inconclusive { color: #8a6d00; font-style: italic; }
 code { font-size: .88em; background: #f6f6f6; padding: 0 .2em; }
 figure { margin: 1.2em 0; } figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
 figcaption { color: #555; font-size: .92em; }
@@ -157,19 +158,48 @@ def _verdicts(summary: dict) -> str:
     rows = []
     for v in summary.get("verdicts") or []:
         verdict = str(v.get("verdict", ""))
-        css = verdict if verdict in ("critical", "robust") else ""
+        css = verdict if verdict in ("critical", "robust", "inconclusive") else ""
+        settle = v.get("examples_to_settle")
+        settle = f" (≈{_count(settle)} examples would settle it)" if verdict == "inconclusive" and settle else ""
         rows.append(
             f"<tr><td><code>{_e(v.get('group'))}</code></td>"
             f'<td class="num">{_num(v.get("delta_error"), signed=True)}</td>'
-            f'<td class="{css}">{_e(verdict)}</td>'
-            f'<td class="num">{_num(v.get("rerandomize_error_mean"))}</td></tr>'
+            f'<td class="{css}">{_e(verdict)}{_e(settle)}</td>'
+            f'<td class="num">{_num(v.get("rerandomize_error_mean"))}</td>'
+            f'<td class="num">[{_num(v.get("delta_error_low"), signed=True)}, '
+            f'{_num(v.get("delta_error_high"), signed=True)}]</td>'
+            f'<td class="num">{_p(v.get("p_value"))}</td><td class="num">{_p(v.get("p_holm"))}</td></tr>'
         )
+    point = summary.get("verdict_rule") == "point"
+    rule = (f"Robust when Δ test error ≤ {threshold} after re-initializing the group to checkpoint 0; critical "
+            "otherwise (the paper's rule on the point estimate)." if point else
+            f"<b>How to read it:</b> a group is critical when the whole 95 % interval of its Δ test error lies "
+            f"above {threshold}, robust when its upper end is ≤ {threshold}, and inconclusive when it straddles "
+            "the threshold: then more test examples, not another threshold, would decide.")
     return f"""<h2>Verdicts</h2>
-<p>Robust when Δ test error ≤ {threshold} after re-initializing the group to checkpoint 0; critical
-otherwise. Δ is measured against the final model's test error.</p>
+<p>{rule} Δ is measured against the final model on the same examples (paired): the interval is a paired
+bootstrap over test examples, p the exact McNemar test of the examples that changed (Holm-corrected across
+the groups in the last column).</p>
 <table id="verdicts"><thead><tr><th>group</th><th>Δ test error at checkpoint 0</th><th>verdict</th>
-<th>re-randomized test error (mean over seeds)</th></tr></thead>
+<th>re-randomized test error (mean over seeds)</th><th>95 % interval of Δ</th><th>p</th><th>p (Holm)</th>
+</tr></thead>
 <tbody>{"".join(rows)}</tbody></table>"""
+
+
+def _p(v: Any) -> str:
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        return "n/a"
+    return "n/a" if math.isnan(x) else ("&lt;0.001" if x < 0.001 else f"{x:.3f}")
+
+
+def _count(v: Any) -> str:
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        return "?"
+    return "∞" if math.isinf(x) else f"{int(x):,}"
 
 
 def _figures(figures_dir: Path) -> str:
