@@ -7,7 +7,8 @@ A run directory holds::
 
 A checkpoint counts as complete only when both files exist; the sidecar is written last, so a crash
 between the two leaves an epoch that :func:`list_epochs` ignores. Loading checks the sha256 recorded in
-the sidecar, so a truncated or altered file is refused rather than trusted.
+the sidecar, so a truncated or altered file is refused rather than trusted. :func:`load_checkpoints`
+gives lazy, read-only state dicts (:mod:`criticality.trajectory`): tensors are read per key when used.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from torch import nn
 
 from criticality.errors import CriticalityError
 from criticality.files import atomic_path, sha256_file, write_json
+from criticality.trajectory import LazyCheckpoint, run_files
 
 StateDict = dict[str, torch.Tensor]
 _NAME = re.compile(r"^epoch_(\d{4,})\.safetensors$")
@@ -82,13 +84,22 @@ def load_checkpoint(run_dir: str | Path, epoch: int, *, verify: bool = True) -> 
         raise CriticalityError(f"checkpoint {path} is not a readable safetensors file: {e}") from e
 
 
-def load_checkpoints(run_dir: str | Path, epochs: Iterable[int] | None = None) -> dict[int, StateDict]:
-    """Load several epochs (default: all complete ones) as a mapping epoch -> state dict."""
-    epochs = list_epochs(run_dir) if epochs is None else sorted(epochs)
+def load_checkpoints(run_dir: str | Path, epochs: Iterable[int] | None = None) -> dict[int, LazyCheckpoint]:
+    """Several epochs (default: all complete ones) as a mapping epoch -> read-only state dict whose tensors
+    are read per key when used (see :mod:`criticality.trajectory`); every file's sha256 is checked here,
+    streaming, so that an altered file is refused before any work starts."""
+    found = run_files(checkpoint_dir(run_dir)) if checkpoint_dir(run_dir).is_dir() else {}
+    epochs = sorted(found) if epochs is None else sorted(epochs)
     if not epochs:
         raise CriticalityError(f"no checkpoints in {checkpoint_dir(run_dir)}; train first "
                                "(`criticality train`) or check the run directory")
-    return {e: load_checkpoint(run_dir, e) for e in epochs}
+    for e in epochs:
+        if e not in found:
+            raise CriticalityError(f"no complete checkpoint for epoch {e} in {checkpoint_dir(run_dir)}")
+    out = {e: found[e] for e in epochs}
+    for checkpoint in out.values():  # every file against its sidecar now, streaming: errors before any cell
+        checkpoint.verify()
+    return out
 
 
 def check_compatible(model: nn.Module, state: Mapping[str, torch.Tensor], where: str = "checkpoint") -> None:
@@ -96,13 +107,18 @@ def check_compatible(model: nn.Module, state: Mapping[str, torch.Tensor], where:
     own = model.state_dict()
     if not isinstance(state, Mapping):
         raise CriticalityError(f"{where} is a {type(state).__name__}, not a state dict (a mapping key -> tensor)")
-    odd = sorted(str(k) for k in set(own) & set(state) if not isinstance(state[k], torch.Tensor))
+    # A lazy checkpoint holds tensors only (safetensors, or pickles checked when read): reading each to
+    # check would load the whole trajectory.
+    odd = [] if isinstance(state, LazyCheckpoint) else \
+        sorted(str(k) for k in set(own) & set(state) if not isinstance(state[k], torch.Tensor))
     if odd:
         raise CriticalityError(f"{where}: {odd[0]} is a {type(state[odd[0]]).__name__}, not a tensor")
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
-    shapes = sorted(f"{k}: {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-                    for k in set(own) & set(state) if state[k].shape != own[k].shape)
+    # A lazy checkpoint tells shapes from its file header, without reading the tensors.
+    shape = state.shape_of if isinstance(state, LazyCheckpoint) else (lambda k: tuple(state[k].shape))
+    shapes = sorted(f"{k}: {shape(k)} vs model {tuple(own[k].shape)}"
+                    for k in set(own) & set(state) if shape(k) != tuple(own[k].shape))
     problems = []
     for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)):
         if items:

@@ -143,6 +143,27 @@ def _wait_option(parser: argparse.ArgumentParser) -> None:
                         help="when another process holds the run directory, wait for it instead of stopping")
 
 
+def _hf_options(parser: argparse.ArgumentParser) -> None:
+    """``analyze-hf``: the logic is criticality.hf.analyze_hf."""
+    parser.add_argument("checkpoints", metavar="CHECKPOINTS",
+                        help="HF Trainer output (checkpoint-<step>/) or a folder of step_N.safetensors files")
+    parser.add_argument("--data", required=True, metavar="FILE",
+                        help="token ids (.safetensors with input_ids, .npy) or text (.txt, .jsonl) to evaluate on")
+    parser.add_argument("--init-checkpoint", metavar="PATH", help="the initialization, when CHECKPOINTS lacks step 0")
+    parser.add_argument("--groups", default="blocks", help="blocks | sublayers | auto | a JSON file {name: [patterns]}")
+    parser.add_argument("--seeds", type=NON_NEGATIVE, default=2, help="re-randomization draws per group")
+    parser.add_argument("--seq-len", type=POSITIVE, default=None, help="tokens per sequence for text and 1-D ids "
+                        "(default: 128, at most the model's max_position_embeddings)")
+    parser.add_argument("--batch-size", type=POSITIVE, default=16, help="evaluation batch (sequences)")
+    parser.add_argument("--max-examples", type=POSITIVE, default=None, help="evaluate on the first N sequences only")
+    parser.add_argument("--threshold", type=NON_NEGATIVE_FLOAT, default=DEFAULT_THRESHOLD,
+                        help="Δ token error at step 0 up to which a group counts as robust")
+    parser.add_argument("--engine", choices=("fast", "naive"), default="fast")
+    parser.add_argument("--text-key", default="text", help="the field holding the text in .jsonl lines")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--out", help="output directory (default CHECKPOINTS/analysis)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="criticality", description="Which layers of a trained network matter?")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -174,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     analyze = sub.add_parser("analyze", help="measure every layer's robustness in a run directory")
     analyze.add_argument("run_dir", metavar="RUN_DIR")
     _analysis_options(analyze)
+
+    _hf_options(sub.add_parser("analyze-hf", help="measure every layer of a Hugging Face checkpoint trajectory "
+                                                  "(HF Trainer folder or step_N.safetensors files) on a local file"))
 
     rep = sub.add_parser("report", help="draw the figures and write RUN_DIR/report.html")
     rep.add_argument("run_dir", metavar="RUN_DIR")
@@ -254,6 +278,17 @@ def _dispatch(args: argparse.Namespace) -> int:
             _print_verdicts(out)
             print(f"wrote {out / 'cells.csv'}, {out / 'distances.csv'}, {out / 'summary.json'}")
             _warn_non_finite(out)
+        return 0
+    if args.command == "analyze-hf":
+        from criticality.hf import analyze_hf, summary_line
+
+        out = analyze_hf(args.checkpoints, args.data, init_checkpoint=args.init_checkpoint,
+                         groups=_groups(args.groups), seeds=args.seeds, seq_len=args.seq_len,
+                         batch_size=args.batch_size, max_examples=args.max_examples, threshold=args.threshold,
+                         device=args.device, engine=args.engine, text_key=args.text_key, out=args.out,
+                         progress=progress)
+        print(f"wrote {out / 'cells.csv'}, {out / 'report.html'}; verdicts (Δ token error at step 0): "
+              + ", ".join(f"{g} {v}" for g, v in summary_line(out).items()))
         return 0
     if args.command == "report":
         from criticality import plots, report
