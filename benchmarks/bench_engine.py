@@ -6,6 +6,12 @@ Run::
     .venv/bin/python benchmarks/bench_engine.py --quick         # smoke run, under 30 s (1 thread)
     .venv/bin/python benchmarks/bench_engine.py --device cuda --json /tmp/bench.json
     .venv/bin/python benchmarks/bench_engine.py --cases fcn --repeats 5 --threads 1
+    .venv/bin/python benchmarks/bench_engine.py --cases llama vit resnet-timm --small   # foreign models, small
+
+Foreign-model cases (``llama``: transformers Llama-style LM, 8 layers, d = 256, 256 sequences x 128 tokens;
+``vit``: transformers ViT, 12 layers; ``resnet-timm``: a timm-like ResNet-18 with ``layer1..layer4`` and no
+``stages()``; 8 checkpoints and 2 seeds per block each) are described in ``foreign_cases.py``; they run with
+the zoo cases unless ``--quick``, and ``--small`` shrinks their data for a shared machine.
 
 For each case, in one process: build the zoo model, make a checkpoint trajectory (``steps`` SGD steps of
 batch 128 on the Fashion-MNIST training set between checkpoints, so that weights and BatchNorm running
@@ -40,6 +46,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import foreign_cases
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -241,7 +248,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run in well under 30 s")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--json", type=Path, help="also write the summary table here")
-    parser.add_argument("--cases", nargs="+", choices=[c.key for c in CASES], help="run only these cases")
+    parser.add_argument("--cases", nargs="+", choices=[c.key for c in CASES] + [c.key for c in foreign_cases.FULL],
+                        help="run only these cases")
+    parser.add_argument("--small", action="store_true", help="foreign-model cases on a few examples only")
     parser.add_argument("--data-root", type=Path, help="folder of the Fashion-MNIST IDX files (default: data.load's)")
     parser.add_argument("--repeats", type=int, help="timed runs of each engine per case (default: the case's)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: 1 with --quick, else torch's)")
@@ -251,18 +260,27 @@ def main(argv: list[str] | None = None) -> int:
     if threads:
         torch.set_num_threads(threads)
     cases = [c for c in (QUICK if args.quick else CASES) if not args.cases or c.key in args.cases]
+    foreign = [c for c in (foreign_cases.SMALL if args.small else foreign_cases.FULL)
+               if (c.key in args.cases if args.cases else not args.quick)]
     if args.repeats:
         cases = [replace(c, repeats=args.repeats) for c in cases]
 
     peak = matmul_peak(device, 512 if args.quick else 4096)
     print(f"torch {torch.__version__}, {device}, {torch.get_num_threads()} threads; "
           f"matmul peak {peak:.1f} GFLOP/s", flush=True)
-    ds = data.load("fashion-mnist", args.data_root)
+    ds = data.load("fashion-mnist", args.data_root) if cases else None
     rows = []
     for case in cases:
         row = run_case(case, ds, device)
         rows.append(row)
         print(describe(row), flush=True)
+    for case in foreign:
+        row = foreign_cases.run(case, repeats=args.repeats or 1, device=device)
+        rows.append(row)
+        print(f"{row['case']}: {row['model']}, {row['cells']} cells x {row['examples']} examples, "
+              f"{row['valid_positions']}/{row['blocks']} block positions reused; naive {row['naive_s']:.2f} s, "
+              f"fast {row['fast_s']:.2f} s, {row['ratio']:.2f}x (target {row['target']}x, FLOP ratio "
+              f"{row['flop_ratio']:.2f}x); equal: {row['equal']} (max |dloss| {row['max_loss_diff']:.1e})", flush=True)
     peak = max(peak, matmul_peak(device, 512 if args.quick else 4096))  # again: load elsewhere comes and goes
     print(summary(rows, peak))
     if args.json:

@@ -24,7 +24,9 @@ sets or the CLI.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import math
 import sys
 import warnings
 from collections.abc import Mapping, Sequence
@@ -37,11 +39,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from criticality import distributed, interventions, statistics, surgery
+from criticality import batches, distributed, interventions, statistics, surgery
 from criticality import engine as engine_mod
+from criticality import metrics as metrics_mod
+from criticality.blocks import find_blocks
 from criticality.checkpoints import check_compatible
 from criticality.distances import distances  # noqa: F401  (re-exported: analysis.distances)
-from criticality.engine import METRICS, Data, Engine, Metric, Variant
+from criticality.engine import Data, Engine, Metric, Variant
 from criticality.errors import CriticalityError
 from criticality.examples import (
     Examples,
@@ -49,9 +53,7 @@ from criticality.examples import (
     Record,
     as_record,
     class_targets,
-    evaluate_records,
     examples_path,
-    means,
 )
 from criticality.foreign import draws_summary
 from criticality.groups import Groups, GroupSpec, default_spec, resolve
@@ -134,7 +136,8 @@ def analyze(model: nn.Module, checkpoints: Mapping[int, StateDict], data: Data, 
             threshold: float = DEFAULT_THRESHOLD, buffers: str = "reset", store: str | None = None,
             shard: tuple[int, int] | None = None, progress: bool = True,
             provenance: Mapping[str, Any] | None = None, calibration: Data | None = None,
-            verdict: str = "interval", verdict_metric: str | None = None, stats_seed: int = 0,
+            output: batches.Output = None, blocks: Sequence[str] | None = None, verdict: str = "interval",
+            verdict_metric: str | None = None, stats_seed: int = 0,
             ops: Sequence[str] = interventions.PAPER_OPS, alphas: Sequence[float] = interventions.DEFAULT_ALPHAS,
             sigmas: Sequence[float] = interventions.DEFAULT_SIGMAS, source: int = 0) -> Result:
     """Measure re-initialization and re-randomization robustness of every group of ``model``.
@@ -151,6 +154,11 @@ def analyze(model: nn.Module, checkpoints: Mapping[int, StateDict], data: Data, 
     evaluates only this rank's share of the cells (see :mod:`criticality.distributed`).
     ``buffers``: a group's norm-layer running statistics move with it (``reset``, default), stay as
     trained (``keep``), or are recomputed for each variant on the ``calibration`` batches (``recalibrate``).
+    ``data``: tensors ``(x, y)``, ``x`` alone (unlabelled), or a loader of tuples or of dict batches (HF style);
+    ``metrics``: names (``error``, ``loss``, ``token_error``, ``nll``, ``agreement``, ``kl``) or functions, see
+    :mod:`criticality.metrics`; ``output``: where the logits are in the model's output (a key or a function).
+    ``blocks``: module paths of the model's repeated block stack, in execution order, for the fast engine's
+    prefix reuse (default: found, see :func:`criticality.blocks.find_blocks`).
     ``verdict="interval"`` calls a group critical / robust only when the 95 % paired-bootstrap interval of
     its Δ ``verdict_metric`` (at re-initialization to epoch 0) clears ``threshold`` (in that metric's units;
     default ``error``, else the first metric), inconclusive otherwise; ``"point"`` is the paper's rule on Δ
@@ -160,8 +168,8 @@ def analyze(model: nn.Module, checkpoints: Mapping[int, StateDict], data: Data, 
     ``skip``).
     """
     plan = make_plan(model, checkpoints, groups, seeds, joint, final, reinit_to, init, metrics, engine, batch_size,
-                     max_examples, buffers, calibration=calibration, ops=ops, alphas=alphas, sigmas=sigmas,
-                     source=source, probe=data)
+                     max_examples, buffers, calibration=calibration, output=output, blocks=blocks, ops=ops,
+                     alphas=alphas, sigmas=sigmas, source=source, probe=data)
     rows = run_cells(plan, data, device=device, store=store, shard=shard, progress=progress)
     return finish(plan, rows, threshold=threshold, provenance=provenance, verdict=verdict,
                   verdict_metric=verdict_metric, stats_seed=stats_seed)
@@ -185,6 +193,8 @@ class Plan:
     buffers: str
     calibration: Data | None = None  # training batches for buffers="recalibrate"
     start_epoch: int = 0  # the initialization: shuffle draws permute it; draws must not reproduce it
+    output: batches.Output = None  # where the logits are in the model's output (see batches.call)
+    blocks: Sequence[str] | None = None  # the block stack's module paths (None: found by blocks.find_blocks)
     skips: interventions.SkipPlan = field(default_factory=interventions.SkipPlan)
     _fresh: dict[tuple[str, int], StateDict] = field(default_factory=dict)  # (group, seed) -> its draw
 
@@ -206,7 +216,7 @@ class Plan:
             state = surgery.rerandomize(final, self.fresh(cell.group, cell.seed), keys, buffers=self.buffers,
                                         buffer_keys=buffer_keys)
         if self.buffers == "recalibrate":
-            inputs = (x for x, _ in engine_mod.iter_batches(self.calibration, self.batch_size))
+            inputs = (x for x, _ in batches.iter_batches(self.calibration, self.batch_size))
             state = surgery.recalibrate(self.model, state, keys, inputs)
         return state
 
@@ -236,13 +246,6 @@ class Plan:
             raise CriticalityError(f"re-randomization seed {seed} reproduces the initialization of group {group!r} "
                                    "exactly; choose other seeds")
         return fresh
-
-    def naive_model(self, cell: Cell) -> nn.Module:
-        """The model the reference evaluates a cell on: a skip cell's module returns its input."""
-        if cell.op != "skip":
-            return self.model
-        path = self.skips.paths[cell.group]
-        return interventions.skipped(self.model, [path], self.skips.outputs)
 
     def entries(self, cell: Cell) -> dict[str, torch.Tensor]:
         """The entries in which the cell's variant differs from the final model (surgery's new tensors)."""
@@ -277,7 +280,8 @@ class Plan:
 
 
 def make_plan(model, checkpoints, groups, seeds, joint, final, reinit_to, init, metrics, engine, batch_size,
-              max_examples, buffers, *, calibration: Data | None = None,
+              max_examples, buffers, *, calibration: Data | None = None, output: batches.Output = None,
+              blocks: Sequence[str] | None = None,
               ops: Sequence[str] = interventions.PAPER_OPS, alphas: Sequence[float] = interventions.DEFAULT_ALPHAS,
               sigmas: Sequence[float] = interventions.DEFAULT_SIGMAS, source: int = 0,
               probe: Data | None = None) -> Plan:
@@ -321,7 +325,7 @@ def make_plan(model, checkpoints, groups, seeds, joint, final, reinit_to, init, 
               file=sys.stderr)
     resolved = groups if isinstance(groups, Groups) else resolve(model, groups)
     joints = dict(joint_group(resolved, members) for members in (joint or []))
-    metric_fns = dict(metrics) if isinstance(metrics, Mapping) else {m: _metric(m) for m in metrics}
+    metric_fns = metrics_mod.resolve(metrics)
     if "error" not in metric_fns:  # the verdicts and the terminal table compare test error
         raise CriticalityError(f"metrics {sorted(metric_fns)} lack 'error', which the verdicts compare; add it "
                                "(e.g. metrics=('error', ...) or {'error': fn, ...})")
@@ -355,18 +359,15 @@ def make_plan(model, checkpoints, groups, seeds, joint, final, reinit_to, init, 
     if buffers == "recalibrate" and calibration is None:
         raise CriticalityError("buffers='recalibrate' needs calibration data (training batches)")
     return Plan(model, checkpoints, resolved, joints, cells, final, init, metric_fns, engine, batch_size,
-                max_examples, buffers, calibration, skips=skips)
-
-
-def _metric(name: str) -> Metric:
-    if name not in METRICS:
-        raise CriticalityError(f"unknown metric {name!r}; built in: {', '.join(METRICS)} (or pass a function)")
-    return METRICS[name]
+                max_examples, buffers, calibration, output=output, blocks=blocks, skips=skips)
 
 
 def run_cells(plan: Plan, data: Data, *, device: str | torch.device = "cpu", store: str | None = None,
               shard: tuple[int, int] | None = None, progress: bool = True) -> list[dict[str, Any]]:
-    """Evaluate the plan's cells (this shard's share), reusing and extending ``store``; rows in grid order."""
+    """Evaluate the plan's cells (this shard's share), reusing and extending ``store``; rows in grid order.
+
+    Each row carries its cell's per-example records under ``"records"`` (see :mod:`criticality.examples`).
+    """
     cells = plan.cells if shard is None else plan.cells[shard[0]::shard[1]]
     settings = {**plan.settings(), "data": data_fingerprint(data, plan.max_examples)}
     saved = CellStore(store, settings) if store else None
@@ -387,6 +388,8 @@ def run_cells(plan: Plan, data: Data, *, device: str | torch.device = "cpu", sto
         raw = result.pop("records", raw)
         records = as_record(raw) if raw else None
         row = {**cell.as_dict(), **result}
+        if "nll" in result:
+            row["perplexity"] = math.exp(result["nll"]) if result["nll"] < 700 else math.inf
         done[cell_key(row)] = {**row, "records": records}
         if saved:
             if records is not None:  # records first: a stored row always has its records beside it
@@ -428,16 +431,28 @@ def _data_errors(results: Any) -> Any:
 def _evaluate(plan: Plan, cells: list[Cell], data: Data, device) -> Any:
     if not cells:
         return
+    final = plan.checkpoints[plan.final_epoch]
     if plan.engine == "naive":
         for cell in cells:
-            # Until the engine gives records itself (contract 3), the naive path makes them and its means.
-            records = evaluate_records(plan.naive_model(cell), plan.state(cell), data, metrics=plan.metrics,
-                                       batch_size=plan.batch_size, device=device, limit=plan.max_examples)
-            yield cell, {**means(records), "records": records}
+            yield cell, engine_mod.evaluate_naive(plan.model, plan.state(cell), data, metrics=plan.metrics,
+                                                  batch_size=plan.batch_size, device=device,
+                                                  limit=plan.max_examples, output=plan.output,
+                                                  skip=plan.variant(cell).skip, reference_state=final)
         return
-    fast = Engine(plan.model, plan.checkpoints[plan.final_epoch], data, metrics=plan.metrics,
-                  batch_size=plan.batch_size, device=device, limit=plan.max_examples)
-    yield from fast.evaluate([plan.variant(c) for c in cells])
+    fast = Engine(plan.model, final, data, metrics=plan.metrics, batch_size=plan.batch_size, device=device,
+                  limit=plan.max_examples, output=plan.output, blocks=_blocks(plan))
+    # closing: the caller's model gets its own tensors back even when the consumer stops early
+    with contextlib.closing(fast.evaluate([plan.variant(c) for c in cells])) as results:
+        yield from results
+
+
+def _blocks(plan: Plan) -> list[tuple[str, nn.Module]]:
+    if plan.blocks is None:
+        return find_blocks(plan.model)
+    try:
+        return [(p, plan.model.get_submodule(p)) for p in plan.blocks]
+    except AttributeError as err:
+        raise CriticalityError(f"blocks: {err}") from None
 
 
 def finish(plan: Plan, rows: list[dict[str, Any]], *, threshold: float = DEFAULT_THRESHOLD,
@@ -516,11 +531,12 @@ def tabulate(rows: Sequence[Mapping[str, Any]], metric_names: Sequence[str],
 def data_fingerprint(data: Data, limit: int | None = None) -> str:
     """An identity of the evaluation data: all of it for tensors; size and first batch for a loader."""
     h = hashlib.sha256()
-    if isinstance(data, tuple) and isinstance(data[0], torch.Tensor):
-        tensors = [t[:limit] if limit else t for t in data]
+    whole = batches.in_memory(data)
+    if whole is not None:
+        tensors = [t[:limit] if limit else t for t in _flat(whole)]
     else:
-        first = next(engine_mod.iter_batches(data, 1000, limit), (torch.empty(0), torch.empty(0)))
-        tensors = list(first)
+        first = next(batches.iter_batches(data, 1000, limit), (torch.empty(0), None))
+        tensors = _flat(first)
         h.update(f"{type(data).__name__}:{len(getattr(data, 'dataset', data)) if hasattr(data, '__len__') else '?'}"
                  .encode())
     for t in tensors:
@@ -528,6 +544,13 @@ def data_fingerprint(data: Data, limit: int | None = None) -> str:
         h.update(f"{tuple(t.shape)}:{t.dtype}".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()[:16]
+
+
+def _flat(batch: tuple) -> list[torch.Tensor]:
+    """The tensors of a batch ``(inputs, targets)``, dict inputs in key order, no targets left out."""
+    inputs, targets = batch
+    found = [inputs[k] for k in sorted(inputs)] if isinstance(inputs, Mapping) else [inputs]
+    return found + ([] if targets is None else [targets])
 
 
 def _fingerprint(state: StateDict) -> str:

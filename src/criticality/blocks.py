@@ -1,0 +1,162 @@
+"""Stubs that make a block of a model return a given output, or its own input, while the model's own
+forward runs around it.
+
+This is how the engine reuses an unmodified prefix in any model with a repeated block stack (Hugging Face
+decoder/encoder layers, timm blocks, ResNet stages): it does not re-implement the model's forward (masks,
+rotary embeddings, heads stay the model's business), it only makes block ``k - 1`` return its cached output
+for this batch and the blocks before it return at once. A stub is an instance attribute ``forward`` set for
+the duration of a ``with`` block and always removed afterwards; the module's hooks and attributes stay.
+
+A block returns a tensor, or a tuple whose first element is the hidden state (older transformers); a stub
+returns the same structure (:class:`Shape`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+_MISSING = object()
+Shape = int | None  # None: the block returns a tensor; n: a tuple of n elements (hidden state first)
+
+
+class Stop(Exception):
+    """Raised by :func:`output_of`'s hook to end a forward once the wanted block has run."""
+
+
+def shape_of(out: Any) -> Shape:
+    """The return structure of a block's output; ValueError for one a stub cannot imitate."""
+    if isinstance(out, torch.Tensor):
+        return None
+    if isinstance(out, tuple) and out and isinstance(out[0], torch.Tensor):
+        return len(out)
+    raise ValueError(f"a block returned {type(out).__name__}, not a tensor or a tuple starting with one")
+
+
+def first_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The hidden state a block was called with: its first positional argument (or ``hidden_states``)."""
+    if args:
+        return args[0]
+    if "hidden_states" in kwargs:
+        return kwargs["hidden_states"]
+    return next(iter(kwargs.values()))
+
+
+def as_shape(h: torch.Tensor, shape: Shape) -> Any:
+    return h if shape is None else (h, *([None] * (shape - 1)))
+
+
+def identity(shape: Shape) -> Callable[..., Any]:
+    """A forward that returns its input in the block's return structure (a skipped block)."""
+    return lambda *args, **kwargs: as_shape(first_input(args, kwargs), shape)
+
+
+def returning(out: Any) -> Callable[..., Any]:
+    """A forward that returns a copy of ``out`` (a cached output): the next block may work in place on it."""
+    def forward(*args, **kwargs):
+        if isinstance(out, torch.Tensor):
+            return out.clone()
+        return (out[0].clone(), *out[1:])
+    return forward
+
+
+@contextlib.contextmanager
+def stubbed(stubs: Sequence[tuple[nn.Module, Callable[..., Any]]]) -> Iterator[None]:
+    """Temporarily replace the ``forward`` of each module instance; the originals always come back."""
+    saved: list[tuple[nn.Module, Any]] = []
+    try:
+        for module, fn in stubs:
+            saved.append((module, module.__dict__.get("forward", _MISSING)))
+            module.__dict__["forward"] = fn
+        yield
+    finally:
+        for module, old in reversed(saved):
+            if old is _MISSING:
+                module.__dict__.pop("forward", None)
+            else:
+                module.__dict__["forward"] = old
+
+
+def output_of(run: Callable[[], Any], block: nn.Module) -> Any:
+    """``block``'s output during ``run()`` (a model forward), stopping the forward right after it.
+
+    Raises LookupError when the forward never called ``block``.
+    """
+    box: list[Any] = []
+
+    def hook(module, args, out):
+        box.append(out)
+        raise Stop
+
+    handle = block.register_forward_hook(hook)
+    try:
+        run()
+    except Stop:
+        pass
+    finally:
+        handle.remove()
+    if not box:
+        raise LookupError("the block did not run in the model's forward")
+    return box[0]
+
+
+def skipping(model: nn.Module, paths: Sequence[str], shapes: dict[str, Shape]):
+    """Context: the modules at ``paths`` return their input (in their return structure) instead of running."""
+    return stubbed([(model.get_submodule(p), identity(shapes.get(p))) for p in paths])
+
+
+def shapes_of(run: Callable[[], Any], modules: dict[str, nn.Module]) -> dict[str, Shape]:
+    """The return structure of each module during one ``run()`` (modules that did not run: left out)."""
+    seen: dict[str, Shape] = {}
+    handles = [m.register_forward_hook(lambda mod, a, out, p=p: seen.setdefault(p, _safe_shape(out)))
+               for p, m in modules.items()]
+    try:
+        run()
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def _safe_shape(out: Any) -> Shape | str:
+    try:
+        return shape_of(out)
+    except ValueError:
+        return "unsupported"
+
+
+def find_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """A model's repeated block stack, when ``criticality.stacks`` is not available (a minimal stand-in).
+
+    A zoo model's ``stages()``; a plain ``nn.Sequential``'s children; else the largest ``nn.ModuleList`` /
+    ``nn.Sequential`` of at least two children of one class, or [] when there is none.
+    """
+    try:
+        from criticality.stacks import find_stack  # the full finder (HF, timm layouts), when present
+    except ImportError:
+        pass
+    else:
+        return list(find_stack(model))
+    if callable(getattr(type(model), "stages", None)):
+        return list(model.stages())
+    if isinstance(model, nn.Sequential) and type(model).forward is nn.Sequential.forward:
+        return list(model._modules.items())
+    layers = [(n, m) for n, m in model.named_children() if n.startswith("layer") and n[5:].isdigit()]
+    if len(layers) >= 2:  # torchvision / timm ResNets: layer1 .. layer4, each a Sequential of residual blocks
+        out = []
+        for name, layer in sorted(layers, key=lambda nm: int(nm[0][5:])):
+            plain = isinstance(layer, nn.Sequential) and type(layer).forward is nn.Sequential.forward
+            out += [(f"{name}.{k}", c) for k, c in layer._modules.items()] if plain else [(name, layer)]
+        return out
+    best: list[tuple[str, nn.Module]] = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList | nn.Sequential):
+            continue
+        children = list(module._modules.items())
+        if len(children) >= 2 and len({type(c) for _, c in children}) == 1 and len(children) > len(best):
+            best = [(f"{name}.{k}" if name else k, c) for k, c in children]
+    return best
