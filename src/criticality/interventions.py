@@ -314,14 +314,6 @@ def skipping(model: nn.Module, paths: Sequence[str],
             m.__dict__.pop("forward", None)
 
 
-def skipped(model: nn.Module, paths: Sequence[str], outputs: Mapping[str, int]) -> nn.Module:
-    """The naive reference: a deep copy of ``model`` whose modules at ``paths`` return their input."""
-    m = copy.deepcopy(model)
-    for p in paths:
-        m.get_submodule(p).forward = _identity(outputs[p])
-    return m
-
-
 def summary(plan: Any) -> dict[str, Any]:
     """What the analysis summary records about the ops that ran (nothing for the paper's two alone)."""
     cells = [c for c in plan.cells if c.op in NEW_OPS]
