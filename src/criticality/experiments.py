@@ -2,7 +2,7 @@
 
 Keys read ``fig<N>/<model>/<paper data set>``; ``criticality list`` prints them and
 ``criticality run KEY`` (or any unique path component of a key, like ``fcn-3x256``) runs one.
-Each experiment has two scales: ``paper`` (the paper's sizes and epochs, PAPER.md defaults) and ``quick``
+Each experiment has two scales: ``paper`` (the paper's sizes, epochs and recipe, docs/paper.md) and ``quick``
 (a 2-core CPU finishes it in minutes on Fashion-MNIST or digits; it is what the tests run).
 An experiment may hold several training runs (Fig 3: widths × seeds), each analysed on its own.
 """
