@@ -12,7 +12,7 @@ Run: ``.venv/bin/pytest tests/test_independent.py -q`` (about 30 s on 2 cores; s
 - ``max_examples=N`` gives exactly the values of the first N examples; distances at a non-zero checkpoint
   and interpolation at α = 0.3 against hand computation; the guard against a draw that reproduces the
   initialization; prefix caching really used (fewer first-layer calls than the naive loop);
-- the paper's training settings (PAPER.md, Appendix A) at paper scale; LOCAL_RANK selecting the GPU;
+- the paper's training settings (Appendix A, docs/paper.md) at paper scale; LOCAL_RANK selecting the GPU;
   the joint groups of Figs 9 and 10 by their members.
 """
 
@@ -285,7 +285,7 @@ def test_prefix_caching_is_really_used():
 
 
 def test_paper_scale_settings_follow_the_paper():
-    """PAPER.md (Appendix A): SGD, momentum 0.9, batch 128, 100 epochs; lr 0.01 for FCNs (Glorot init on
+    """The paper (Appendix A; docs/paper.md): SGD, momentum 0.9, batch 128, 100 epochs; lr 0.01 for FCNs (Glorot init on
     MNIST), 0.1 for the conv nets on CIFAR-10."""
     fcn_cfg = experiments.run_configs(experiments.get("fig1/fcn-3x256/mnist"), "paper", None)["run"]
     assert (fcn_cfg.data, fcn_cfg.epochs, fcn_cfg.batch_size, fcn_cfg.lr, fcn_cfg.momentum, fcn_cfg.init) == \
@@ -329,7 +329,7 @@ def test_joint_groups_of_figs_9_and_10_by_their_members():
         ["stage4.block1", "stage4.block2"], ["stage3.block2", "stage4.block2"]]
 
 
-def test_custom_metrics_need_error_and_are_computed():
+def test_custom_metrics_are_computed_and_judged_when_alone():
     model = fcn()
     sd = states(model)
     x, y = data(7)
@@ -337,8 +337,12 @@ def test_custom_metrics_need_error_and_are_computed():
     def margin(logits, targets):  # a user's metric: per-example, plain callable
         return logits.gather(1, targets[:, None])[:, 0] - logits.max(1).values
 
-    with pytest.raises(CriticalityError, match=r"lack 'error', which the verdicts compare"):
-        analyze(model, sd, (x, y), groups=GROUPS, seeds=0, init="torch", metrics={"margin": margin}, progress=False)
+    alone = analyze(model, sd, (x, y), groups=GROUPS, seeds=0, init="torch", metrics={"margin": margin},
+                    progress=False)
+    assert alone.summary["verdict_metric"] == "margin" and "delta_margin_low" in alone.verdicts
+    with pytest.raises(CriticalityError, match=r"verdict metric 'error' is not among the metrics \['margin'\]"):
+        analyze(model, sd, (x, y), groups=GROUPS, seeds=0, init="torch", metrics={"margin": margin},
+                verdict_metric="error", progress=False)
     from criticality.engine import METRICS
 
     r = analyze(model, sd, (x, y), groups=GROUPS, seeds=0, init="torch", progress=False,

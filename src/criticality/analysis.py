@@ -12,8 +12,10 @@ distances.py).
     result.examples(op="reinit", group="fc1", checkpoint=0)  # one row per test example
     result.per_class(op="reinit", group="fc1", checkpoint=0)  # error per true class vs the final model
 
-The grid is general: a cell is ``(op, group, checkpoint, seed)``; ``op`` is ``final`` (the trained model),
-``reinit`` (group back to ``checkpoint``) or ``rerandomize`` (group from a fresh draw with ``seed``).
+The grid is general: a cell is ``(op, group, checkpoint, seed, alpha, sigma)``; ``op`` is ``final`` (the trained
+model), ``reinit`` (group back to ``checkpoint``), ``rerandomize`` (group from a fresh draw with ``seed``), or one of
+the interventions of :mod:`criticality.interventions`: ``interpolate`` (``alpha``), ``noise`` (``sigma``, ``seed``)
+and ``skip``.
 Joint groups (``joint=[["fc2", "fc3"]]``) get the same cells under the name ``fc2+fc3``. Every cell keeps
 per-example records (:mod:`criticality.examples`), from which :mod:`criticality.statistics` gives each
 cell's paired interval of Δ against the final model. This module knows nothing of the model zoo, the data
@@ -37,7 +39,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from criticality import batches, distributed, statistics, surgery
+from criticality import batches, distributed, interventions, statistics, surgery
 from criticality import engine as engine_mod
 from criticality import metrics as metrics_mod
 from criticality.blocks import find_blocks
@@ -58,26 +60,30 @@ from criticality.groups import Groups, GroupSpec, default_spec, resolve
 from criticality.groups import joint as joint_group
 from criticality.initializers import DRAW_SCHEMES, InitScheme, choose, scheme_name
 from criticality.store import CellStore, cell_key
-from criticality.verdicts import DEFAULT_THRESHOLD, intervals, p_values, verdicts
+from criticality.verdicts import DEFAULT_THRESHOLD, intervals, judged, p_values, verdicts
+from criticality.verdicts import verdict_metric as choose_metric
 
 StateDict = Mapping[str, torch.Tensor]
 MAX_CELLS = 100_000  # a larger grid is a typo (--seeds 100000000000): each cell is a pass over the data
 ENGINES = ("fast", "naive")
 VERDICT_RULES = ("interval", "point")  # three outcomes from the paired interval, or the paper's point rule
+LABEL_FREE = ("agreement", "kl")  # built-in metrics that compare with the final model, not with labels
 RERANDOMIZE_SALT = 1_000_003  # draw seed s: each module drawn from draw_seed(SALT + s, its path) (Plan._draw)
 
 
 @dataclass(frozen=True)
 class Cell:
-    op: str  # "final" | "reinit" | "rerandomize"
+    op: str  # one of interventions.OPS
     group: str = ""  # "" for the final model; members joined by "+" for a joint group
-    checkpoint: int | None = None  # epoch, for reinit (and the final row)
-    seed: int | None = None  # generator seed, for rerandomize
+    checkpoint: int | None = None  # epoch: reinit's target, interpolate's / noise's source (and the final row)
+    seed: int | None = None  # generator seed, for rerandomize and noise
     joint: bool = False
+    alpha: float | None = None  # interpolation weight of the final model (interpolate; noise in module criticality)
+    sigma: float | None = None  # noise std relative to the group's movement RMS (see interventions)
 
     def as_dict(self) -> dict[str, Any]:
         return {"op": self.op, "group": self.group, "joint": self.joint,
-                "checkpoint": self.checkpoint, "seed": self.seed}
+                "checkpoint": self.checkpoint, "seed": self.seed, "alpha": self.alpha, "sigma": self.sigma}
 
 
 @dataclass
@@ -104,13 +110,22 @@ class Result:
 
 
 def grid(group_names: Sequence[str], joint_names: Sequence[str], reinit_to: Sequence[int],
-         seeds: Sequence[int], final_epoch: int) -> list[Cell]:
-    """Every cell, in table order: the final model, then per group its re-randomizations and re-inits."""
+         seeds: Sequence[int], final_epoch: int, ops: Sequence[str] = interventions.PAPER_OPS, *,
+         alphas: Sequence[float] = (), sigmas: Sequence[float] = (), source: int = 0,
+         skippable: Sequence[str] = ()) -> list[Cell]:
+    """Every cell, in table order: the final model, then per group its cells op by op (``ops`` order)."""
     cells = [Cell("final", checkpoint=final_epoch)]
     for name in [*group_names, *joint_names]:
-        is_joint = name in joint_names
-        cells += [Cell("rerandomize", name, seed=s, joint=is_joint) for s in seeds]
-        cells += [Cell("reinit", name, checkpoint=e, joint=is_joint) for e in reinit_to]
+        j = name in joint_names
+        per_op = {
+            "rerandomize": [Cell("rerandomize", name, seed=s, joint=j) for s in seeds],
+            "reinit": [Cell("reinit", name, checkpoint=e, joint=j) for e in reinit_to],
+            "interpolate": [Cell("interpolate", name, checkpoint=source, joint=j, alpha=a) for a in alphas],
+            "noise": [Cell("noise", name, checkpoint=source, seed=s, joint=j, sigma=v) for v in sigmas for s in seeds],
+            "skip": [Cell("skip", name, joint=j)] if name in skippable else [],
+        }
+        for op in ops:
+            cells += per_op[op]
     return cells
 
 
@@ -124,7 +139,9 @@ def analyze(model: nn.Module, checkpoints: Mapping[int, StateDict], data: Data, 
             shard: tuple[int, int] | None = None, progress: bool = True,
             provenance: Mapping[str, Any] | None = None, calibration: Data | None = None,
             output: batches.Output = None, blocks: Sequence[str] | None = None, verdict: str = "interval",
-            verdict_metric: str | None = None, stats_seed: int = 0) -> Result:
+            verdict_metric: str | None = None, stats_seed: int = 0,
+            ops: Sequence[str] = interventions.PAPER_OPS, alphas: Sequence[float] = interventions.DEFAULT_ALPHAS,
+            sigmas: Sequence[float] = interventions.DEFAULT_SIGMAS, source: int = 0) -> Result:
     """Measure re-initialization and re-randomization robustness of every group of ``model``.
 
     ``checkpoints`` maps epoch → state dict; the final model is the largest epoch unless ``final`` names
@@ -146,11 +163,17 @@ def analyze(model: nn.Module, checkpoints: Mapping[int, StateDict], data: Data, 
     prefix reuse (default: found, see :func:`criticality.blocks.find_blocks`).
     ``verdict="interval"`` calls a group critical / robust only when the 95 % paired-bootstrap interval of
     its Δ ``verdict_metric`` (at re-initialization to epoch 0) clears ``threshold`` (in that metric's units;
-    default ``error``, else the first metric), inconclusive otherwise; ``"point"`` is the paper's rule on Δ
-    alone. ``stats_seed`` seeds the bootstrap.
+    default ``error``, else ``token_error``, else ``agreement`` judged as ``disagreement`` = 1 − agreement,
+    the fraction of examples whose top-1 prediction changed; else the first metric), inconclusive otherwise;
+    ``"point"`` is the paper's rule on Δ alone. ``stats_seed`` seeds the bootstrap.
+    ``ops`` picks the operations (default the paper's two; see :mod:`criticality.interventions` for
+    ``interpolate`` over ``alphas`` from checkpoint ``source``, ``noise`` over ``sigmas`` × ``seeds`` and
+    ``skip``).
     """
     plan = make_plan(model, checkpoints, groups, seeds, joint, final, reinit_to, init, metrics, engine, batch_size,
-                     max_examples, buffers, calibration=calibration, output=output, blocks=blocks)
+                     max_examples, buffers, calibration=calibration, output=output, blocks=blocks, ops=ops,
+                     alphas=alphas, sigmas=sigmas, source=source, probe=data)
+    verdict_metric = choose_metric(list(plan.metrics), verdict_metric)  # refused now, not after every cell
     rows = run_cells(plan, data, device=device, store=store, shard=shard, progress=progress)
     return finish(plan, rows, threshold=threshold, provenance=provenance, verdict=verdict,
                   verdict_metric=verdict_metric, stats_seed=stats_seed)
@@ -176,6 +199,7 @@ class Plan:
     start_epoch: int = 0  # the initialization: shuffle draws permute it; draws must not reproduce it
     output: batches.Output = None  # where the logits are in the model's output (see batches.call)
     blocks: Sequence[str] | None = None  # the block stack's module paths (None: found by blocks.find_blocks)
+    skips: interventions.SkipPlan = field(default_factory=interventions.SkipPlan)
 
     def keys(self, group: str) -> tuple[str, ...]:
         return self.joint[group] if group in self.joint else self.groups.members[group]
@@ -188,7 +212,9 @@ class Plan:
         if cell.op == "final":
             return surgery.Overlay(final, {})
         buffer_keys, keys = surgery.buffer_keys(self.model), self.keys(cell.group)
-        if cell.op == "reinit":
+        if cell.op in interventions.NEW_OPS:
+            state = interventions.cell_state(self, cell)
+        elif cell.op == "reinit":
             state = surgery.reinit(final, self.checkpoints[cell.checkpoint], keys, buffers=self.buffers,
                                    buffer_keys=buffer_keys)
         else:
@@ -237,6 +263,8 @@ class Plan:
         """The keys :meth:`entries` returns, known without doing the surgery."""
         if cell.op == "final":
             return ()
+        if cell.op in interventions.NEW_OPS:
+            return interventions.moved_keys(self, cell)
         keys = self.keys(cell.group)
         if self.buffers == "keep":
             kept = surgery.buffer_keys(self.model)
@@ -245,7 +273,8 @@ class Plan:
 
     def variant(self, cell: Cell) -> Variant:
         """The cell for the engine: its tensors are made when it is evaluated, not before."""
-        return Variant(cell, lambda: self.entries(cell), keys=self.moved_keys(cell))
+        skip = (self.skips.paths[cell.group],) if cell.op == "skip" else ()
+        return Variant(cell, lambda: self.entries(cell), keys=self.moved_keys(cell), skip=skip)
 
     def settings(self) -> dict[str, Any]:
         """What must match for stored cells to be reused (see :mod:`criticality.store`)."""
@@ -259,7 +288,10 @@ class Plan:
 
 def make_plan(model, checkpoints, groups, seeds, joint, final, reinit_to, init, metrics, engine, batch_size,
               max_examples, buffers, *, calibration: Data | None = None, output: batches.Output = None,
-              blocks: Sequence[str] | None = None) -> Plan:
+              blocks: Sequence[str] | None = None,
+              ops: Sequence[str] = interventions.PAPER_OPS, alphas: Sequence[float] = interventions.DEFAULT_ALPHAS,
+              sigmas: Sequence[float] = interventions.DEFAULT_SIGMAS, source: int = 0,
+              probe: Data | None = None) -> Plan:
     """Check every argument of :func:`analyze` and lay out the grid; raises :class:`CriticalityError`."""
     if not checkpoints:
         raise CriticalityError("no checkpoints given: analysis needs at least the final model and epoch 0")
@@ -301,15 +333,27 @@ def make_plan(model, checkpoints, groups, seeds, joint, final, reinit_to, init, 
     resolved = groups if isinstance(groups, Groups) else resolve(model, groups)
     joints = dict(joint_group(resolved, members) for members in (joint or []))
     metric_fns = metrics_mod.resolve(metrics)
-    if "error" not in metric_fns:  # the verdicts and the terminal table compare test error
-        raise CriticalityError(f"metrics {sorted(metric_fns)} lack 'error', which the verdicts compare; add it "
-                               "(e.g. metrics=('error', ...) or {'error': fn, ...})")
-    n_cells = 1 + (len(resolved.names) + len(joints)) * (len(seeds) + len(reinit_to))
+    if not metric_fns:  # any metric can carry the verdicts (verdicts.verdict_metric picks one)
+        raise CriticalityError("no metrics given; e.g. metrics=('error', 'loss'), ('token_error', 'nll') for a "
+                               "language model, or ('agreement', 'kl') for unlabelled data")
+    ops = interventions.check_ops(ops)
+    alphas = interventions.check_unit(alphas, "alphas") if "interpolate" in ops else ()
+    sigmas = interventions.check_unit(sigmas, "sigmas") if "noise" in ops else ()
+    if ("interpolate" in ops or "noise" in ops) and source not in checkpoints:
+        raise CriticalityError(f"interpolation/noise source epoch {source} is not among the checkpoints {epochs}")
+    if "noise" in ops and not seeds:
+        raise CriticalityError("the noise op averages over draws: give at least one seed")
+    per_group = len(seeds) * ("rerandomize" in ops) + len(reinit_to) * ("reinit" in ops) + len(alphas) \
+        + len(sigmas) * len(seeds) + ("skip" in ops)  # cells per group, at most
+    n_cells = 1 + (len(resolved.names) + len(joints)) * per_group
     if n_cells > MAX_CELLS:
         raise CriticalityError(f"the grid has {n_cells:,} cells ({len(resolved.names) + len(joints)} groups × "
-                               f"({len(seeds)} seeds + {len(reinit_to)} checkpoints) + 1), each a full pass over "
-                               f"the evaluation data; at most {MAX_CELLS:,} are run (fewer seeds or checkpoints)")
-    cells = grid(resolved.names, list(joints), reinit_to, seeds, final)
+                               f"{per_group} cells + 1), each a full pass over the evaluation data; at most "
+                               f"{MAX_CELLS:,} are run (fewer seeds, checkpoints, alphas or sigmas)")
+    skips = interventions.plan_skips_on(model, {**resolved.members, **joints}, probe, batch_size) \
+        if "skip" in ops else interventions.SkipPlan()
+    cells = grid(resolved.names, list(joints), reinit_to, seeds, final, ops, alphas=alphas, sigmas=sigmas,
+                 source=source, skippable=list(skips.paths))
     init, guessed = choose(model, init)
     if guessed and seeds:
         warnings.warn(f"{type(model).__name__} records no init_scheme: re-randomizing with its modules' own "
@@ -322,7 +366,7 @@ def make_plan(model, checkpoints, groups, seeds, joint, final, reinit_to, init, 
     if buffers == "recalibrate" and calibration is None:
         raise CriticalityError("buffers='recalibrate' needs calibration data (training batches)")
     return Plan(model, checkpoints, resolved, joints, cells, final, init, metric_fns, engine, batch_size,
-                max_examples, buffers, calibration, output=output, blocks=blocks)
+                max_examples, buffers, calibration, output=output, blocks=blocks, skips=skips)
 
 
 def run_cells(plan: Plan, data: Data, *, device: str | torch.device = "cpu", store: str | None = None,
@@ -337,10 +381,10 @@ def run_cells(plan: Plan, data: Data, *, device: str | torch.device = "cpu", sto
     kept = ExampleStore(examples_path(store), settings) if store else None  # per-example records
     keys = [cell_key(c.as_dict()) for c in cells]
     wanted = set(keys)
-    # A stored cell without records (a store from before records existed) is recomputed to get them.
-    need = plan.engine == "naive"  # TODO(engine merge): every engine gives records, drop this condition
-    done = {k: {**r, "records": kept.records.get(k)} for k, r in (saved.rows.items() if saved else [])
-            if k in wanted and (k in kept.records or not need)}
+    # A stored cell is reused with its records (from any rank's store); one without them (a store from
+    # before records existed, or a crash between the two appends) is recomputed: statistics need them.
+    done = {k: {**r, "records": kept.records[k]} for k, r in (saved.rows.items() if saved else [])
+            if k in wanted and k in kept.records}
     todo = [c for c, k in zip(cells, keys, strict=True) if k not in done]
     if done and distributed.is_main():  # under torchrun: rank 0's line only
         print(f"resuming: {len(done)} of {len(cells)} cells already done ({store}), computing {len(todo)}",
@@ -349,15 +393,17 @@ def run_cells(plan: Plan, data: Data, *, device: str | torch.device = "cpu", sto
     for cell, result in _data_errors(_evaluate(plan, todo, data, device)):
         raw, result = getattr(result, "records", None), dict(result)  # the engine's records (contract 3)
         raw = result.pop("records", raw)
-        records = as_record(raw) if raw else None
+        if not raw:
+            raise CriticalityError(f"the {plan.engine} engine gave no per-example records for cell {cell}; "
+                                   "the verdicts' intervals need them")
+        records = as_record(raw)
         row = {**cell.as_dict(), **result}
         if "nll" in result:
             row["perplexity"] = math.exp(result["nll"]) if result["nll"] < 700 else math.inf
         done[cell_key(row)] = {**row, "records": records}
-        if saved:
-            if records is not None:  # records first: a stored row always has its records beside it
-                kept.add(cell.as_dict(), records)
-            saved.add(row)
+        if saved:  # records first: a stored row always has its records beside it
+            kept.add(cell.as_dict(), records)
+            saved.add(row)  # a recomputed cell's new line replaces its old one (the last line wins)
         bar.update()
     bar.close()
     if kept is not None and kept.targets is None and (targets := _targets(data, plan)) is not None:
@@ -424,15 +470,19 @@ def finish(plan: Plan, rows: list[dict[str, Any]], *, threshold: float = DEFAULT
     """Turn evaluated rows into the :class:`Result`: deltas with intervals, distances, verdicts, summary."""
     if verdict not in VERDICT_RULES:
         raise CriticalityError(f"unknown verdict rule {verdict!r}; choose one of {', '.join(VERDICT_RULES)}")
-    if verdict_metric is None:  # test error when measured; label-free runs judge their first metric
-        verdict_metric = "error" if "error" in plan.metrics else next(iter(plan.metrics))
-    if verdict_metric not in plan.metrics:
-        raise CriticalityError(f"verdict metric {verdict_metric!r} is not among the metrics {list(plan.metrics)}")
+    # error when measured, else token_error, else agreement (judged as disagreement), else the first metric
+    measured = choose_metric(list(plan.metrics), verdict_metric)
     records = [r.get("records") for r in rows]
     targets = next((r["targets"] for r in rows if r.get("targets") is not None), None)
-    table = tabulate(rows, list(plan.metrics), records, seed=stats_seed, p_metric=verdict_metric)
+    # Intervals for every metric but the label-free ones beside a labelled verdict metric (they cost a
+    # bootstrap each and judge nothing there: agreement and kl are on by default in the CLI).
+    spread = [m for m in plan.metrics if m == measured or m not in LABEL_FREE]
+    table = tabulate(rows, list(plan.metrics), records, seed=stats_seed, p_metric=measured, interval_metrics=spread)
     dist = distances(plan.checkpoints, {**plan.groups.members, **plan.joint}, plan.model)
-    verdict_table = verdicts(table, threshold, records, rule=verdict, metric=verdict_metric, seed=stats_seed)
+    # Verdicts compare re-initialization to epoch 0: none when the ops left reinit out.
+    view, view_records, verdict_metric = judged(table, records, measured)
+    verdict_table = verdicts(view, threshold, view_records, rule=verdict, metric=verdict_metric, seed=stats_seed) \
+        if (table.op == "reinit").any() else pd.DataFrame()
     final = table[table.op == "final"].iloc[0]
     summary = {
         "final_epoch": plan.final_epoch,
@@ -452,6 +502,7 @@ def finish(plan: Plan, rows: list[dict[str, Any]], *, threshold: float = DEFAULT
         "draws": draws_summary(plan.model, scheme_name(plan.init), {**plan.groups.members, **plan.joint}),
         "non_finite_cells": int((~table.finite).sum()),
         "provenance": dict(provenance or {}),
+        **interventions.summary(plan),
     }
     kept = {cell_key(r): rec for r, rec in zip(rows, records, strict=True) if rec is not None}
     cells = {cell_key(r): {k: r[k] for k in Cell("final").as_dict()} for r in rows if cell_key(r) in kept}
@@ -460,12 +511,13 @@ def finish(plan: Plan, rows: list[dict[str, Any]], *, threshold: float = DEFAULT
 
 def tabulate(rows: Sequence[Mapping[str, Any]], metric_names: Sequence[str],
              records: Sequence[Record | None] | None = None, *, seed: int = 0,
-             p_metric: str = "error") -> pd.DataFrame:
+             p_metric: str = "error", interval_metrics: Sequence[str] | None = None) -> pd.DataFrame:
     """Rows → the tidy table, with ``delta_<metric>`` against the final model and a ``finite`` flag.
 
     With ``records`` (one per row, None where missing) every cell also gets ``delta_<metric>_low/high``
     (95 % paired-bootstrap interval, the same resamples for every cell, seeded by ``seed``) and
     ``p_value`` (exact McNemar on ``p_metric``'s discordant examples when its records are 0/1; NaN else).
+    ``interval_metrics`` limits the intervals to those metrics (default: all).
     """
     table = pd.DataFrame([{k: v for k, v in r.items() if k not in ("records", "targets")} for r in rows])
     finals = table[table.op == "final"]
@@ -474,12 +526,14 @@ def tabulate(rows: Sequence[Mapping[str, Any]], metric_names: Sequence[str],
     for m in metric_names:
         table[f"delta_{m}"] = table[m] - float(finals.iloc[0][m])
     records = list(records) if records is not None else [None] * len(table)
-    for m in metric_names:
+    for m in metric_names if interval_metrics is None else [m for m in metric_names if m in interval_metrics]:
         table[[f"delta_{m}_low", f"delta_{m}_high"]] = intervals(records, finals.index[0], m, seed)
     table["p_value"] = p_values(records, finals.index[0], p_metric)
     table["finite"] = np.isfinite(table[list(metric_names)].to_numpy(dtype=float)).all(axis=1)
     for col in ("checkpoint", "seed"):
         table[col] = table[col].astype("Int64")
+    for col in ("alpha", "sigma"):  # absent from rows stored before these ops existed
+        table[col] = table[col].astype(float) if col in table else np.nan
     table["n"] = table["n"].astype(int)
     return table
 

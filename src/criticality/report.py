@@ -34,6 +34,8 @@ FIGURES = [
         "robustness_loss",
         "The same grid with test loss (cross-entropy); the colour scale stops at the largest finite value.",
     ),
+    ("robustness_token_error", "Token error (next token wrong) after resetting each group."),
+    ("robustness_nll", "The same grid in nats per token; the colour scale stops at the largest finite value."),
     ("distance_l2", "ℓ2 distance of each group's parameters to initialization, ‖θτ − θ0‖₂ / √n "
                     "(the paper's definition, Fig 1b)."),
     ("distance_linf", "ℓ∞ distance to initialization, ‖θτ − θ0‖∞ (the paper's definition, Fig 1c)."),
@@ -88,6 +90,7 @@ def render(config: dict, summary: dict, figures_dir: Path) -> str:
         _assumptions(config.get("experiment") or {}),
         _verdicts(summary),
         _figures(figures_dir),
+        _interventions(summary, figures_dir),
         _coverage(summary.get("coverage") or {}),
         "<h2>Configuration</h2>",
         _kv_table(config, "config"),
@@ -115,7 +118,8 @@ def _data_note(data: dict, data_name: str) -> str:
     n_test, cap = data.get("n_test"), data.get("max_examples")
     if n_test is not None:
         capped = f" (capped by max_examples = {_e(cap)})" if cap is not None else ""
-        parts.append(f"<p>Evaluated on {_e(n_test)} test examples of {_e(data_name)}{capped}.</p>")
+        what = f"sequences of {_e(data['seq_len'])} tokens" if data.get("seq_len") else "test examples"
+        parts.append(f"<p>Evaluated on {_e(n_test)} {what} of {_e(data_name)}{capped}.</p>")
     return "\n".join(parts)
 
 
@@ -129,58 +133,91 @@ def _assumptions(experiment: dict) -> str:
     return f"<h2>Ours, not the paper's</h2>\n{standin}<p>Settings this experiment had to choose:</p>\n<ul>{lis}</ul>"
 
 
+# How the verdict metric reads in sentences (summary["verdict_metric"]; others are named as they are).
+METRIC_NAMES = {"error": "test error", "token_error": "token error", "nll": "nll (nats per token)",
+                "loss": "test loss", "kl": "KL(final ‖ variant)",
+                "disagreement": "disagreement (1 − agreement with the final model's top-1 prediction)"}
+
+
+def _metric(summary: dict) -> tuple[str, str]:
+    """The verdict metric and its name in sentences."""
+    metric = summary.get("verdict_metric") or "error"
+    return metric, METRIC_NAMES.get(metric, metric)
+
+
+def _axis(summary: dict) -> str:
+    """What the checkpoints count: ``epoch`` (this project's runs) or ``step`` (HF Trainer folders)."""
+    return str((summary.get("checkpoints") or {}).get("axis") or "epoch")
+
+
 def _headline(summary: dict) -> str:
-    return (
-        f"<p>Final model: test error <b>{_num(summary.get('final_error'))}</b>, "
-        f"test loss {_num(summary.get('final_loss'))}; chance error {_num(summary.get('chance_error'))}.</p>"
-    )
+    chance = f"; chance error {_num(summary.get('chance_error'))}" if "chance_error" in summary else ""
+    if "final_error" in summary or "final_token_error" not in summary:
+        return (f"<p>Final model: test error <b>{_num(summary.get('final_error'))}</b>, "
+                f"test loss {_num(summary.get('final_loss'))}{chance}.</p>")
+    nll = summary.get("final_nll")
+    perplexity = f" (perplexity {_num(math.exp(nll))})" if isinstance(nll, (int, float)) and nll < 700 else ""
+    return (f"<p>Final model: token error <b>{_num(summary.get('final_token_error'))}</b>, "
+            f"nll {_num(nll)} nats per token{perplexity}{chance}.</p>")
 
 
 def _how_to_read(summary: dict) -> str:
     threshold, chance = _num(summary.get("threshold")), _num(summary.get("chance_error"))
+    _, name = _metric(summary)
+    axis = _axis(summary)
+    article = "an" if axis[:1] in "aeiou" else "a"
+    towards = f": critical groups send the error towards chance ({chance})" if "error" in name else ""
     return f"""<h2>How to read this</h2>
 <p>Each row of a heatmap is a group of parameters (a layer, or several layers reset together, their
-names marked <code>*</code>). A column labelled with an epoch <i>re-initializes</i> the group: the trained
+names marked <code>*</code>). A column labelled with {article} {axis} <i>re-initializes</i> the group: the trained
 model gets that group's parameters (and buffers) back from that checkpoint, every other layer stays as
-trained, and the model is evaluated with no retraining; epoch 0 is the initialization. The
+trained, and the model is evaluated with no retraining; {axis} 0 is the initialization. The
 <code>rand</code> column <i>re-randomizes</i> the group with a fresh draw from the initializer used at
 the start of training (mean ± std over seeds); <code>final</code> is the trained model.</p>
-<p>A group is <b>robust</b> when resetting it to checkpoint 0 costs (almost) nothing, here when test
-error rises by at most {threshold}, and <b>critical</b> otherwise: critical groups send the error towards
-chance ({chance}). Along a row, the checkpoint from which the error is back at the final error shows how
-early that layer settled. Layers that are robust one at a time need not be robust when reset jointly.
+<p>A group is <b>robust</b> when resetting it to checkpoint 0 costs (almost) nothing, here when the
+{_e(name)} rises by at most {threshold}, and <b>critical</b> otherwise{towards}. Along a row, the checkpoint
+from which the value is back at the final model's shows how early that layer settled. Layers that are
+robust one at a time need not be robust when reset jointly.
 The distance heatmaps show how far each group's parameters moved from initialization.</p>"""
 
 
 def _verdicts(summary: dict) -> str:
     threshold = _num(summary.get("threshold"))
+    metric, name = _metric(summary)
+    found = summary.get("verdicts") or []
+    rand = next((k[len("rerandomize_"):-len("_mean")] for k in (found[0] if found else {})
+                 if k.startswith("rerandomize_") and k.endswith("_mean")), "error")
+    rand_name = METRIC_NAMES.get(rand, rand)
     rows = []
-    for v in summary.get("verdicts") or []:
+    for v in found:
         verdict = str(v.get("verdict", ""))
         css = verdict if verdict in ("critical", "robust", "inconclusive") else ""
         settle = v.get("examples_to_settle")
         settle = f" (≈{_count(settle)} examples would settle it)" if verdict == "inconclusive" and settle else ""
         rows.append(
             f"<tr><td><code>{_e(v.get('group'))}</code></td>"
-            f'<td class="num">{_num(v.get("delta_error"), signed=True)}</td>'
+            f'<td class="num">{_num(v.get(f"delta_{metric}"), signed=True)}</td>'
             f'<td class="{css}">{_e(verdict)}{_e(settle)}</td>'
-            f'<td class="num">{_num(v.get("rerandomize_error_mean"))}</td>'
-            f'<td class="num">[{_num(v.get("delta_error_low"), signed=True)}, '
-            f'{_num(v.get("delta_error_high"), signed=True)}]</td>'
+            f'<td class="num">{_num(v.get(f"rerandomize_{rand}_mean"))}</td>'
+            f'<td class="num">[{_num(v.get(f"delta_{metric}_low"), signed=True)}, '
+            f'{_num(v.get(f"delta_{metric}_high"), signed=True)}]</td>'
             f'<td class="num">{_p(v.get("p_value"))}</td><td class="num">{_p(v.get("p_holm"))}</td></tr>'
         )
     point = summary.get("verdict_rule") == "point"
-    rule = (f"Robust when Δ test error ≤ {threshold} after re-initializing the group to checkpoint 0; critical "
+    name, short = _e(name), _e(name.split(" (")[0])
+    rule = (f"Robust when Δ {name} ≤ {threshold} after re-initializing the group to checkpoint 0; critical "
             "otherwise (the paper's rule on the point estimate)." if point else
-            f"<b>How to read it:</b> a group is critical when the whole 95 % interval of its Δ test error lies "
+            f"<b>How to read it:</b> a group is critical when the whole 95 % interval of its Δ {name} lies "
             f"above {threshold}, robust when its upper end is ≤ {threshold}, and inconclusive when it straddles "
             "the threshold: then more test examples, not another threshold, would decide.")
+    mcnemar = ("p the exact McNemar test of the examples that changed (Holm-corrected across the groups in the "
+               "last column)" if any(isinstance(v.get("p_value"), (int, float)) for v in found) else
+               "p is n/a: McNemar's test needs one 0/1 value per example, and this metric sums over tokens")
     return f"""<h2>Verdicts</h2>
 <p>{rule} Δ is measured against the final model on the same examples (paired): the interval is a paired
-bootstrap over test examples, p the exact McNemar test of the examples that changed (Holm-corrected across
-the groups in the last column).</p>
-<table id="verdicts"><thead><tr><th>group</th><th>Δ test error at checkpoint 0</th><th>verdict</th>
-<th>re-randomized test error (mean over seeds)</th><th>95 % interval of Δ</th><th>p</th><th>p (Holm)</th>
+bootstrap over test examples, {mcnemar}.</p>
+<table id="verdicts"><thead><tr><th>group</th><th>Δ {short} at {_e(_axis(summary))} 0</th><th>verdict</th>
+<th>re-randomized {_e(rand_name)} (mean over seeds)</th><th>95 % interval of Δ</th><th>p</th><th>p (Holm)</th>
 </tr></thead>
 <tbody>{"".join(rows)}</tbody></table>"""
 
@@ -215,6 +252,59 @@ def _figures(figures_dir: Path) -> str:
     if len(parts) == 1:
         parts.append('<p class="muted">No figures found.</p>')
     return "\n".join(parts)
+
+
+# The interventions beyond the paper: (file stem, caption); a section appears only for the ops that ran.
+INTERVENTION_FIGURES = [
+    ("interpolation_error", "Test error with one group at (1 − α)·θ_source + α·θ_final, every other group trained."),
+    ("noise_error", "Test error with Gaussian noise on one group (σ relative to the RMS of its training movement; "
+                    "mean ± std over draws)."),
+    ("skip_error", "Δ test error when a group's module returns its input (the block is skipped)."),
+    ("module_criticality", "Module criticality μ per group (Chatterji et al. 2020); low μ: the group can move far "
+                           "back towards its initial values under large noise and still work."),
+    ("proxies", "Block Influence (one forward pass) against the Δ test error of the interventions."),
+]
+
+
+def _interventions(summary: dict, figures_dir: Path) -> str:
+    parts = []
+    for stem, caption in INTERVENTION_FIGURES:
+        png = figures_dir / f"{stem}.png"
+        if png.is_file():
+            data = base64.b64encode(png.read_bytes()).decode("ascii")
+            parts.append(f'<figure><img src="data:image/png;base64,{data}" alt="{_e(stem)}">'
+                         f"<figcaption>{_e(caption)}</figcaption></figure>")
+    if summary.get("noise"):
+        parts.append(f"<p>Noise scale: {_e(summary['noise'].get('convention'))}.</p>")
+    refused = summary.get("skip_refused") or {}
+    if refused:
+        rows = "".join(f"<tr><td><code>{_e(g)}</code></td><td>{_e(why)}</td></tr>" for g, why in refused.items())
+        parts.append('<p>Groups that cannot be skipped:</p><table id="skip_refused"><thead><tr><th>group</th>'
+                     f"<th>why</th></tr></thead><tbody>{rows}</tbody></table>")
+    mc = summary.get("module_criticality")
+    if mc:
+        rows = "".join(f'<tr><td><code>{_e(r.get("group"))}</code></td><td class="num">{_num(r.get("mu"))}</td>'
+                       f'<td class="num">{_num(r.get("alpha"))}</td><td class="num">{_num(r.get("sigma"))}</td>'
+                       f'<td class="num">{_e(r.get("points"))}</td></tr>' for r in mc.get("table") or [])
+        parts.append(f"<p>Module criticality with ε = {_num(mc.get('eps'))} over {_e(mc.get('draws'))} noise draws "
+                     f"(network criticality Σμ = {_num(mc.get('total'))}; {_e(mc.get('points_evaluated'))} of "
+                     f"{_e(mc.get('grid_points'))} α × σ points evaluated by the {_e(mc.get('search'))} search). "
+                     f"{_e(mc.get('convention'))}.</p>"
+                     '<table id="module_criticality"><thead><tr><th>group</th><th>μ</th><th>α</th><th>σ</th>'
+                     f"<th>points</th></tr></thead><tbody>{rows}</tbody></table>")
+    rho = (summary.get("proxies") or {}).get("spearman") or []
+    if rho:
+        rows = "".join(f"<tr><td>{_e(r['proxy'])}</td><td>{_e(r['target'])}</td>"
+                       f'<td class="num">{_num(r.get("spearman"), signed=True)}</td><td class="num">{_e(r["n"])}</td>'
+                       "</tr>" for r in rho)
+        parts.append("<p>Spearman rank correlation of each one-pass proxy (Block Influence <code>bi</code>, "
+                     "angular distance) with the Δ test error of an intervention, over the blocks that are groups "
+                     '(blocks table: <code>analysis/proxies.csv</code>).</p><table id="proxies"><thead><tr>'
+                     f"<th>proxy</th><th>intervention</th><th>ρ</th><th>blocks</th></tr></thead><tbody>{rows}</tbody>"
+                     "</table>")
+    if not parts:
+        return ""
+    return "<h2>Interventions beyond the paper</h2>\n" + "\n".join(parts)
 
 
 def _coverage(coverage: dict[str, list[str]]) -> str:
