@@ -10,7 +10,8 @@ once, then run ``python -m criticality analyze RUN --seeds 2`` in a fresh proces
 tree's ``src``, and ``--old-src`` when given: today's path against the lean one) and read that process's
 peak RSS (``wait4``'s ``ru_maxrss``). The baseline is the peak RSS of an interpreter that imports torch,
 pandas and matplotlib (what the CLI imports anyway); the model size is the bytes of the final checkpoint's
-tensors. Printed: peak RSS, (peak - baseline) / model size, and whether the cell tables are identical.
+tensors. Printed: peak RSS, (peak - baseline) / model size, and whether the cell tables (every column) are
+identical. Measured on a 2-core CPU (fcn-5x2048, 70 MiB): 2.9 model sizes for the lean path, 7.2 before it.
 On CUDA (``--device cuda``) the same holds for the process's RSS; GPU memory is not measured here.
 """
 
@@ -97,8 +98,7 @@ def main(argv: list[str] | None = None) -> int:
                 peak, table = analyze(run, src, args)
                 cells.append(f"{peak / 2**20:>10.0f} {(peak - base) / size:>10.1f}")
                 tables.append(table)
-            same = all(t is not None for t in tables) and all(
-                t[["op", "group", "error"]].equals(tables[0][["op", "group", "error"]]) for t in tables)
+            same = all(t is not None for t in tables) and all(t.equals(tables[0]) for t in tables)  # every column
             print(f"{model:<12} {size / 2**20:>8.1f} " + " ".join(cells) + f"  {same}", flush=True)
     return 0
 
