@@ -99,7 +99,11 @@ def _key(row: pd.Series) -> tuple:
     def opt(v):
         return None if pd.isna(v) else int(v)
 
-    return (row.op, "" if pd.isna(row.group) else row.group, opt(row.checkpoint), opt(row.seed))
+    def real(v):  # alpha / sigma (interventions), absent from the paper's ops
+        return None if pd.isna(v) else float(v)
+
+    return (row.op, "" if pd.isna(row.group) else row.group, opt(row.checkpoint), opt(row.seed),
+            real(row.get("alpha")), real(row.get("sigma")))
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ Run: ``.venv/bin/pytest tests/test_independent.py -q`` (about 30 s on 2 cores; s
 - ``max_examples=N`` gives exactly the values of the first N examples; distances at a non-zero checkpoint
   and interpolation at α = 0.3 against hand computation; the guard against a draw that reproduces the
   initialization; prefix caching really used (fewer first-layer calls than the naive loop);
-- the paper's training settings (PAPER.md, Appendix A) at paper scale; LOCAL_RANK selecting the GPU;
+- the paper's training settings (Appendix A, docs/paper.md) at paper scale; LOCAL_RANK selecting the GPU;
   the joint groups of Figs 9 and 10 by their members.
 """
 
@@ -285,7 +285,7 @@ def test_prefix_caching_is_really_used():
 
 
 def test_paper_scale_settings_follow_the_paper():
-    """PAPER.md (Appendix A): SGD, momentum 0.9, batch 128, 100 epochs; lr 0.01 for FCNs (Glorot init on
+    """The paper (Appendix A; docs/paper.md): SGD, momentum 0.9, batch 128, 100 epochs; lr 0.01 for FCNs (Glorot init on
     MNIST), 0.1 for the conv nets on CIFAR-10."""
     fcn_cfg = experiments.run_configs(experiments.get("fig1/fcn-3x256/mnist"), "paper", None)["run"]
     assert (fcn_cfg.data, fcn_cfg.epochs, fcn_cfg.batch_size, fcn_cfg.lr, fcn_cfg.momentum, fcn_cfg.init) == \

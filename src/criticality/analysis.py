@@ -12,8 +12,10 @@ distances.py).
     result.examples(op="reinit", group="fc1", checkpoint=0)  # one row per test example
     result.per_class(op="reinit", group="fc1", checkpoint=0)  # error per true class vs the final model
 
-The grid is general: a cell is ``(op, group, checkpoint, seed)``; ``op`` is ``final`` (the trained model),
-``reinit`` (group back to ``checkpoint``) or ``rerandomize`` (group from a fresh draw with ``seed``).
+The grid is general: a cell is ``(op, group, checkpoint, seed, alpha, sigma)``; ``op`` is ``final`` (the trained
+model), ``reinit`` (group back to ``checkpoint``), ``rerandomize`` (group from a fresh draw with ``seed``), or one of
+the interventions of :mod:`criticality.interventions`: ``interpolate`` (``alpha``), ``noise`` (``sigma``, ``seed``)
+and ``skip``.
 Joint groups (``joint=[["fc2", "fc3"]]``) get the same cells under the name ``fc2+fc3``. Every cell keeps
 per-example records (:mod:`criticality.examples`), from which :mod:`criticality.statistics` gives each
 cell's paired interval of Δ against the final model. This module knows nothing of the model zoo, the data
@@ -37,7 +39,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from criticality import batches, distributed, statistics, surgery
+from criticality import batches, distributed, interventions, statistics, surgery
 from criticality import engine as engine_mod
 from criticality import metrics as metrics_mod
 from criticality.blocks import find_blocks
@@ -69,15 +71,17 @@ RERANDOMIZE_SALT = 1_000_003  # draw seed s: each module drawn from draw_seed(SA
 
 @dataclass(frozen=True)
 class Cell:
-    op: str  # "final" | "reinit" | "rerandomize"
+    op: str  # one of interventions.OPS
     group: str = ""  # "" for the final model; members joined by "+" for a joint group
-    checkpoint: int | None = None  # epoch, for reinit (and the final row)
-    seed: int | None = None  # generator seed, for rerandomize
+    checkpoint: int | None = None  # epoch: reinit's target, interpolate's / noise's source (and the final row)
+    seed: int | None = None  # generator seed, for rerandomize and noise
     joint: bool = False
+    alpha: float | None = None  # interpolation weight of the final model (interpolate; noise in module criticality)
+    sigma: float | None = None  # noise std relative to the group's movement RMS (see interventions)
 
     def as_dict(self) -> dict[str, Any]:
         return {"op": self.op, "group": self.group, "joint": self.joint,
-                "checkpoint": self.checkpoint, "seed": self.seed}
+                "checkpoint": self.checkpoint, "seed": self.seed, "alpha": self.alpha, "sigma": self.sigma}
 
 
 @dataclass
@@ -104,13 +108,22 @@ class Result:
 
 
 def grid(group_names: Sequence[str], joint_names: Sequence[str], reinit_to: Sequence[int],
-         seeds: Sequence[int], final_epoch: int) -> list[Cell]:
-    """Every cell, in table order: the final model, then per group its re-randomizations and re-inits."""
+         seeds: Sequence[int], final_epoch: int, ops: Sequence[str] = interventions.PAPER_OPS, *,
+         alphas: Sequence[float] = (), sigmas: Sequence[float] = (), source: int = 0,
+         skippable: Sequence[str] = ()) -> list[Cell]:
+    """Every cell, in table order: the final model, then per group its cells op by op (``ops`` order)."""
     cells = [Cell("final", checkpoint=final_epoch)]
     for name in [*group_names, *joint_names]:
-        is_joint = name in joint_names
-        cells += [Cell("rerandomize", name, seed=s, joint=is_joint) for s in seeds]
-        cells += [Cell("reinit", name, checkpoint=e, joint=is_joint) for e in reinit_to]
+        j = name in joint_names
+        per_op = {
+            "rerandomize": [Cell("rerandomize", name, seed=s, joint=j) for s in seeds],
+            "reinit": [Cell("reinit", name, checkpoint=e, joint=j) for e in reinit_to],
+            "interpolate": [Cell("interpolate", name, checkpoint=source, joint=j, alpha=a) for a in alphas],
+            "noise": [Cell("noise", name, checkpoint=source, seed=s, joint=j, sigma=v) for v in sigmas for s in seeds],
+            "skip": [Cell("skip", name, joint=j)] if name in skippable else [],
+        }
+        for op in ops:
+            cells += per_op[op]
     return cells
 
 
@@ -124,7 +137,9 @@ def analyze(model: nn.Module, checkpoints: Mapping[int, StateDict], data: Data, 
             shard: tuple[int, int] | None = None, progress: bool = True,
             provenance: Mapping[str, Any] | None = None, calibration: Data | None = None,
             output: batches.Output = None, blocks: Sequence[str] | None = None, verdict: str = "interval",
-            verdict_metric: str | None = None, stats_seed: int = 0) -> Result:
+            verdict_metric: str | None = None, stats_seed: int = 0,
+            ops: Sequence[str] = interventions.PAPER_OPS, alphas: Sequence[float] = interventions.DEFAULT_ALPHAS,
+            sigmas: Sequence[float] = interventions.DEFAULT_SIGMAS, source: int = 0) -> Result:
     """Measure re-initialization and re-randomization robustness of every group of ``model``.
 
     ``checkpoints`` maps epoch → state dict; the final model is the largest epoch unless ``final`` names
@@ -148,9 +163,13 @@ def analyze(model: nn.Module, checkpoints: Mapping[int, StateDict], data: Data, 
     its Δ ``verdict_metric`` (at re-initialization to epoch 0) clears ``threshold`` (in that metric's units;
     default ``error``, else the first metric), inconclusive otherwise; ``"point"`` is the paper's rule on Δ
     alone. ``stats_seed`` seeds the bootstrap.
+    ``ops`` picks the operations (default the paper's two; see :mod:`criticality.interventions` for
+    ``interpolate`` over ``alphas`` from checkpoint ``source``, ``noise`` over ``sigmas`` × ``seeds`` and
+    ``skip``).
     """
     plan = make_plan(model, checkpoints, groups, seeds, joint, final, reinit_to, init, metrics, engine, batch_size,
-                     max_examples, buffers, calibration=calibration, output=output, blocks=blocks)
+                     max_examples, buffers, calibration=calibration, output=output, blocks=blocks, ops=ops,
+                     alphas=alphas, sigmas=sigmas, source=source, probe=data)
     rows = run_cells(plan, data, device=device, store=store, shard=shard, progress=progress)
     return finish(plan, rows, threshold=threshold, provenance=provenance, verdict=verdict,
                   verdict_metric=verdict_metric, stats_seed=stats_seed)
@@ -176,6 +195,7 @@ class Plan:
     start_epoch: int = 0  # the initialization: shuffle draws permute it; draws must not reproduce it
     output: batches.Output = None  # where the logits are in the model's output (see batches.call)
     blocks: Sequence[str] | None = None  # the block stack's module paths (None: found by blocks.find_blocks)
+    skips: interventions.SkipPlan = field(default_factory=interventions.SkipPlan)
     _fresh: dict[tuple[str, int], StateDict] = field(default_factory=dict)  # (group, seed) -> its draw
 
     def keys(self, group: str) -> tuple[str, ...]:
@@ -187,7 +207,9 @@ class Plan:
         if cell.op == "final":
             return dict(final)
         buffer_keys, keys = surgery.buffer_keys(self.model), self.keys(cell.group)
-        if cell.op == "reinit":
+        if cell.op in interventions.NEW_OPS:
+            state = interventions.cell_state(self, cell)
+        elif cell.op == "reinit":
             state = surgery.reinit(final, self.checkpoints[cell.checkpoint], keys, buffers=self.buffers,
                                    buffer_keys=buffer_keys)
         else:
@@ -234,6 +256,8 @@ class Plan:
         """The keys :meth:`entries` returns, known without doing the surgery."""
         if cell.op == "final":
             return ()
+        if cell.op in interventions.NEW_OPS:
+            return interventions.moved_keys(self, cell)
         keys = self.keys(cell.group)
         if self.buffers == "keep":
             kept = surgery.buffer_keys(self.model)
@@ -242,7 +266,8 @@ class Plan:
 
     def variant(self, cell: Cell) -> Variant:
         """The cell for the engine: its tensors are made when it is evaluated, not before."""
-        return Variant(cell, lambda: self.entries(cell), keys=self.moved_keys(cell))
+        skip = (self.skips.paths[cell.group],) if cell.op == "skip" else ()
+        return Variant(cell, lambda: self.entries(cell), keys=self.moved_keys(cell), skip=skip)
 
     def settings(self) -> dict[str, Any]:
         """What must match for stored cells to be reused (see :mod:`criticality.store`)."""
@@ -256,7 +281,10 @@ class Plan:
 
 def make_plan(model, checkpoints, groups, seeds, joint, final, reinit_to, init, metrics, engine, batch_size,
               max_examples, buffers, *, calibration: Data | None = None, output: batches.Output = None,
-              blocks: Sequence[str] | None = None) -> Plan:
+              blocks: Sequence[str] | None = None,
+              ops: Sequence[str] = interventions.PAPER_OPS, alphas: Sequence[float] = interventions.DEFAULT_ALPHAS,
+              sigmas: Sequence[float] = interventions.DEFAULT_SIGMAS, source: int = 0,
+              probe: Data | None = None) -> Plan:
     """Check every argument of :func:`analyze` and lay out the grid; raises :class:`CriticalityError`."""
     if not checkpoints:
         raise CriticalityError("no checkpoints given: analysis needs at least the final model and epoch 0")
@@ -301,12 +329,24 @@ def make_plan(model, checkpoints, groups, seeds, joint, final, reinit_to, init, 
     if "error" not in metric_fns:  # the verdicts and the terminal table compare test error
         raise CriticalityError(f"metrics {sorted(metric_fns)} lack 'error', which the verdicts compare; add it "
                                "(e.g. metrics=('error', ...) or {'error': fn, ...})")
-    n_cells = 1 + (len(resolved.names) + len(joints)) * (len(seeds) + len(reinit_to))
+    ops = interventions.check_ops(ops)
+    alphas = interventions.check_unit(alphas, "alphas") if "interpolate" in ops else ()
+    sigmas = interventions.check_unit(sigmas, "sigmas") if "noise" in ops else ()
+    if ("interpolate" in ops or "noise" in ops) and source not in checkpoints:
+        raise CriticalityError(f"interpolation/noise source epoch {source} is not among the checkpoints {epochs}")
+    if "noise" in ops and not seeds:
+        raise CriticalityError("the noise op averages over draws: give at least one seed")
+    per_group = len(seeds) * ("rerandomize" in ops) + len(reinit_to) * ("reinit" in ops) + len(alphas) \
+        + len(sigmas) * len(seeds) + ("skip" in ops)  # cells per group, at most
+    n_cells = 1 + (len(resolved.names) + len(joints)) * per_group
     if n_cells > MAX_CELLS:
         raise CriticalityError(f"the grid has {n_cells:,} cells ({len(resolved.names) + len(joints)} groups × "
-                               f"({len(seeds)} seeds + {len(reinit_to)} checkpoints) + 1), each a full pass over "
-                               f"the evaluation data; at most {MAX_CELLS:,} are run (fewer seeds or checkpoints)")
-    cells = grid(resolved.names, list(joints), reinit_to, seeds, final)
+                               f"{per_group} cells + 1), each a full pass over the evaluation data; at most "
+                               f"{MAX_CELLS:,} are run (fewer seeds, checkpoints, alphas or sigmas)")
+    skips = interventions.plan_skips_on(model, {**resolved.members, **joints}, probe, batch_size) \
+        if "skip" in ops else interventions.SkipPlan()
+    cells = grid(resolved.names, list(joints), reinit_to, seeds, final, ops, alphas=alphas, sigmas=sigmas,
+                 source=source, skippable=list(skips.paths))
     init, guessed = choose(model, init)
     if guessed and seeds:
         warnings.warn(f"{type(model).__name__} records no init_scheme: re-randomizing with its modules' own "
@@ -319,7 +359,7 @@ def make_plan(model, checkpoints, groups, seeds, joint, final, reinit_to, init, 
     if buffers == "recalibrate" and calibration is None:
         raise CriticalityError("buffers='recalibrate' needs calibration data (training batches)")
     return Plan(model, checkpoints, resolved, joints, cells, final, init, metric_fns, engine, batch_size,
-                max_examples, buffers, calibration, output=output, blocks=blocks)
+                max_examples, buffers, calibration, output=output, blocks=blocks, skips=skips)
 
 
 def run_cells(plan: Plan, data: Data, *, device: str | torch.device = "cpu", store: str | None = None,
@@ -429,7 +469,9 @@ def finish(plan: Plan, rows: list[dict[str, Any]], *, threshold: float = DEFAULT
     targets = next((r["targets"] for r in rows if r.get("targets") is not None), None)
     table = tabulate(rows, list(plan.metrics), records, seed=stats_seed, p_metric=verdict_metric)
     dist = distances(plan.checkpoints, {**plan.groups.members, **plan.joint}, plan.model)
-    verdict_table = verdicts(table, threshold, records, rule=verdict, metric=verdict_metric, seed=stats_seed)
+    # Verdicts compare re-initialization to epoch 0: none when the ops left reinit out.
+    verdict_table = verdicts(table, threshold, records, rule=verdict, metric=verdict_metric, seed=stats_seed) \
+        if (table.op == "reinit").any() else pd.DataFrame()
     final = table[table.op == "final"].iloc[0]
     summary = {
         "final_epoch": plan.final_epoch,
@@ -449,6 +491,7 @@ def finish(plan: Plan, rows: list[dict[str, Any]], *, threshold: float = DEFAULT
         "draws": draws_summary(plan.model, scheme_name(plan.init), {**plan.groups.members, **plan.joint}),
         "non_finite_cells": int((~table.finite).sum()),
         "provenance": dict(provenance or {}),
+        **interventions.summary(plan),
     }
     kept = {cell_key(r): rec for r, rec in zip(rows, records, strict=True) if rec is not None}
     cells = {cell_key(r): {k: r[k] for k in Cell("final").as_dict()} for r in rows if cell_key(r) in kept}
@@ -477,6 +520,8 @@ def tabulate(rows: Sequence[Mapping[str, Any]], metric_names: Sequence[str],
     table["finite"] = np.isfinite(table[list(metric_names)].to_numpy(dtype=float)).all(axis=1)
     for col in ("checkpoint", "seed"):
         table[col] = table[col].astype("Int64")
+    for col in ("alpha", "sigma"):  # absent from rows stored before these ops existed
+        table[col] = table[col].astype(float) if col in table else np.nan
     table["n"] = table["n"].astype(int)
     return table
 

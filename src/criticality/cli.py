@@ -117,7 +117,25 @@ def _analysis_options(parser: argparse.ArgumentParser) -> None:
                         help="norm-layer running statistics: move with the group (reset), stay as trained (keep), "
                              "or are re-estimated on 2048 training images (recalibrate)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--ops", default="reinit,rerandomize", metavar="OP,OP,…",
+                        help="reinit, rerandomize, interpolate, noise, skip, criticality, proxies (comma-separated)")
+    parser.add_argument("--alphas", type=_unit_list, default=None, metavar="A,A,…",
+                        help="interpolation weights α in [0, 1] (interpolate, criticality)")
+    parser.add_argument("--sigmas", type=_unit_list, default=None, metavar="S,S,…",
+                        help="noise scales σ in [0, 1], relative to each group's movement RMS (noise, criticality)")
+    parser.add_argument("--eps", type=NON_NEGATIVE_FLOAT, default=None,
+                        help="module criticality: tolerated rise of test error over the final model (default 0.02)")
     _wait_option(parser)
+
+
+def _unit_list(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
+    if not values or not all(0.0 <= v <= 1.0 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: give numbers in [0, 1]")
+    return values
 
 
 def _wait_option(parser: argparse.ArgumentParser) -> None:
@@ -254,7 +272,8 @@ def _dispatch(args: argparse.Namespace) -> int:
                           joint=[j.split(",") for j in args.joint] if args.joint else None, split=args.split,
                           engine=args.engine, batch_size=args.batch_size, device=args.device,
                           max_examples=args.max_examples, threshold=args.threshold, buffers=args.buffers,
-                          verdict=args.verdict, progress=progress, wait=args.wait)
+                          verdict=args.verdict, progress=progress, wait=args.wait, ops=args.ops, alphas=args.alphas,
+                          sigmas=args.sigmas, eps=args.eps)
         if distributed.is_main():
             _print_verdicts(out)
             print(f"wrote {out / 'cells.csv'}, {out / 'distances.csv'}, {out / 'summary.json'}")

@@ -2,7 +2,7 @@
 
 Keys read ``fig<N>/<model>/<paper data set>``; ``criticality list`` prints them and
 ``criticality run KEY`` (or any unique path component of a key, like ``fcn-3x256``) runs one.
-Each experiment has two scales: ``paper`` (the paper's sizes and epochs, PAPER.md defaults) and ``quick``
+Each experiment has two scales: ``paper`` (the paper's sizes, epochs and recipe, docs/paper.md) and ``quick``
 (a 2-core CPU finishes it in minutes on Fashion-MNIST or digits; it is what the tests run).
 An experiment may hold several training runs (Fig 3: widths × seeds), each analysed on its own.
 """
@@ -30,6 +30,8 @@ _PAPER_CONV = {**_RECIPE, "lr": 0.1, "init": "kaiming", "augment": True, "checkp
 _CONV = dict(lr=0.1, momentum=0.9, batch_size=128, weight_decay=5e-4, schedule="cosine", augment=True,
              init="kaiming")
 _QUICK = dict(epochs=5, max_train=10000, max_test=2000)
+_BEYOND = dict(ops=("reinit", "rerandomize", "interpolate", "noise", "skip", "criticality", "proxies"), seeds=2,
+               alphas=(0.0, 0.25, 0.5, 0.75, 1.0), sigmas=(0.1, 0.25, 0.5, 1.0))
 _QUICK_CONV = dict(epochs=8, max_train=2000, max_test=500, width=16, lr=0.02, batch_size=64, augment=False)
 FCN_COLUMNS = (0, 1, 2, 3, 8, 40, 90, 100)  # the paper's heatmap columns (epochs)
 CONV_COLUMNS = (0, 1, 10, 100)
@@ -61,6 +63,9 @@ class Experiment:
     columns: tuple[int, ...] = ()  # re-init checkpoints analysed and drawn at paper scale (the paper's columns)
     stands_in: str = ""  # what stands in for the paper's model/data at the scales this machine runs
     assumptions: tuple[str, ...] = ()  # values the paper does not state: ours, named in the report
+    ops: tuple[str, ...] = ("reinit", "rerandomize")  # analysis ops (criticality.interventions; + criticality, proxies)
+    alphas: tuple[float, ...] | None = None  # interpolate / criticality α grid (None: their defaults)
+    sigmas: tuple[float, ...] | None = None  # noise / criticality σ grid (None: their defaults)
 
     def configs(self, scale: str = "quick", data: str | None = None, **overrides: Any) -> dict[str, TrainConfig]:
         """One TrainConfig per run at ``scale``; ``data`` replaces the paper's data set."""
@@ -201,6 +206,12 @@ def _registry() -> dict[str, Experiment]:
         _patch("mixer-tiny", "MLP-Mixer", "Mixer"),
         _frozen_vs_removed(),
         _journal_lm(),
+        # Beyond the paper (issue 13): every intervention on the paper's FCN and ResNet.
+        _fcn("beyond/fcn-3x256-interventions/mnist", "beyond", "fcn-3x256",
+             "FCN 3×256: interpolation, noise, skip, module criticality and block proxies", **_BEYOND),
+        _conv("beyond/resnet18-interventions/cifar10", "beyond", "resnet18", "cifar10",
+              "ResNet-18 V2: interpolation, noise, skipping each residual block, module criticality, proxies",
+              **_BEYOND),
     ]
     return {e.key: e for e in exps}
 

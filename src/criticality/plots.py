@@ -397,4 +397,7 @@ def draw_run(run_dir: str | Path) -> list[Path]:
                     distance_heatmap(distances, norm, title=f"{DISTANCE_LABELS[norm]}{suffix}"),
                     out / f"distance_{norm}",
                 )
+    from criticality import plots_interventions  # the interventions' figures, for the ops that ran
+
+    paths += plots_interventions.draw(run)
     return paths

@@ -88,6 +88,7 @@ def render(config: dict, summary: dict, figures_dir: Path) -> str:
         _assumptions(config.get("experiment") or {}),
         _verdicts(summary),
         _figures(figures_dir),
+        _interventions(summary, figures_dir),
         _coverage(summary.get("coverage") or {}),
         "<h2>Configuration</h2>",
         _kv_table(config, "config"),
@@ -215,6 +216,59 @@ def _figures(figures_dir: Path) -> str:
     if len(parts) == 1:
         parts.append('<p class="muted">No figures found.</p>')
     return "\n".join(parts)
+
+
+# The interventions beyond the paper: (file stem, caption); a section appears only for the ops that ran.
+INTERVENTION_FIGURES = [
+    ("interpolation_error", "Test error with one group at (1 − α)·θ_source + α·θ_final, every other group trained."),
+    ("noise_error", "Test error with Gaussian noise on one group (σ relative to the RMS of its training movement; "
+                    "mean ± std over draws)."),
+    ("skip_error", "Δ test error when a group's module returns its input (the block is skipped)."),
+    ("module_criticality", "Module criticality μ per group (Chatterji et al. 2020); low μ: the group can move far "
+                           "back towards its initial values under large noise and still work."),
+    ("proxies", "Block Influence (one forward pass) against the Δ test error of the interventions."),
+]
+
+
+def _interventions(summary: dict, figures_dir: Path) -> str:
+    parts = []
+    for stem, caption in INTERVENTION_FIGURES:
+        png = figures_dir / f"{stem}.png"
+        if png.is_file():
+            data = base64.b64encode(png.read_bytes()).decode("ascii")
+            parts.append(f'<figure><img src="data:image/png;base64,{data}" alt="{_e(stem)}">'
+                         f"<figcaption>{_e(caption)}</figcaption></figure>")
+    if summary.get("noise"):
+        parts.append(f"<p>Noise scale: {_e(summary['noise'].get('convention'))}.</p>")
+    refused = summary.get("skip_refused") or {}
+    if refused:
+        rows = "".join(f"<tr><td><code>{_e(g)}</code></td><td>{_e(why)}</td></tr>" for g, why in refused.items())
+        parts.append('<p>Groups that cannot be skipped:</p><table id="skip_refused"><thead><tr><th>group</th>'
+                     f"<th>why</th></tr></thead><tbody>{rows}</tbody></table>")
+    mc = summary.get("module_criticality")
+    if mc:
+        rows = "".join(f'<tr><td><code>{_e(r.get("group"))}</code></td><td class="num">{_num(r.get("mu"))}</td>'
+                       f'<td class="num">{_num(r.get("alpha"))}</td><td class="num">{_num(r.get("sigma"))}</td>'
+                       f'<td class="num">{_e(r.get("points"))}</td></tr>' for r in mc.get("table") or [])
+        parts.append(f"<p>Module criticality with ε = {_num(mc.get('eps'))} over {_e(mc.get('draws'))} noise draws "
+                     f"(network criticality Σμ = {_num(mc.get('total'))}; {_e(mc.get('points_evaluated'))} of "
+                     f"{_e(mc.get('grid_points'))} α × σ points evaluated by the {_e(mc.get('search'))} search). "
+                     f"{_e(mc.get('convention'))}.</p>"
+                     '<table id="module_criticality"><thead><tr><th>group</th><th>μ</th><th>α</th><th>σ</th>'
+                     f"<th>points</th></tr></thead><tbody>{rows}</tbody></table>")
+    rho = (summary.get("proxies") or {}).get("spearman") or []
+    if rho:
+        rows = "".join(f"<tr><td>{_e(r['proxy'])}</td><td>{_e(r['target'])}</td>"
+                       f'<td class="num">{_num(r.get("spearman"), signed=True)}</td><td class="num">{_e(r["n"])}</td>'
+                       "</tr>" for r in rho)
+        parts.append("<p>Spearman rank correlation of each one-pass proxy (Block Influence <code>bi</code>, "
+                     "angular distance) with the Δ test error of an intervention, over the blocks that are groups "
+                     '(blocks table: <code>analysis/proxies.csv</code>).</p><table id="proxies"><thead><tr>'
+                     f"<th>proxy</th><th>intervention</th><th>ρ</th><th>blocks</th></tr></thead><tbody>{rows}</tbody>"
+                     "</table>")
+    if not parts:
+        return ""
+    return "<h2>Interventions beyond the paper</h2>\n" + "\n".join(parts)
 
 
 def _coverage(coverage: dict[str, list[str]]) -> str:

@@ -24,7 +24,7 @@ import pandas as pd
 import torch
 
 from criticality import data as datasets
-from criticality import distributed, engine, lock, models, plots, report
+from criticality import distributed, engine, interventions, lock, models, plots, report
 from criticality.analysis import DEFAULT_THRESHOLD, finish, make_plan, run_cells
 from criticality.checkpoints import load_checkpoints
 from criticality.errors import CriticalityError
@@ -51,9 +51,13 @@ def analyze_run(run_dir: str | Path, *, groups: str | dict = "model", seeds: int
                 joint: Sequence[Sequence[str]] | None = None, split: str = "test", engine: str = "fast",
                 batch_size: int = 1000, device: str = "auto", max_examples: int | None = None,
                 threshold: float = DEFAULT_THRESHOLD, buffers: str = "reset", verdict: str = "interval",
-                progress: bool = True, wait: bool = False) -> Path:
+                progress: bool = True, wait: bool = False, ops: Sequence[str] | str = interventions.PAPER_OPS,
+                alphas: Sequence[float] | None = None, sigmas: Sequence[float] | None = None,
+                eps: float | None = None) -> Path:
     """Analyse a training run directory and write ``RUN/analysis`` (``RUN/analysis_train`` for the training
-    split); returns that directory. Holds the run directory's lock (:mod:`criticality.lock`) meanwhile."""
+    split); returns that directory. Holds the run directory's lock (:mod:`criticality.lock`) meanwhile.
+    ``ops`` adds interventions (:mod:`criticality.interventions`) and ``criticality`` / ``proxies``, whose
+    tables land beside cells.csv (rank 0 only under torchrun)."""
     run_dir = Path(run_dir)
     config = read_run(run_dir)
     try:
@@ -62,16 +66,19 @@ def analyze_run(run_dir: str | Path, *, groups: str | dict = "model", seeds: int
         raise CriticalityError(f"{run_dir / 'config.json'} is incomplete or has unknown fields ({e})") from e
     if split not in ("test", "train"):
         raise CriticalityError(f"--split must be test or train, got {split!r}")
+    grid_ops, extras = interventions.split_ops(ops)
     ctx = distributed.setup(device)
     with lock.held(run_dir, "criticality analyze", wait=wait):
         return _analyze(run_dir, config, cfg, build, ctx, groups=groups, seeds=seeds, joint=joint, split=split,
                         engine=engine, batch_size=batch_size, max_examples=max_examples, threshold=threshold,
-                        buffers=buffers, verdict=verdict, progress=progress)
+                        buffers=buffers, verdict=verdict, progress=progress,
+                        ops=dict(grid_ops=grid_ops, extras=extras, alphas=alphas, sigmas=sigmas, eps=eps))
 
 
 def _analyze(run_dir: Path, config: dict, cfg: TrainConfig, build: dict, ctx: distributed.Context, *, groups,
              seeds, joint, split, engine, batch_size, max_examples, threshold, buffers, verdict="interval",
-             progress) -> Path:
+             progress, ops) -> Path:
+    grid_ops, extras, alphas, sigmas, eps = (ops[k] for k in ("grid_ops", "extras", "alphas", "sigmas", "eps"))
     dataset = datasets.load(cfg.data, cfg.data_root, max_train=cfg.max_train, max_test=cfg.max_test,
                             image_size=cfg.image_size)
     split_data = dataset.test if split == "test" else dataset.train
@@ -82,7 +89,9 @@ def _analyze(run_dir: Path, config: dict, cfg: TrainConfig, build: dict, ctx: di
     plan = make_plan(model, checkpoints, groups, seeds, joint, None, _reinit_to(config, checkpoints), None,
                      ("error", "loss"),
                      engine, batch_size, max_examples, buffers,
-                     calibration=_calibration(dataset, cfg) if buffers == "recalibrate" else None)
+                     calibration=_calibration(dataset, cfg) if buffers == "recalibrate" else None, ops=grid_ops,
+                     alphas=alphas or interventions.DEFAULT_ALPHAS, sigmas=sigmas or interventions.DEFAULT_SIGMAS,
+                     probe=data)
     out = run_dir / ("analysis" if split == "test" else f"analysis_{split}")  # the report reads analysis/
     if ctx.is_main:
         n = min(x for x in (max_examples, _size(split_data)) if x)
@@ -104,6 +113,10 @@ def _analyze(run_dir: Path, config: dict, cfg: TrainConfig, build: dict, ctx: di
         data={"name": dataset.name, "split": split, "n_test": n, "max_examples": max_examples,
               "stands_in_for": paper_data if paper_data and paper_data != dataset.name else None,
               "source": dataset.source})
+    if extras:
+        result.summary.update(interventions.run_extras(
+            plan, data, out, result.table, extras, draws=seeds, alphas=alphas, sigmas=sigmas, eps=eps,
+            device=ctx.device, store=str(store), progress=progress))
     write_tables(out, result.table, result.distances, result.summary)
     distributed.barrier()
     return out
@@ -259,7 +272,7 @@ def run_experiment(exp: Experiment, *, scale: str = "quick", data: str | None = 
             _note_experiment(run_dir, exp, scale)
         distributed.barrier()
         analyze_run(run_dir, seeds=exp.seeds, joint=[list(j) for j in exp.joint] or None, device=cfg.device,
-                    progress=progress, wait=wait)
+                    progress=progress, wait=wait, ops=exp.ops, alphas=exp.alphas, sigmas=exp.sigmas)
         if not is_main:
             continue
         plots.draw_run(run_dir)

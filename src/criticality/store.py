@@ -30,7 +30,8 @@ FORMAT = 1
 
 
 def cell_key(cell: Mapping[str, Any]) -> Hashable:
-    return (cell["op"], cell["group"], cell["checkpoint"], cell["seed"])
+    # alpha / sigma: interpolate and noise cells (None elsewhere, and in rows stored before they existed)
+    return (cell["op"], cell["group"], cell["checkpoint"], cell["seed"], cell.get("alpha"), cell.get("sigma"))
 
 
 class CellStore:

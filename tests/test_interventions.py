@@ -1,0 +1,202 @@
+"""The interventions (interpolate, noise, skip) against their references, on the analysis suite's toy models.
+
+Run: ``PYTHONPATH=src pytest tests/test_interventions.py -q`` (about 15 s on 2 cores).
+
+Every new cell computed by the fast engine equals the naive reference (deepcopy, load the variant, evaluate);
+interpolation at α = 0 is re-initialization and at α = 1 the trained model; noise with σ = 0 is the trained
+model and its draws follow the stated scale; skipping a residual block equals a hand-built model without it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from criticality import interventions, surgery
+from criticality.analysis import analyze
+from criticality.errors import CriticalityError
+from criticality.store import cell_key
+from test_analysis import make_data, trajectory
+
+OPS = ("reinit", "interpolate", "noise", "skip")
+KW = dict(groups="auto", seeds=2, batch_size=64, progress=False, reinit_to=[0, 3], ops=OPS,
+          alphas=(0.0, 0.5, 1.0), sigmas=(0.0, 0.3, 1.0))
+
+
+@pytest.mark.filterwarnings("ignore:.*records no init_scheme")
+@pytest.mark.parametrize("arch", ["fcn", "convbn", "residual", "tied"])
+def test_every_new_cell_matches_the_reference(arch):
+    model, states = trajectory(arch)
+    data = make_data(seed=7)
+    # convbn's auto groups are conv + BatchNorm, tied's middle group two tied layers: two modules each, which
+    # one identity cannot stand for (and the other groups change shape), so no skip cells there.
+    ops = OPS if arch not in ("convbn", "tied") else OPS[:-1]
+    kw = {**KW, "groups": "model" if arch == "residual" else "auto", "ops": ops}
+    fast = analyze(model, states, data, **kw)
+    naive = analyze(model, states, data, engine="naive", **kw)
+    t, n = fast.table, naive.table
+    assert set(t.op) == {"final", *ops}
+    assert t[["op", "group", "checkpoint", "seed", "alpha", "sigma"]].equals(
+        n[["op", "group", "checkpoint", "seed", "alpha", "sigma"]])
+    np.testing.assert_array_equal(t.error.to_numpy(), n.error.to_numpy())
+    np.testing.assert_allclose(t.loss.to_numpy(), n.loss.to_numpy(), rtol=0, atol=1e-5)
+    final = t[t.op == "final"].iloc[0]
+    for _, cells in t[t.op != "final"].groupby("group"):
+        interp = cells[cells.op == "interpolate"].set_index("alpha")
+        reinit0 = cells[(cells.op == "reinit") & (cells.checkpoint == 0)].iloc[0]
+        assert interp.loc[0.0, "error"] == reinit0.error and interp.loc[0.0, "loss"] == reinit0.loss
+        assert interp.loc[1.0, "error"] == final.error and interp.loc[1.0, "loss"] == final.loss
+        quiet = cells[(cells.op == "noise") & (cells.sigma == 0.0)]
+        assert len(quiet) == 2 and (quiet.error == final.error).all() and (quiet.loss == final.loss).all()
+    assert fast.summary["noise"]["convention"] == interventions.NOISE_CONVENTION
+    if "skip" in ops:
+        assert set(fast.summary["skip_modules"]) | set(fast.summary["skip_refused"]) == set(fast.groups.names)
+    assert len(set(map(cell_key, t.to_dict("records")))) == len(t)
+
+
+def test_noise_is_pure_seeded_and_scaled():
+    model, states = trajectory("fcn")
+    keys = ["3.weight", "3.bias"]
+    final, start = states[3], states[0]
+    s = interventions.noise_scale(final, start, keys)
+    delta = torch.cat([(final[k] - start[k]).flatten().double() for k in keys])
+    assert s == pytest.approx(delta.norm().item() / math.sqrt(delta.numel()), rel=1e-12)
+    before = {k: v.clone() for k, v in final.items()}
+    a = interventions.add_noise(final, keys, 0.5 * s, interventions.noise_generator(1, "3"))
+    b = interventions.add_noise(final, keys, 0.5 * s, interventions.noise_generator(1, "3"))
+    c = interventions.add_noise(final, keys, 0.5 * s, interventions.noise_generator(2, "3"))
+    assert all(torch.equal(final[k], before[k]) for k in final)  # input untouched
+    assert all(torch.equal(a[k], b[k]) for k in keys) and not torch.equal(a["3.weight"], c["3.weight"])
+    assert all(a[k] is final[k] for k in final if k not in keys)
+    u = (a["3.weight"] - final["3.weight"]).double()
+    assert u.std().item() == pytest.approx(0.5 * s, rel=0.15)  # 384 entries
+
+
+def test_skip_of_a_residual_block_equals_the_model_without_it():
+    model, states = trajectory("residual")
+    x, y = make_data(seed=7)
+    t = analyze(model, states, (x, y), groups="model", seeds=0, batch_size=64, progress=False,
+                ops=("reinit", "skip")).table
+    assert sorted(t[t.op == "skip"].group) == ["block1", "block2"]
+    hand = copy.deepcopy(model)
+    hand.load_state_dict(states[3])
+    without = nn.Sequential(hand.stem, hand.block1, hand.head).eval()  # block2 left out by hand
+    with torch.no_grad():
+        want = (without(x).argmax(1) != y).double().mean().item()
+    got = t[(t.op == "skip") & (t.group == "block2")].error.item()
+    assert got == want
+
+
+def test_skip_keeps_the_return_structure_and_refuses_with_reasons():
+    class TupleLayer(nn.Module):  # returns (hidden, extra) as HF layers of older versions do
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+            self.attention_type = "full"
+
+        def forward(self, hidden_states, mask=None):
+            return hidden_states + self.fc(hidden_states), None
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp, self.layers, self.out = nn.Linear(36, 8), nn.ModuleList([TupleLayer(), TupleLayer()]), \
+                nn.Linear(8, 5)
+
+        def forward(self, x):
+            h = self.inp(x.flatten(1))
+            for layer in self.layers:
+                assert layer.attention_type == "full"  # the parent reads an attribute of its layer
+                h = layer(hidden_states=h)[0]
+            return self.out(h)
+
+    net = Net()
+    groups = {"inp": ["inp"], "layers.0": ["layers.0"], "layers.1": ["layers.1"], "out": ["out"], "mixed":
+              ["layers.1.fc.weight"]}
+    with pytest.raises(CriticalityError, match="state dict|key"):
+        interventions.plan_skips(net, {"mixed": ["layers.1.fc.weight"]}, torch.randn(2, 1, 6, 6))
+    plan = interventions.plan_skips(net, {g: [k for k in net.state_dict() if k.startswith(p[0])]
+                                          for g, p in groups.items() if g != "mixed"}, torch.randn(2, 1, 6, 6))
+    assert plan.paths == {"layers.0": "layers.0", "layers.1": "layers.1"} and plan.outputs["layers.0"] == 2
+    assert "maps shape (36,) to (8,)" in plan.refused["inp"]
+    x = torch.randn(4, 1, 6, 6)
+    with torch.no_grad():
+        want = net.out(net.layers[1](net.inp(x.flatten(1)))[0])
+        with interventions.skipping(net, ["layers.0"], plan.outputs):
+            got = net(x)
+        assert "forward" not in net.layers[0].__dict__  # restored
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_bad_arguments_are_refused():
+    model, states = trajectory("fcn")
+    data = make_data()
+    with pytest.raises(CriticalityError, match="unknown op"):
+        analyze(model, states, data, groups="auto", ops=("reinit", "lesion"), progress=False)
+    with pytest.raises(CriticalityError, match="alphas"):
+        analyze(model, states, data, groups="auto", ops=("reinit", "interpolate"), alphas=(0.5, 2.0), progress=False)
+    with pytest.raises(CriticalityError, match="no group can be skipped"):
+        analyze(model, states, data, groups={"first": ["1"], "last": ["7"]}, ops=("reinit", "skip"), progress=False)
+    assert surgery.interpolate(states[3], states[0], ["1.weight"], 1.0)["1.weight"].equal(states[3]["1.weight"])
+
+
+def test_cli_runs_every_op_and_the_report_shows_them(tmp_path):
+    """End to end at toy scale on the bundled digits: train, analyze with every op, draw, report."""
+    from criticality.cli import main
+
+    run = tmp_path / "run"
+    assert main(["--no-progress", "train", "fcn-2x16", "--data", "digits", "--epochs", "2", "--device", "cpu",
+                 "--max-train", "400", "--max-test", "200", "--out", str(run)]) == 0
+    assert main(["--no-progress", "analyze", str(run), "--ops",
+                 "reinit,rerandomize,interpolate,noise,skip,criticality,proxies", "--seeds", "1",
+                 "--alphas", "0,0.5,1", "--sigmas", "0.5,1", "--device", "cpu"]) == 0
+    analysis = run / "analysis"
+    summary = json.loads((analysis / "summary.json").read_text())
+    assert summary["ops"] == ["reinit", "rerandomize", "interpolate", "noise", "skip"]
+    assert set(summary["skip_refused"]) == {"fc1", "fc3"} and summary["skip_modules"] == {"fc2": "fc2"}
+    assert set(summary["module_criticality"]["mu"]) == {"fc1", "fc2", "fc3"}
+    assert {r["target"] for r in summary["proxies"]["spearman"]} == {"reinit@0", "skip"}
+    for name in ("module_criticality.csv", "module_criticality_points.csv", "proxies.csv"):
+        assert (analysis / name).is_file()
+    assert main(["--no-progress", "report", str(run)]) == 0
+    html = (run / "report.html").read_text()
+    assert "Interventions beyond the paper" in html and 'id="module_criticality"' in html
+    for stem in ("interpolation_error", "noise_error", "skip_error", "module_criticality", "proxies"):
+        assert (run / "figures" / f"{stem}.png").is_file()
+    assert main(["--no-progress", "analyze", str(run), "--ops", "reinit,lesion"]) == 2
+
+
+def test_skipping_a_llama_layer_equals_the_model_without_it():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=3,
+                                   num_attention_heads=2, num_key_value_heads=1)
+    torch.manual_seed(0)
+    lm = transformers.LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 50, (3, 7))
+    mask = torch.ones(3, 7, dtype=torch.long)
+    mask[1, 5:] = 0
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    layers = {f"layer{i}": [k for k in lm.state_dict() if k.startswith(f"model.layers.{i}.")] for i in range(3)}
+    plan = interventions.plan_skips(lm, {**layers, "head": ["lm_head.weight"]}, inputs)
+    assert plan.paths == {f"layer{i}": f"model.layers.{i}" for i in range(3)} and "head" in plan.refused
+    without = copy.deepcopy(lm)
+    del without.model.layers[1]
+    with torch.no_grad():
+        with interventions.skipping(lm, ["model.layers.1"], plan.outputs):
+            got = lm(**inputs).logits
+        want = without(**inputs, use_cache=False).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_the_engine_reuses_the_prefix_in_front_of_a_skipped_block():
+    from criticality.engine import Engine, Variant
+
+    model, states = trajectory("residual")
+    fast = Engine(model, states[3], make_data(seed=7), batch_size=64)
+    assert fast.position(Variant("skip block2", {}, keys=(), skip=("block2",))) == 2  # stem, block1 cached
