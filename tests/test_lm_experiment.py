@@ -1,5 +1,6 @@
 """The journal's Transformer LM experiment (``journal-lm/tiny-llama/lm1b``): sub-layer groups, the epoch
-columns, the findings check, and one end-to-end run of `criticality run` at toy size.
+columns, the findings check, and one end-to-end run of `criticality run` at toy size (sub-layer grid, per-layer
+skip and Block Influence, figures, report, resume).
 
 Run: ``pytest tests/test_lm_experiment.py -q`` (about 30 s on 2 cores).
 """
@@ -98,9 +99,16 @@ def test_cli_run_end_to_end(corpus, tmp_path, monkeypatch):
     assert summary["steps_per_epoch"] == 2 and summary["data"]["stands_in_for"] == "lm1b"
     assert len(summary["findings"]) == 5 and (tmp_path / "analysis" / "findings.csv").is_file()
     assert (tmp_path / "figures" / "robustness_token_accuracy.png").stat().st_size > 10_000
+    layers = pd.read_csv(tmp_path / "analysis_layers" / "cells.csv")  # per decoder layer: skip, reset to 0
+    assert sorted(layers[layers.op != "final"].groupby("op").group.nunique().items()) == [("reinit", 2), ("skip", 2)]
+    proxies = pd.read_csv(tmp_path / "analysis_layers" / "proxies.csv")
+    assert list(proxies.group) == ["block0", "block1"] and proxies.bi.notna().all()
+    assert all((tmp_path / "figures" / f"layers_{f}.png").is_file() for f in ("skip", "proxies"))
     page = (tmp_path / "report.html").read_text()
+    assert "Per decoder layer: skip and Block Influence" in page
     assert "The paper&#x27;s LM findings" in page or "The paper's LM findings" in page
     assert "T5-Base decoder" in page
-    before = (tmp_path / "analysis" / "cells.jsonl").read_text()
+    stores = [tmp_path / d / "cells.jsonl" for d in ("analysis", "analysis_layers")]
+    before = [p.read_text() for p in stores]
     assert run_experiment(experiments.get("journal-lm"), out=tmp_path, progress=False, seed=1)
-    assert (tmp_path / "analysis" / "cells.jsonl").read_text() == before  # resumed: nothing re-evaluated
+    assert [p.read_text() for p in stores] == before  # resumed: nothing re-evaluated

@@ -23,6 +23,7 @@ prediction head. :func:`run` trains (reusing a finished folder), analyses (resum
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import html
 from dataclasses import dataclass
@@ -47,6 +48,7 @@ COLUMNS = (0, 1, 2, 5, 10, 15, 20)  # the paper's checkpoint columns (epochs); t
 # token_error is the verdict metric. "error" is the same metric under the name the analysis requires of
 # every metric set today (make_plan refuses one without 'error'); the LM's tables keep both columns.
 METRICS = {"token_error": "token_error", "nll": "nll", "error": "token_error"}
+BATCH = 64  # sequences per forward pass
 
 
 @dataclass(frozen=True)
@@ -121,9 +123,8 @@ def train(cfg: LMConfig, out: Path, progress: bool = True) -> Path:
                          layers=cfg.layers, hidden=cfg.hidden, progress=progress)
 
 
-def analyse(folder: Path, cfg: LMConfig, seeds: int, threshold: float = DEFAULT_THRESHOLD, progress: bool = True):
-    """Every sub-layer re-randomized (``seeds`` draws) and reset to each column, scored per token on the
-    held-out text; returns the analysis :class:`~criticality.analysis.Result` with epochs as checkpoints."""
+def _load(folder: Path, cfg: LMConfig):
+    """(model, {epoch: lazy state}, evaluation batches, number of held-out sequences, device)."""
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     found = trajectory(folder)
     with torch.random.fork_rng(devices=[]):  # the store fingerprints the built model's (overwritten) weights:
@@ -135,24 +136,54 @@ def analyse(folder: Path, cfg: LMConfig, seeds: int, threshold: float = DEFAULT_
         raise CriticalityError(f"{folder} holds epochs {sorted(states)}, expected {cfg.columns()} "
                                f"({spe} steps an epoch)")
     tensors = hf.read_tokens(folder / "eval.txt", cfg.seq_len, vocab_size=model.config.vocab_size)
-    plan = make_plan(model, states, sublayer_groups(model), seeds, None, None, None, None, METRICS, "fast", 64,
+    return model, states, hf.lm_data(tensors, BATCH), int(tensors["input_ids"].shape[0]), device
+
+
+def analyse(folder: Path, cfg: LMConfig, seeds: int, threshold: float = DEFAULT_THRESHOLD, progress: bool = True):
+    """Every sub-layer re-randomized (``seeds`` draws) and reset to each column, scored per token on the
+    held-out text; returns the analysis :class:`~criticality.analysis.Result` with epochs as checkpoints."""
+    model, states, data, n_seq, device = _load(folder, cfg)
+    plan = make_plan(model, states, sublayer_groups(model), seeds, None, None, None, None, METRICS, "fast", BATCH,
                      cfg.eval_sequences, "reset")
-    rows = run_cells(plan, hf.lm_data(tensors, 64), device=device, store=str(folder / "analysis" / "cells.jsonl"),
-                     progress=progress)
+    rows = run_cells(plan, data, device=device, store=str(folder / "analysis" / "cells.jsonl"), progress=progress)
     result = finish(plan, rows, threshold=threshold, verdict_metric="token_error",
                     provenance={**provenance(), "device": str(device)})
-    table = result.table
+    _accuracy(result.table)
+    result.summary.update(
+        chance_error=1 - 1 / model.config.vocab_size, final_token_accuracy=1.0 - result.summary["final_token_error"],
+        steps_per_epoch=cfg.epoch_steps(),
+        data={"name": "common-licenses" if cfg.corpus is None else Path(cfg.corpus).name, "split": "held-out",
+              "stands_in_for": "lm1b", "n_test": int(result.table.n.iloc[0]), "max_examples": cfg.eval_sequences,
+              "sequences": min(n_seq, cfg.eval_sequences or n_seq), "seq_len": cfg.seq_len, "tokenizer": "bytes"})
+    return result
+
+
+def _accuracy(table: pd.DataFrame) -> None:
+    """token_accuracy = 1 − token_error (the paper's metric) and its Δ (negative: accuracy lost), in place."""
     table["token_accuracy"] = 1.0 - table["token_error"]
     if "delta_token_error" in table:
         table["delta_token_accuracy"] = -table["delta_token_error"]
-    n_seq = int(tensors["input_ids"].shape[0])
-    result.summary.update(
-        chance_error=1 - 1 / model.config.vocab_size, final_token_accuracy=1.0 - result.summary["final_token_error"],
-        steps_per_epoch=spe,
-        data={"name": "common-licenses" if cfg.corpus is None else Path(cfg.corpus).name, "split": "held-out",
-              "stands_in_for": "lm1b", "n_test": int(table.n.iloc[0]), "max_examples": cfg.eval_sequences,
-              "sequences": min(n_seq, cfg.eval_sequences or n_seq), "seq_len": cfg.seq_len, "tokenizer": "bytes"})
-    return result
+
+
+def layers(folder: Path, cfg: LMConfig, progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """Per decoder layer: skipped (identity, :mod:`criticality.interventions`) and reset to epoch 0, and its
+    Block Influence / angular distance (:mod:`criticality.proxies`) on the held-out text. Writes
+    ``folder/analysis_layers/`` (cells.csv, proxies.csv, summary.json); returns (cells, proxies, summary)."""
+    from criticality import interventions
+    from criticality.runner import write_tables
+
+    model, states, data, _, device = _load(folder, cfg)
+    out = folder / "analysis_layers"
+    groups = {f"block{i}": [f"model.layers.{i}"] for i in range(len(model.model.layers))}
+    plan = make_plan(model, states, groups, 0, None, None, [0], None, METRICS, "fast", BATCH, cfg.eval_sequences,
+                     "reset", ops=("reinit", "skip"), probe=data)
+    rows = run_cells(plan, data, device=device, store=str(out / "cells.jsonl"), progress=progress)
+    result = finish(plan, rows, verdict_metric="token_error", provenance={**provenance(), "device": str(device)})
+    _accuracy(result.table)
+    result.summary.update(interventions.run_extras(plan, data, out, result.table, ("proxies",), draws=0,
+                                                   device=device))
+    write_tables(out, result.table, result.distances, result.summary)
+    return result.table, pd.read_csv(out / "proxies.csv"), result.summary
 
 
 def findings(table: pd.DataFrame, threshold: float = DEFAULT_THRESHOLD) -> pd.DataFrame:
@@ -195,27 +226,38 @@ def findings(table: pd.DataFrame, threshold: float = DEFAULT_THRESHOLD) -> pd.Da
     return pd.DataFrame(rows, columns=["finding", "holds", "evidence"]).assign(threshold=threshold)
 
 
-def draw(out: Path, table: pd.DataFrame, dist: pd.DataFrame, title: str) -> list[Path]:
-    """Token accuracy (the paper's metric), token error, nll and distance heatmaps into ``out/figures``."""
+def draw(out: Path, table: pd.DataFrame, dist: pd.DataFrame, title: str, layer_cells: pd.DataFrame | None = None,
+         layer_proxies: pd.DataFrame | None = None, correlations: list | None = None) -> list[Path]:
+    """Token accuracy (the paper's metric), token error, nll and distance heatmaps into ``out/figures``;
+    with the per-layer tables, the skip bars and the Block Influence scatter too."""
+    from criticality import plots_interventions as pi
+
     paths = plots.save(plots.robustness_heatmap(table, "token_accuracy", title=f"Token accuracy — {title}"),
                        out / "figures" / "robustness_token_accuracy")
-    return paths + hf.draw(out, table, dist, title)
+    paths += hf.draw(out, table, dist, title)
+    if layer_cells is not None:
+        paths += plots.save(pi.skip_bars(layer_cells, f"Skipping one decoder layer — {title}"),
+                            out / "figures" / "layers_skip")
+        paths += plots.save(pi.proxies_scatter(layer_proxies, layer_cells, correlations or []),
+                            out / "figures" / "layers_proxies")
+    return paths
 
 
 def run(exp: Experiment, *, scale: str = "quick", out: str | Path | None = None, progress: bool = True,
         data: str | None = None, **overrides: Any) -> list[Path]:
     """Train, analyse, draw and report the LM experiment ``exp``; returns ``[OUT/report.html]``."""
+    from criticality.runner import write_tables  # runner imports the zoo; keep this module light
+
     out = Path(out) if out else Path("runs") / exp.key / scale
     cfg = exp.configs(scale, data, **overrides)["run"]
     train(cfg, out, progress=progress)
     result = analyse(out, cfg, exp.seeds, progress=progress)
     found = findings(result.table, result.summary["threshold"])
     result.summary["findings"] = found.to_dict(orient="records")
-    from criticality.runner import write_tables  # runner imports the zoo; keep this module light
-
     write_tables(out / "analysis", result.table, result.distances, result.summary)
     with atomic_path(out / "analysis" / "findings.csv") as tmp:
         found.to_csv(tmp, index=False)
+    layer_cells, layer_proxies, layer_summary = layers(out, cfg, progress=progress)
     config_ = {"model": {"name": f"tiny byte Llama ({cfg.layers} blocks, width {cfg.hidden})"},
                "data": {"name": result.summary["data"]["name"]}, "lm": dataclasses.asdict(cfg),
                "steps_per_epoch": result.summary["steps_per_epoch"],
@@ -223,9 +265,13 @@ def run(exp: Experiment, *, scale: str = "quick", out: str | Path | None = None,
                               "columns": cfg.columns(), "assumptions": list(exp.assumptions),
                               "stands_in": exp.stands_in}}
     write_json(out / "analysis" / "config.json", config_)
-    draw(out, result.table, result.distances, f"tiny byte Llama, {scale} scale")
+    correlations = layer_summary.get("proxies", {}).get("spearman", [])
+    draw(out, result.table, result.distances, f"tiny byte Llama, {scale} scale", layer_cells, layer_proxies,
+         correlations)
+    sections = [_findings_html(found), _figures_html(out / "figures"),
+                _layers_html(layer_cells, layer_proxies, correlations)]
     page = report.render(config_, result.summary, out / "figures")
-    page = page.replace("<h2>Configuration</h2>", _findings_html(found) + "\n<h2>Configuration</h2>", 1)
+    page = page.replace("<h2>Configuration</h2>", "\n".join(sections) + "\n<h2>Configuration</h2>", 1)
     write_text(out / "report.html", page)
     return [out / "report.html"]
 
@@ -236,3 +282,36 @@ def _findings_html(found: pd.DataFrame) -> str:
     return (f"<h2>The paper's LM findings on this run</h2>\n<p>Δ = token-error increase over the trained model "
             f"(= accuracy drop); robust = Δ ≤ {found.threshold.iloc[0]:g} (ours; the paper sets no threshold)."
             f"</p>\n<ul>{items}</ul>")
+
+
+_FIGURES = (("robustness_token_accuracy", "Per-token accuracy after re-randomizing each sub-layer (rand) or "
+             "resetting it to the checkpoint of an epoch (the journal version's LM figure)."),
+            ("robustness_nll", "The same grid in nll (nats per byte)."),
+            ("layers_skip", "Δ token error when one decoder layer is skipped (its output = its input)."),
+            ("layers_proxies", "Block Influence of each decoder layer against its Δ token error (reset to "
+             "epoch 0, and skipped)."))
+
+
+def _figures_html(folder: Path) -> str:
+    parts = ["<h2>Token accuracy, nll, skip and Block Influence</h2>"]
+    for stem, caption in _FIGURES:
+        png = folder / f"{stem}.png"
+        if png.is_file():
+            data = base64.b64encode(png.read_bytes()).decode("ascii")
+            parts.append(f'<figure><img src="data:image/png;base64,{data}" alt="{stem}"><figcaption>'
+                         f"{html.escape(caption)}</figcaption></figure>")
+    return "\n".join(parts)
+
+
+def _layers_html(cells: pd.DataFrame, proxies: pd.DataFrame, correlations: list) -> str:
+    """Per decoder layer: Δ token error when skipped and when reset to epoch 0, Block Influence, angle."""
+    delta = lambda op: cells[cells.op == op].set_index("group").delta_token_error  # noqa: E731
+    skip, at0 = delta("skip"), delta("reinit")
+    rows = "".join(f"<tr><td>{html.escape(str(r.group))}</td><td>{skip.get(r.group, float('nan')):+.3f}</td>"
+                   f"<td>{at0.get(r.group, float('nan')):+.3f}</td><td>{r.bi:.3f}</td><td>{r.angular:.3f}</td></tr>"
+                   for r in proxies.itertuples())
+    rho = "; ".join(f"{c['proxy']} vs {c['target']}: ρ = {c['spearman']:.2f}" if c.get("spearman") is not None
+                    else f"{c['proxy']} vs {c['target']}: ρ undefined" for c in correlations)
+    return ("<h2>Per decoder layer: skip and Block Influence</h2>\n<table><tr><th>layer</th><th>Δ skip</th>"
+            f"<th>Δ reset to 0</th><th>Block Influence</th><th>angular</th></tr>{rows}</table>\n"
+            f"<p class=\"muted\">Spearman over {len(proxies)} layers: {html.escape(rho)}.</p>")
