@@ -16,8 +16,10 @@ prediction head. :func:`run` trains (reusing a finished folder), analyses (resum
     OUT/eval.txt                       the held-out text scored by every cell
     OUT/analysis/cells.csv, …          the tables of `criticality analyze`, checkpoint numbers in epochs,
                                        plus token_accuracy = 1 − token_error
-    OUT/analysis/findings.csv          the paper's four LM findings, each checked on this run
-    OUT/figures/robustness_token_accuracy.png, …   heatmaps
+    OUT/analysis/findings.csv          the paper's five LM findings, each checked on this run
+    OUT/analysis_layers/               each decoder layer skipped (identity) and reset to epoch 0, and
+                                       proxies.csv (Block Influence, angular distance; one forward pass)
+    OUT/figures/robustness_token_accuracy.png, layers_skip.png, layers_proxies.png, …
     OUT/report.html
 """
 
