@@ -119,6 +119,13 @@ def test_sharded_analysis_matches_one_process_and_resumes(single, tmp_path):
     store1 = run / "analysis" / "cells.rank1-of-2.jsonl"
     store1.parent.mkdir()
     store1.write_text("\n".join([lines[0], *rank1[:4], rank1[4][:25]]))
+    # Its per-example records likewise (each written just before its cell's line).
+    records = (single.run / "analysis" / "examples.jsonl").read_text().splitlines()
+    by_cell = {cell_key(json.loads(s)["cell"]): s for s in records[1:] if '"cell"' in s}
+    rank1_cells = [json.loads(s) for s in rank1]
+    rank1_records = [by_cell[cell_key(c)] for c in rank1_cells]
+    (run / "analysis" / "examples.rank1-of-2.jsonl").write_text(
+        "\n".join([records[0], *rank1_records[:4], rank1_records[4][:40]]))
 
     out = torchrun("analyze", "run", "--device", "cpu", cwd=tmp_path)
     assert out.count("wrote ") == 1  # only rank 0 prints
@@ -128,8 +135,13 @@ def test_sharded_analysis_matches_one_process_and_resumes(single, tmp_path):
     assert [_key(r) for _, r in table.iterrows()] == [_key(r) for _, r in reference.iterrows()]
     assert (table.error == reference.error).all() and (table.n == reference.n).all()
     assert (table.loss - reference.loss).abs().max() <= 1e-5
+    for column in reference.columns:  # the intervals and p too, from the same per-example records
+        if column.startswith("delta_error") or column == "p_value":
+            pd.testing.assert_series_equal(table[column], reference[column])
     summary = json.loads((run / "analysis" / "summary.json").read_text())
-    assert summary["verdicts"] == json.loads((single.run / "analysis" / "summary.json").read_text())["verdicts"]
+    verdicts = json.loads((single.run / "analysis" / "summary.json").read_text())["verdicts"]
+    assert summary["verdicts"] == verdicts
+    assert all(v["delta_error_low"] is not None and v["rerandomize_error_low"] is not None for v in verdicts)
     assert summary["provenance"]["world_size"] == 2
 
     # The 4 stored cells were reused, not recomputed: each cell once, the seeded lines untouched.
@@ -137,6 +149,10 @@ def test_sharded_analysis_matches_one_process_and_resumes(single, tmp_path):
     assert kept[:5] == [lines[0], *rank1[:4]] and len(kept) == 1 + len(rank1)
     assert {cell_key(json.loads(s)) for s in kept[1:]} == {cell_key(json.loads(s)) for s in rank1}
     assert len((run / "analysis" / "cells.rank0-of-2.jsonl").read_text().splitlines()) == 1 + len(grid[0::2])
+    kept = (run / "analysis" / "examples.rank1-of-2.jsonl").read_text().splitlines()
+    cells = [cell_key(json.loads(s)["cell"]) for s in kept[1:] if '"cell"' in s]  # (and the labels' line)
+    assert kept[:5] == [records[0], *rank1_records[:4]]
+    assert len(cells) == len(set(cells)) == len(rank1) and set(cells) == set(map(cell_key, rank1_cells))
 
 
 def _plan():

@@ -305,9 +305,8 @@ def test_run_cells_on_a_language_model_gives_records_and_perplexity():
     states = _perturbed(model)
     data = token_batches()
     groups = {"emb": ["transformer.wte", "transformer.wpe", "lm_head"], "h1": ["transformer.h.1"]}
-    # analyze() requires 'error' for its verdicts until they take another metric; run_cells does not
-    plan = make_plan(model, states, groups, 0, None, None, None, None, ("error",), "fast", BATCH, None, "reset")
-    plan.metrics = metrics.resolve(("token_error", "nll", "agreement", "kl"))
+    plan = make_plan(model, states, groups, 0, None, None, None, None, ("token_error", "nll", "agreement", "kl"),
+                     "fast", BATCH, None, "reset")
     rows = run_cells(plan, data, progress=False)
     plan.engine = "naive"
     naive = run_cells(plan, data, progress=False)

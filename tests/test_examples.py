@@ -18,6 +18,7 @@ import torch
 from criticality import examples as ex
 from criticality.analysis import analyze
 from criticality.errors import CriticalityError
+from criticality.store import cell_key
 from test_analysis import BATCH, make_data, trajectory
 
 SETTINGS = {"model": "toy", "data": "abc"}
@@ -51,8 +52,8 @@ def test_store_resumes_and_ignores_a_torn_line(tmp_path):
     text = path.read_text()
     path.write_text(text[:-25])  # a crash in the middle of the last line
     again = ex.ExampleStore(path, SETTINGS)
-    assert list(again.records) == [("rerandomize", "fc1", None, 0)]
-    np.testing.assert_array_equal(again.records[("rerandomize", "fc1", None, 0)]["loss"][0], a["loss"][0])
+    assert list(again.records) == [cell_key(_cell("fc1", 0))]
+    np.testing.assert_array_equal(again.records[cell_key(_cell("fc1", 0))]["loss"][0], a["loss"][0])
     np.testing.assert_array_equal(again.targets, [2, 0, 1])
     again.add(_cell("fc2", 0), a)  # appends on a fresh line, after the whole ones
     assert len(ex.ExampleStore(path, SETTINGS).records) == 2

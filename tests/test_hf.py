@@ -95,11 +95,11 @@ def test_tiny_lm_writes_a_trainer_folder_and_reuses_it(lm):
 
 
 def test_analyze_hf_end_to_end_equals_the_naive_engine(lm, tmp_path, capsys):
-    pytest.importorskip("criticality.metrics")  # the engine's sequence metrics (token_error, nll)
     args = ["analyze-hf", str(lm), "--data", str(lm / "eval.txt"), "--seeds", "1", "--seq-len", "16",
             "--batch-size", "8", "--max-examples", "24", "--device", "cpu", "--no-progress"]
     assert cli.main([*args, "--out", str(tmp_path / "fast")]) == 0, capsys.readouterr().err
-    assert "verdicts" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "verdicts" in out and out.splitlines()[0].split()[:5] == ["group", "Δ", "token", "error", "@0"]
     assert cli.main([*args, "--out", str(tmp_path / "naive"), "--engine", "naive"]) == 0
     fast, naive = (pd.read_csv(tmp_path / d / "cells.csv") for d in ("fast", "naive"))
     assert {"model.layers.0", "model.layers.1"} <= set(fast.group.dropna())  # --groups blocks (the default)
@@ -108,6 +108,17 @@ def test_analyze_hf_end_to_end_equals_the_naive_engine(lm, tmp_path, capsys):
     assert np.allclose(fast.nll, naive.nll, atol=1e-5) and np.allclose(fast.perplexity, np.exp(fast.nll))
     for name in ("report.html", "summary.json", "distances.csv", "figures/robustness_token_error.png"):
         assert (tmp_path / "fast" / name).is_file(), name
+    summary = json.loads((tmp_path / "fast" / "summary.json").read_text())
+    assert summary["verdict_metric"] == "token_error" and summary["checkpoints"]["axis"] == "step"
+    assert all(v["delta_token_error_low"] is not None for v in summary["verdicts"])  # the engine's records
+    assert {"agreement", "kl"} <= set(fast.columns)  # label-free metrics on by default, as in `analyze`
+    page = (tmp_path / "fast" / "report.html").read_text()
+    assert "Δ token error at step 0" in page and "Final model: token error <b>" in page
+    assert "test error" not in page and "n/a</td>" in page  # p: no McNemar on token counts
+    assert page.count('src="data:image/png;base64,') == 2 + 5  # token error, nll, five distances
+    # A rerun resumes every cell (the model built from config.json fingerprints the same each time).
+    assert cli.main([*args, "--out", str(tmp_path / "fast")]) == 0
+    assert "computing 0" in capsys.readouterr().err
 
 
 def test_missing_init_and_bad_data_are_one_line(lm, tmp_path, capsys):

@@ -329,7 +329,7 @@ def test_joint_groups_of_figs_9_and_10_by_their_members():
         ["stage4.block1", "stage4.block2"], ["stage3.block2", "stage4.block2"]]
 
 
-def test_custom_metrics_need_error_and_are_computed():
+def test_custom_metrics_are_computed_and_judged_when_alone():
     model = fcn()
     sd = states(model)
     x, y = data(7)
@@ -337,8 +337,12 @@ def test_custom_metrics_need_error_and_are_computed():
     def margin(logits, targets):  # a user's metric: per-example, plain callable
         return logits.gather(1, targets[:, None])[:, 0] - logits.max(1).values
 
-    with pytest.raises(CriticalityError, match=r"lack 'error', which the verdicts compare"):
-        analyze(model, sd, (x, y), groups=GROUPS, seeds=0, init="torch", metrics={"margin": margin}, progress=False)
+    alone = analyze(model, sd, (x, y), groups=GROUPS, seeds=0, init="torch", metrics={"margin": margin},
+                    progress=False)
+    assert alone.summary["verdict_metric"] == "margin" and "delta_margin_low" in alone.verdicts
+    with pytest.raises(CriticalityError, match=r"verdict metric 'error' is not among the metrics \['margin'\]"):
+        analyze(model, sd, (x, y), groups=GROUPS, seeds=0, init="torch", metrics={"margin": margin},
+                verdict_metric="error", progress=False)
     from criticality.engine import METRICS
 
     r = analyze(model, sd, (x, y), groups=GROUPS, seeds=0, init="torch", progress=False,

@@ -2,9 +2,10 @@
 
 Run: ``.venv/bin/pytest tests/test_store.py -q`` (a few seconds; CPU).
 
-Checks: cells stored by 2 shards are all reused by 3 shards and by one process (nothing recomputed);
-a sibling store of other settings is ignored, never mixed in; NaN/inf in a stored row round-trip through
-strict JSON.
+Checks: cells stored by 2 shards are all reused, with their per-example records, by 3 shards and by one
+process (nothing recomputed); a stored cell whose records are missing is computed again (the statistics
+need them), and only that one; a sibling store of other settings is ignored, never mixed in; NaN/inf in a
+stored row round-trip through strict JSON.
 """
 
 from __future__ import annotations
@@ -12,8 +13,10 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import torch
 
+from criticality import examples
 from criticality.analysis import make_plan, run_cells
 from criticality.runner import _merge_shards
 from criticality.store import CellStore, cell_key
@@ -50,6 +53,39 @@ def test_sharded_cells_are_reused_by_any_world_size(tmp_path, capsys, monkeypatc
     merged2, merged3 = _merge_shards(two, plan), _merge_shards(three, plan)
     assert [cell_key(r) for r in one] == [cell_key(c.as_dict()) for c in plan.cells]
     assert [r["error"] for r in merged2] == [r["error"] for r in merged3] == [r["error"] for r in one]
+    for a, b in zip(merged2, one, strict=True):  # the records came back too, from the shards' files
+        for m in ("error", "loss"):
+            np.testing.assert_array_equal(a["records"][m][0], b["records"][m][0])
+    assert one[0]["targets"] is not None and len(one[0]["targets"]) == 60
+
+
+def test_cells_stored_without_records_are_computed_again(tmp_path, monkeypatch):
+    plan, data = _plan()
+    store = tmp_path / "cells.jsonl"
+    whole = run_cells(plan, data, store=str(store), progress=False)
+    # As if a crash fell between a cell's two appends, or the store predates records: drop two of them.
+    lines = examples.examples_path(store).read_text().splitlines()
+    lost = {cell_key(c.as_dict()) for c in plan.cells[1:3]}
+    examples.examples_path(store).write_text(
+        "\n".join(s for s in lines if '"cell"' not in s or cell_key(json.loads(s)["cell"]) not in lost) + "\n")
+    import criticality.analysis as analysis
+
+    computed = []
+    evaluate = analysis._evaluate
+
+    def counting(plan, cells, *args, **kwargs):
+        computed.extend(cell_key(c.as_dict()) for c in cells)
+        return evaluate(plan, cells, *args, **kwargs)
+
+    monkeypatch.setattr(analysis, "_evaluate", counting)
+    again = run_cells(plan, data, store=str(store), progress=False)
+    assert set(computed) == lost and len(computed) == 2
+    for a, b in zip(again, whole, strict=True):
+        assert a["records"] is not None and a["error"] == b["error"]
+        np.testing.assert_array_equal(a["records"]["loss"][0], b["records"]["loss"][0])
+    computed.clear()
+    run_cells(plan, data, store=str(store), progress=False)
+    assert computed == []  # now every stored cell has its records
 
 
 def test_a_sibling_store_of_other_settings_is_ignored(tmp_path):

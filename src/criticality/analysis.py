@@ -60,12 +60,14 @@ from criticality.groups import Groups, GroupSpec, default_spec, resolve
 from criticality.groups import joint as joint_group
 from criticality.initializers import DRAW_SCHEMES, InitScheme, choose, scheme_name
 from criticality.store import CellStore, cell_key
-from criticality.verdicts import DEFAULT_THRESHOLD, intervals, p_values, verdicts
+from criticality.verdicts import DEFAULT_THRESHOLD, intervals, judged, p_values, verdicts
+from criticality.verdicts import verdict_metric as choose_metric
 
 StateDict = Mapping[str, torch.Tensor]
 MAX_CELLS = 100_000  # a larger grid is a typo (--seeds 100000000000): each cell is a pass over the data
 ENGINES = ("fast", "naive")
 VERDICT_RULES = ("interval", "point")  # three outcomes from the paired interval, or the paper's point rule
+LABEL_FREE = ("agreement", "kl")  # built-in metrics that compare with the final model, not with labels
 RERANDOMIZE_SALT = 1_000_003  # draw seed s: each module drawn from draw_seed(SALT + s, its path) (Plan._draw)
 
 
@@ -161,8 +163,9 @@ def analyze(model: nn.Module, checkpoints: Mapping[int, StateDict], data: Data, 
     prefix reuse (default: found, see :func:`criticality.blocks.find_blocks`).
     ``verdict="interval"`` calls a group critical / robust only when the 95 % paired-bootstrap interval of
     its Δ ``verdict_metric`` (at re-initialization to epoch 0) clears ``threshold`` (in that metric's units;
-    default ``error``, else the first metric), inconclusive otherwise; ``"point"`` is the paper's rule on Δ
-    alone. ``stats_seed`` seeds the bootstrap.
+    default ``error``, else ``token_error``, else ``agreement`` judged as ``disagreement`` = 1 − agreement,
+    the fraction of examples whose top-1 prediction changed; else the first metric), inconclusive otherwise;
+    ``"point"`` is the paper's rule on Δ alone. ``stats_seed`` seeds the bootstrap.
     ``ops`` picks the operations (default the paper's two; see :mod:`criticality.interventions` for
     ``interpolate`` over ``alphas`` from checkpoint ``source``, ``noise`` over ``sigmas`` × ``seeds`` and
     ``skip``).
@@ -170,6 +173,7 @@ def analyze(model: nn.Module, checkpoints: Mapping[int, StateDict], data: Data, 
     plan = make_plan(model, checkpoints, groups, seeds, joint, final, reinit_to, init, metrics, engine, batch_size,
                      max_examples, buffers, calibration=calibration, output=output, blocks=blocks, ops=ops,
                      alphas=alphas, sigmas=sigmas, source=source, probe=data)
+    verdict_metric = choose_metric(list(plan.metrics), verdict_metric)  # refused now, not after every cell
     rows = run_cells(plan, data, device=device, store=store, shard=shard, progress=progress)
     return finish(plan, rows, threshold=threshold, provenance=provenance, verdict=verdict,
                   verdict_metric=verdict_metric, stats_seed=stats_seed)
@@ -326,9 +330,9 @@ def make_plan(model, checkpoints, groups, seeds, joint, final, reinit_to, init, 
     resolved = groups if isinstance(groups, Groups) else resolve(model, groups)
     joints = dict(joint_group(resolved, members) for members in (joint or []))
     metric_fns = metrics_mod.resolve(metrics)
-    if "error" not in metric_fns:  # the verdicts and the terminal table compare test error
-        raise CriticalityError(f"metrics {sorted(metric_fns)} lack 'error', which the verdicts compare; add it "
-                               "(e.g. metrics=('error', ...) or {'error': fn, ...})")
+    if not metric_fns:  # any metric can carry the verdicts (verdicts.verdict_metric picks one)
+        raise CriticalityError("no metrics given; e.g. metrics=('error', 'loss'), ('token_error', 'nll') for a "
+                               "language model, or ('agreement', 'kl') for unlabelled data")
     ops = interventions.check_ops(ops)
     alphas = interventions.check_unit(alphas, "alphas") if "interpolate" in ops else ()
     sigmas = interventions.check_unit(sigmas, "sigmas") if "noise" in ops else ()
@@ -374,10 +378,10 @@ def run_cells(plan: Plan, data: Data, *, device: str | torch.device = "cpu", sto
     kept = ExampleStore(examples_path(store), settings) if store else None  # per-example records
     keys = [cell_key(c.as_dict()) for c in cells]
     wanted = set(keys)
-    # A stored cell without records (a store from before records existed) is recomputed to get them.
-    need = plan.engine == "naive"  # TODO(engine merge): every engine gives records, drop this condition
-    done = {k: {**r, "records": kept.records.get(k)} for k, r in (saved.rows.items() if saved else [])
-            if k in wanted and (k in kept.records or not need)}
+    # A stored cell is reused with its records (from any rank's store); one without them (a store from
+    # before records existed, or a crash between the two appends) is recomputed: statistics need them.
+    done = {k: {**r, "records": kept.records[k]} for k, r in (saved.rows.items() if saved else [])
+            if k in wanted and k in kept.records}
     todo = [c for c, k in zip(cells, keys, strict=True) if k not in done]
     if done and distributed.is_main():  # under torchrun: rank 0's line only
         print(f"resuming: {len(done)} of {len(cells)} cells already done ({store}), computing {len(todo)}",
@@ -386,15 +390,17 @@ def run_cells(plan: Plan, data: Data, *, device: str | torch.device = "cpu", sto
     for cell, result in _data_errors(_evaluate(plan, todo, data, device)):
         raw, result = getattr(result, "records", None), dict(result)  # the engine's records (contract 3)
         raw = result.pop("records", raw)
-        records = as_record(raw) if raw else None
+        if not raw:
+            raise CriticalityError(f"the {plan.engine} engine gave no per-example records for cell {cell}; "
+                                   "the verdicts' intervals need them")
+        records = as_record(raw)
         row = {**cell.as_dict(), **result}
         if "nll" in result:
             row["perplexity"] = math.exp(result["nll"]) if result["nll"] < 700 else math.inf
         done[cell_key(row)] = {**row, "records": records}
-        if saved:
-            if records is not None:  # records first: a stored row always has its records beside it
-                kept.add(cell.as_dict(), records)
-            saved.add(row)
+        if saved:  # records first: a stored row always has its records beside it
+            kept.add(cell.as_dict(), records)
+            saved.add(row)  # a recomputed cell's new line replaces its old one (the last line wins)
         bar.update()
     bar.close()
     if kept is not None and kept.targets is None and (targets := _targets(data, plan)) is not None:
@@ -461,16 +467,18 @@ def finish(plan: Plan, rows: list[dict[str, Any]], *, threshold: float = DEFAULT
     """Turn evaluated rows into the :class:`Result`: deltas with intervals, distances, verdicts, summary."""
     if verdict not in VERDICT_RULES:
         raise CriticalityError(f"unknown verdict rule {verdict!r}; choose one of {', '.join(VERDICT_RULES)}")
-    if verdict_metric is None:  # test error when measured; label-free runs judge their first metric
-        verdict_metric = "error" if "error" in plan.metrics else next(iter(plan.metrics))
-    if verdict_metric not in plan.metrics:
-        raise CriticalityError(f"verdict metric {verdict_metric!r} is not among the metrics {list(plan.metrics)}")
+    # error when measured, else token_error, else agreement (judged as disagreement), else the first metric
+    measured = choose_metric(list(plan.metrics), verdict_metric)
     records = [r.get("records") for r in rows]
     targets = next((r["targets"] for r in rows if r.get("targets") is not None), None)
-    table = tabulate(rows, list(plan.metrics), records, seed=stats_seed, p_metric=verdict_metric)
+    # Intervals for every metric but the label-free ones beside a labelled verdict metric (they cost a
+    # bootstrap each and judge nothing there: agreement and kl are on by default in the CLI).
+    spread = [m for m in plan.metrics if m == measured or m not in LABEL_FREE]
+    table = tabulate(rows, list(plan.metrics), records, seed=stats_seed, p_metric=measured, interval_metrics=spread)
     dist = distances(plan.checkpoints, {**plan.groups.members, **plan.joint}, plan.model)
     # Verdicts compare re-initialization to epoch 0: none when the ops left reinit out.
-    verdict_table = verdicts(table, threshold, records, rule=verdict, metric=verdict_metric, seed=stats_seed) \
+    view, view_records, verdict_metric = judged(table, records, measured)
+    verdict_table = verdicts(view, threshold, view_records, rule=verdict, metric=verdict_metric, seed=stats_seed) \
         if (table.op == "reinit").any() else pd.DataFrame()
     final = table[table.op == "final"].iloc[0]
     summary = {
@@ -500,12 +508,13 @@ def finish(plan: Plan, rows: list[dict[str, Any]], *, threshold: float = DEFAULT
 
 def tabulate(rows: Sequence[Mapping[str, Any]], metric_names: Sequence[str],
              records: Sequence[Record | None] | None = None, *, seed: int = 0,
-             p_metric: str = "error") -> pd.DataFrame:
+             p_metric: str = "error", interval_metrics: Sequence[str] | None = None) -> pd.DataFrame:
     """Rows → the tidy table, with ``delta_<metric>`` against the final model and a ``finite`` flag.
 
     With ``records`` (one per row, None where missing) every cell also gets ``delta_<metric>_low/high``
     (95 % paired-bootstrap interval, the same resamples for every cell, seeded by ``seed``) and
     ``p_value`` (exact McNemar on ``p_metric``'s discordant examples when its records are 0/1; NaN else).
+    ``interval_metrics`` limits the intervals to those metrics (default: all).
     """
     table = pd.DataFrame([{k: v for k, v in r.items() if k not in ("records", "targets")} for r in rows])
     finals = table[table.op == "final"]
@@ -514,7 +523,7 @@ def tabulate(rows: Sequence[Mapping[str, Any]], metric_names: Sequence[str],
     for m in metric_names:
         table[f"delta_{m}"] = table[m] - float(finals.iloc[0][m])
     records = list(records) if records is not None else [None] * len(table)
-    for m in metric_names:
+    for m in metric_names if interval_metrics is None else [m for m in metric_names if m in interval_metrics]:
         table[[f"delta_{m}_low", f"delta_{m}_high"]] = intervals(records, finals.index[0], m, seed)
     table["p_value"] = p_values(records, finals.index[0], p_metric)
     table["finite"] = np.isfinite(table[list(metric_names)].to_numpy(dtype=float)).all(axis=1)

@@ -287,6 +287,7 @@ def _dispatch(args: argparse.Namespace) -> int:
                          batch_size=args.batch_size, max_examples=args.max_examples, threshold=args.threshold,
                          device=args.device, engine=args.engine, text_key=args.text_key, out=args.out,
                          progress=progress)
+        _print_verdicts(out)  # the same table as after `analyze` (out is the analysis directory)
         print(f"wrote {out / 'cells.csv'}, {out / 'report.html'}; verdicts (Δ token error at step 0): "
               + ", ".join(f"{g} {v}" for g, v in summary_line(out).items()))
         return 0

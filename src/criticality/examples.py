@@ -10,6 +10,10 @@ keyed by the same cell key. A torn last line is ignored (that cell is recomputed
 compactly as base64: 0/1 values bit-packed (10,000 examples: 1.25 kB), values that survive float32
 exactly as float32, others as float64; counts that are all 1 are not stored at all. The labels of the
 evaluation data (when they are one class per example) are kept once, for :func:`per_class`.
+
+Like the cell store, each rank of a sharded analysis writes its own ``examples.rank{R}-of-{W}.jsonl`` and
+every store also reads the records of its siblings (``examples.jsonl``, ``examples.rank*.jsonl`` beside it
+with the same settings), so records are reused whatever the number of processes that resumes.
 """
 
 from __future__ import annotations
@@ -102,6 +106,8 @@ class ExampleStore:
         self.records: dict[Hashable, Record] = {}
         self.cells: dict[Hashable, dict[str, Any]] = {}
         self.targets: np.ndarray | None = None
+        for sibling in _siblings(self.path):
+            self._read_sibling(sibling)
         if self.path.exists() and self.path.stat().st_size > 0:
             self._load()
         else:
@@ -140,8 +146,14 @@ class ExampleStore:
         if differs:
             raise CriticalityError(f"{self.path} holds records of an analysis with other settings "
                                    f"(differs: {', '.join(differs)}); delete it or use another output directory")
-        kept = lines[:1]
-        for line in lines[1:]:
+        kept = lines[:1] + self._parse(lines[1:])
+        if lines[-1]:  # a write cut short: keep whole lines so that later appends start on a fresh one
+            write_text(self.path, "\n".join(kept) + "\n")
+
+    def _parse(self, lines: list[str]) -> list[str]:
+        """Take in the records (and labels) of ``lines``; returns the whole lines (torn ones are skipped)."""
+        kept = []
+        for line in lines:
             try:
                 obj = json.loads(line)
                 if "targets" in obj:
@@ -153,8 +165,27 @@ class ExampleStore:
             except (ValueError, KeyError, TypeError, AttributeError):
                 continue  # an empty trailing line, or one torn by a crash: recompute that cell
             kept.append(line)
-        if lines[-1]:  # a write cut short: keep whole lines so that later appends start on a fresh one
-            write_text(self.path, "\n".join(kept) + "\n")
+        return kept
+
+    def _read_sibling(self, path: Path) -> None:
+        """The records of another store of the same analysis (read only; other settings are ignored)."""
+        try:
+            lines = path.read_text().split("\n")
+            header = json.loads(lines[0])
+        except (OSError, ValueError):
+            return
+        if isinstance(header, dict) and header.get("kind") == KIND and header.get("format") == FORMAT \
+                and header.get("settings") == self.settings:
+            self._parse(lines[1:])
+
+
+def _siblings(path: Path) -> list[Path]:
+    """The other record files of the same analysis: ``<base>.jsonl`` and ``<base>.rank*.jsonl``."""
+    base = path.name.split(".")[0]
+    if not path.parent.is_dir():
+        return []
+    names = [path.parent / f"{base}.jsonl", *sorted(path.parent.glob(f"{base}.rank*.jsonl"))]
+    return [p for p in names if p != path and p.is_file()]
 
 
 @dataclass

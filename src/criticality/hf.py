@@ -36,7 +36,9 @@ from criticality.files import write_json, write_text
 from criticality.provenance import provenance
 from criticality.trajectory import Trajectory, alias_tied, trajectory
 
-METRICS = ("token_error", "nll")  # perplexity = exp(nll) is added to the table by run_cells
+# perplexity = exp(nll) is added to the table by run_cells; agreement (per token, with the final model's
+# top-1) and kl (nats per token) are label-free, as in `criticality analyze`
+METRICS = ("token_error", "nll", "agreement", "kl")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 DEFAULT_SEQ_LEN = 128  # tokens per sequence, capped by the model's max_position_embeddings
 
@@ -60,7 +62,8 @@ def config_folder(found: Trajectory) -> Path:
 
 
 def build_model(folder: Path) -> nn.Module:
-    """The model class named by ``folder/config.json`` (``architectures[0]``), with fresh weights, in eval mode."""
+    """The model class named by ``folder/config.json`` (``architectures[0]``), with fresh weights (the same
+    on every call), in eval mode."""
     transformers = _transformers()
     try:
         config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
@@ -72,7 +75,11 @@ def build_model(folder: Path) -> nn.Module:
         raise CriticalityError(f"{folder / 'config.json'}: architectures {names} names no class of transformers "
                                f"{transformers.__version__}")
     config.use_cache = False
-    return cls(config).eval()
+    # The weights are replaced by the checkpoints, but the cell store fingerprints the model's state: draw
+    # them from a fixed seed (without touching the caller's generator) so that a rerun resumes.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return cls(config).eval()
 
 
 def tokenizer(folder: Path):
@@ -204,20 +211,24 @@ def analyze_hf(checkpoints: str | Path, data: str | Path, *, init_checkpoint: st
     config = {"model": {"name": type(model).__name__, "config": str(folder / "config.json")},
               "data": {"name": Path(data).name}, "checkpoints": str(found.path)}
     write_json(out / "config.json", config)
-    draw(out, result.table, result.distances, title=f"{type(model).__name__} — {Path(data).name}")
+    draw(out, result.table, result.distances, title=f"{type(model).__name__} — {Path(data).name}", axis=found.axis,
+         threshold=threshold)
     write_text(out / "report.html", report.render(config, result.summary, out / "figures"))
     return out
 
 
-def draw(out: Path, table, dist, title: str) -> list[Path]:
-    """Token-error, nll and distance heatmaps into ``out/figures``."""
-    paths = plots.save(plots.robustness_heatmap(table, "token_error", vmax=1.0, title=f"Token error — {title}"),
+def draw(out: Path, table, dist, title: str, axis: str = "step", threshold: float | None = None) -> list[Path]:
+    """Token-error, nll and distance heatmaps into ``out/figures``; ``axis`` names the checkpoints (step or
+    epoch); token-error cells whose interval straddles ``threshold`` are outlined."""
+    paths = plots.save(plots.robustness_heatmap(table, "token_error", vmax=1.0, title=f"Token error — {title}",
+                                                threshold=threshold, axis=axis),
                        out / "figures" / "robustness_token_error")
-    paths += plots.save(plots.robustness_heatmap(table, "nll", title=f"NLL (nats/token) — {title}"),
+    paths += plots.save(plots.robustness_heatmap(table, "nll", title=f"NLL (nats/token) — {title}", axis=axis),
                         out / "figures" / "robustness_nll")
     for norm in plots.NORMS:
         if norm in dist.columns and len(dist):
-            paths += plots.save(plots.distance_heatmap(dist, norm, title=f"Distance to init ({norm}) — {title}"),
+            paths += plots.save(plots.distance_heatmap(dist, norm, title=f"Distance to init ({norm}) — {title}",
+                                                       axis=axis),
                                 out / "figures" / f"distance_{norm}")
     return paths
 

@@ -129,8 +129,10 @@ def robustness_heatmap(
     *,
     groups: list[str] | None = None,
     threshold: float | None = None,
+    axis: str = "epoch",
 ) -> Figure:
-    """The paper's robustness heatmap of ``metric`` ("error" or "loss", any numeric column works).
+    """The paper's robustness heatmap of ``metric`` ("error" or "loss", any numeric column works); ``axis``
+    names what the checkpoints count (``step`` for HF Trainer folders).
 
     ``vmax``: top of the colour scale (bottom is 0); pass the chance error for ``metric="error"``
     (default 1.0); for other metrics the default is the largest finite value. ``transpose=None`` puts
@@ -169,7 +171,7 @@ def robustness_heatmap(
         vmax=vmax,
         title=title or f"Robustness: {_METRIC_LABEL.get(metric, metric)}",
         row_axis="layer group (* = reset jointly)" if joint else "layer group",
-        col_axis="re-init checkpoint (epoch)",
+        col_axis=f"re-init checkpoint ({axis})",
         cbar=_METRIC_LABEL.get(metric, metric),
         row_breaks=[n_single] if 0 < n_single < len(rows) else [],
         col_breaks=col_breaks,
@@ -184,9 +186,11 @@ def distance_heatmap(
     transpose: bool | None = None,
     vmax: float | None = None,
     title: str | None = None,
+    axis: str = "epoch",
 ) -> Figure:
     """Distance of each group's parameters at each checkpoint to checkpoint 0 (Fig 1b, c); ``norm`` is a
-    column of distances.csv (see :mod:`criticality.distances`), named on the colour bar and title."""
+    column of distances.csv (see :mod:`criticality.distances`), named on the colour bar and title; ``axis``
+    names what the checkpoints count."""
     grid = distance_grid(distances, norm)
     values = grid.to_numpy(dtype=float)  # (groups, checkpoints)
     digits = 3 if _finite_max(values, default=1.0) < 0.1 else 2  # cosine distances are often tiny
@@ -201,7 +205,7 @@ def distance_heatmap(
         vmax=_finite_max(values) if vmax is None else vmax,
         title=title or f"Distance to initialization: {DISTANCE_LABELS[norm]}",
         row_axis="layer group",
-        col_axis="checkpoint (epoch)",
+        col_axis=f"checkpoint ({axis})",
         cbar=DISTANCE_LABELS[norm],
         row_breaks=[],
         col_breaks=[],

@@ -34,6 +34,8 @@ FIGURES = [
         "robustness_loss",
         "The same grid with test loss (cross-entropy); the colour scale stops at the largest finite value.",
     ),
+    ("robustness_token_error", "Token error (next token wrong) after resetting each group."),
+    ("robustness_nll", "The same grid in nats per token; the colour scale stops at the largest finite value."),
     ("distance_l2", "ℓ2 distance of each group's parameters to initialization, ‖θτ − θ0‖₂ / √n "
                     "(the paper's definition, Fig 1b)."),
     ("distance_linf", "ℓ∞ distance to initialization, ‖θτ − θ0‖∞ (the paper's definition, Fig 1c)."),
@@ -116,7 +118,8 @@ def _data_note(data: dict, data_name: str) -> str:
     n_test, cap = data.get("n_test"), data.get("max_examples")
     if n_test is not None:
         capped = f" (capped by max_examples = {_e(cap)})" if cap is not None else ""
-        parts.append(f"<p>Evaluated on {_e(n_test)} test examples of {_e(data_name)}{capped}.</p>")
+        what = f"sequences of {_e(data['seq_len'])} tokens" if data.get("seq_len") else "test examples"
+        parts.append(f"<p>Evaluated on {_e(n_test)} {what} of {_e(data_name)}{capped}.</p>")
     return "\n".join(parts)
 
 
@@ -130,58 +133,91 @@ def _assumptions(experiment: dict) -> str:
     return f"<h2>Ours, not the paper's</h2>\n{standin}<p>Settings this experiment had to choose:</p>\n<ul>{lis}</ul>"
 
 
+# How the verdict metric reads in sentences (summary["verdict_metric"]; others are named as they are).
+METRIC_NAMES = {"error": "test error", "token_error": "token error", "nll": "nll (nats per token)",
+                "loss": "test loss", "kl": "KL(final ‖ variant)",
+                "disagreement": "disagreement (1 − agreement with the final model's top-1 prediction)"}
+
+
+def _metric(summary: dict) -> tuple[str, str]:
+    """The verdict metric and its name in sentences."""
+    metric = summary.get("verdict_metric") or "error"
+    return metric, METRIC_NAMES.get(metric, metric)
+
+
+def _axis(summary: dict) -> str:
+    """What the checkpoints count: ``epoch`` (this project's runs) or ``step`` (HF Trainer folders)."""
+    return str((summary.get("checkpoints") or {}).get("axis") or "epoch")
+
+
 def _headline(summary: dict) -> str:
-    return (
-        f"<p>Final model: test error <b>{_num(summary.get('final_error'))}</b>, "
-        f"test loss {_num(summary.get('final_loss'))}; chance error {_num(summary.get('chance_error'))}.</p>"
-    )
+    chance = f"; chance error {_num(summary.get('chance_error'))}" if "chance_error" in summary else ""
+    if "final_error" in summary or "final_token_error" not in summary:
+        return (f"<p>Final model: test error <b>{_num(summary.get('final_error'))}</b>, "
+                f"test loss {_num(summary.get('final_loss'))}{chance}.</p>")
+    nll = summary.get("final_nll")
+    perplexity = f" (perplexity {_num(math.exp(nll))})" if isinstance(nll, (int, float)) and nll < 700 else ""
+    return (f"<p>Final model: token error <b>{_num(summary.get('final_token_error'))}</b>, "
+            f"nll {_num(nll)} nats per token{perplexity}{chance}.</p>")
 
 
 def _how_to_read(summary: dict) -> str:
     threshold, chance = _num(summary.get("threshold")), _num(summary.get("chance_error"))
+    _, name = _metric(summary)
+    axis = _axis(summary)
+    article = "an" if axis[:1] in "aeiou" else "a"
+    towards = f": critical groups send the error towards chance ({chance})" if "error" in name else ""
     return f"""<h2>How to read this</h2>
 <p>Each row of a heatmap is a group of parameters (a layer, or several layers reset together, their
-names marked <code>*</code>). A column labelled with an epoch <i>re-initializes</i> the group: the trained
+names marked <code>*</code>). A column labelled with {article} {axis} <i>re-initializes</i> the group: the trained
 model gets that group's parameters (and buffers) back from that checkpoint, every other layer stays as
-trained, and the model is evaluated with no retraining; epoch 0 is the initialization. The
+trained, and the model is evaluated with no retraining; {axis} 0 is the initialization. The
 <code>rand</code> column <i>re-randomizes</i> the group with a fresh draw from the initializer used at
 the start of training (mean ± std over seeds); <code>final</code> is the trained model.</p>
-<p>A group is <b>robust</b> when resetting it to checkpoint 0 costs (almost) nothing, here when test
-error rises by at most {threshold}, and <b>critical</b> otherwise: critical groups send the error towards
-chance ({chance}). Along a row, the checkpoint from which the error is back at the final error shows how
-early that layer settled. Layers that are robust one at a time need not be robust when reset jointly.
+<p>A group is <b>robust</b> when resetting it to checkpoint 0 costs (almost) nothing, here when the
+{_e(name)} rises by at most {threshold}, and <b>critical</b> otherwise{towards}. Along a row, the checkpoint
+from which the value is back at the final model's shows how early that layer settled. Layers that are
+robust one at a time need not be robust when reset jointly.
 The distance heatmaps show how far each group's parameters moved from initialization.</p>"""
 
 
 def _verdicts(summary: dict) -> str:
     threshold = _num(summary.get("threshold"))
+    metric, name = _metric(summary)
+    found = summary.get("verdicts") or []
+    rand = next((k[len("rerandomize_"):-len("_mean")] for k in (found[0] if found else {})
+                 if k.startswith("rerandomize_") and k.endswith("_mean")), "error")
+    rand_name = METRIC_NAMES.get(rand, rand)
     rows = []
-    for v in summary.get("verdicts") or []:
+    for v in found:
         verdict = str(v.get("verdict", ""))
         css = verdict if verdict in ("critical", "robust", "inconclusive") else ""
         settle = v.get("examples_to_settle")
         settle = f" (≈{_count(settle)} examples would settle it)" if verdict == "inconclusive" and settle else ""
         rows.append(
             f"<tr><td><code>{_e(v.get('group'))}</code></td>"
-            f'<td class="num">{_num(v.get("delta_error"), signed=True)}</td>'
+            f'<td class="num">{_num(v.get(f"delta_{metric}"), signed=True)}</td>'
             f'<td class="{css}">{_e(verdict)}{_e(settle)}</td>'
-            f'<td class="num">{_num(v.get("rerandomize_error_mean"))}</td>'
-            f'<td class="num">[{_num(v.get("delta_error_low"), signed=True)}, '
-            f'{_num(v.get("delta_error_high"), signed=True)}]</td>'
+            f'<td class="num">{_num(v.get(f"rerandomize_{rand}_mean"))}</td>'
+            f'<td class="num">[{_num(v.get(f"delta_{metric}_low"), signed=True)}, '
+            f'{_num(v.get(f"delta_{metric}_high"), signed=True)}]</td>'
             f'<td class="num">{_p(v.get("p_value"))}</td><td class="num">{_p(v.get("p_holm"))}</td></tr>'
         )
     point = summary.get("verdict_rule") == "point"
-    rule = (f"Robust when Δ test error ≤ {threshold} after re-initializing the group to checkpoint 0; critical "
+    name, short = _e(name), _e(name.split(" (")[0])
+    rule = (f"Robust when Δ {name} ≤ {threshold} after re-initializing the group to checkpoint 0; critical "
             "otherwise (the paper's rule on the point estimate)." if point else
-            f"<b>How to read it:</b> a group is critical when the whole 95 % interval of its Δ test error lies "
+            f"<b>How to read it:</b> a group is critical when the whole 95 % interval of its Δ {name} lies "
             f"above {threshold}, robust when its upper end is ≤ {threshold}, and inconclusive when it straddles "
             "the threshold: then more test examples, not another threshold, would decide.")
+    mcnemar = ("p the exact McNemar test of the examples that changed (Holm-corrected across the groups in the "
+               "last column)" if any(isinstance(v.get("p_value"), (int, float)) for v in found) else
+               "p is n/a: McNemar's test needs one 0/1 value per example, and this metric sums over tokens")
     return f"""<h2>Verdicts</h2>
 <p>{rule} Δ is measured against the final model on the same examples (paired): the interval is a paired
-bootstrap over test examples, p the exact McNemar test of the examples that changed (Holm-corrected across
-the groups in the last column).</p>
-<table id="verdicts"><thead><tr><th>group</th><th>Δ test error at checkpoint 0</th><th>verdict</th>
-<th>re-randomized test error (mean over seeds)</th><th>95 % interval of Δ</th><th>p</th><th>p (Holm)</th>
+bootstrap over test examples, {mcnemar}.</p>
+<table id="verdicts"><thead><tr><th>group</th><th>Δ {short} at {_e(_axis(summary))} 0</th><th>verdict</th>
+<th>re-randomized {_e(rand_name)} (mean over seeds)</th><th>95 % interval of Δ</th><th>p</th><th>p (Holm)</th>
 </tr></thead>
 <tbody>{"".join(rows)}</tbody></table>"""
 

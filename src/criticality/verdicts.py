@@ -19,6 +19,40 @@ from criticality.errors import CriticalityError
 from criticality.examples import Record
 
 DEFAULT_THRESHOLD = 0.02  # Δ test error at checkpoint 0 at or below which a layer counts as robust
+# The verdict metric when none is chosen: the first of these that was measured, else the first metric.
+# "agreement" is judged by its drop, named "disagreement" (see judged()).
+VERDICT_METRICS = ("error", "token_error", "agreement")
+DISAGREEMENT = "disagreement"  # 1 - agreement: the fraction of examples (tokens) whose top-1 changed
+
+
+def verdict_metric(metrics: Sequence[str], chosen: str | None = None) -> str:
+    """The measured metric the verdicts judge: ``chosen``, else error, else token_error, else agreement
+    (label-free data), else the first metric. ``"disagreement"`` names agreement's drop."""
+    metrics = list(metrics)
+    if chosen is None:
+        return next((m for m in VERDICT_METRICS if m in metrics), metrics[0] if metrics else "error")
+    if chosen == DISAGREEMENT and DISAGREEMENT not in metrics and "agreement" in metrics:
+        return "agreement"
+    if chosen not in metrics:
+        raise CriticalityError(f"verdict metric {chosen!r} is not among the metrics {metrics}")
+    return chosen
+
+
+def judged(table: pd.DataFrame, records: Sequence[Record | None], metric: str
+           ) -> tuple[pd.DataFrame, list[Record | None], str]:
+    """The table, records and metric name the verdicts read. ``agreement`` (higher is better, 1 for the
+    final model) is judged as ``disagreement`` = 1 - agreement, so that "Δ ≤ threshold is robust" reads as
+    for error: a group is robust when resetting it changes the top-1 prediction of at most ``threshold`` of
+    the examples (tokens). Any other metric is judged as it is."""
+    if metric != "agreement":
+        return table, list(records), metric
+    view, d = table.copy(), DISAGREEMENT
+    view[d], view[f"delta_{d}"] = 1 - view["agreement"], -view["delta_agreement"]
+    if "delta_agreement_low" in view:
+        view[f"delta_{d}_low"], view[f"delta_{d}_high"] = -view["delta_agreement_high"], -view["delta_agreement_low"]
+    flipped = [None if r is None or "agreement" not in r else
+               {**r, d: (r["agreement"][1] - r["agreement"][0], r["agreement"][1])} for r in records]
+    return view, flipped, d
 
 _ELEMENTS_AT_ONCE = 1 << 23  # cells × examples bootstrapped together (64 MiB of float64 values)
 
@@ -67,7 +101,8 @@ def verdicts(table: pd.DataFrame, threshold: float = DEFAULT_THRESHOLD,
     end is at most ``threshold``, inconclusive otherwise (``examples_to_settle`` hints how many examples
     would decide it); ``p_holm`` corrects ``p_value`` over the table's groups. ``rule="point"``: the
     paper's rule on Δ alone (``point_verdict`` holds it under either rule). ``rerandomize_error_*``: the
-    re-randomized error over draws, with a two-level interval (draws × examples) when records are given.
+    re-randomized error over draws, with a two-level interval (draws × examples) when records are given
+    (``rerandomize_<metric>_*`` when the table has no error column).
     """
     reinit = table[table.op == "reinit"]
     if reinit.empty:
@@ -77,6 +112,7 @@ def verdicts(table: pd.DataFrame, threshold: float = DEFAULT_THRESHOLD,
         raise CriticalityError(f"no epoch 0 (initialization) among the checkpoints (earliest is {first}); "
                                "verdicts compare against the initialization")
     records = list(records) if records is not None else [None] * len(table)
+    rand_metric = "error" if "error" in table.columns else metric  # the re-randomized columns' metric
     out, draws = [], []  # draws: per group, the records of its re-randomization cells
     for group, cells in table[table.op != "final"].groupby("group", sort=False):
         at0 = cells[(cells.op == "reinit") & (cells.checkpoint == 0)].iloc[0]
@@ -88,13 +124,14 @@ def verdicts(table: pd.DataFrame, threshold: float = DEFAULT_THRESHOLD,
         if metric != "error" and "delta_error" in at0:
             row |= {c: float(at0.get(c, np.nan)) for c in ("delta_error", "delta_error_low", "delta_error_high")}
         row["examples_to_settle"] = statistics.examples_to_settle(delta, low, high, int(at0.n), threshold)
-        errors = rand["error"] if "error" in rand else pd.Series(dtype=float)
-        row |= {"rerandomize_error_mean": float(errors.mean()) if len(errors) else float("nan"),
-                "rerandomize_error_std": float(errors.std(ddof=0)) if len(errors) else float("nan")}
+        errors = rand[rand_metric] if rand_metric in rand else pd.Series(dtype=float)
+        row |= {f"rerandomize_{rand_metric}_mean": float(errors.mean()) if len(errors) else float("nan"),
+                f"rerandomize_{rand_metric}_std": float(errors.std(ddof=0)) if len(errors) else float("nan")}
         out.append(row)
         draws.append([records[i] for i in rand.index])
     df = pd.DataFrame(out)
-    df[["rerandomize_error_low", "rerandomize_error_high"]] = _rerandomized(draws, seed)
+    df[[f"rerandomize_{rand_metric}_low", f"rerandomize_{rand_metric}_high"]] = _rerandomized(draws, seed,
+                                                                                               rand_metric)
     df.insert(df.columns.get_loc("threshold"), "p_holm", statistics.holm(df["p_value"].to_numpy()))
     df.insert(df.columns.get_loc("point_verdict"), "verdict", _apply(rule, df, metric, threshold))
     return df
@@ -112,19 +149,19 @@ def _apply(rule: str, df: pd.DataFrame, metric: str, threshold: float) -> list[s
             for lo, hi, point in zip(low, high, df["point_verdict"], strict=True)]
 
 
-def _rerandomized(draws: list[list[Record | None]], seed: int) -> np.ndarray:
-    """``(groups, 2)``: two-level interval of each group's re-randomized error (NaN without records); groups
-    with as many draws on as many examples share one bootstrap."""
+def _rerandomized(draws: list[list[Record | None]], seed: int, metric: str = "error") -> np.ndarray:
+    """``(groups, 2)``: two-level interval of each group's re-randomized ``metric`` (NaN without records);
+    groups with as many draws on the same examples (same counts) share one bootstrap."""
     out = np.full((len(draws), 2), np.nan)
-    usable: dict[tuple[int, int], list[int]] = {}
+    usable: dict[tuple, list[int]] = {}
     for j, recs in enumerate(draws):
-        if recs and all(r is not None and "error" in r for r in recs):
-            lengths = {len(r["error"][0]) for r in recs}
-            if len(lengths) == 1:
-                usable.setdefault((len(recs), lengths.pop()), []).append(j)
+        if recs and all(r is not None and metric in r for r in recs):
+            counts = {r[metric][1].tobytes() for r in recs}
+            if len(counts) == 1:
+                usable.setdefault((len(recs), counts.pop()), []).append(j)
     for rows in usable.values():
-        values = np.stack([[r["error"][0] for r in draws[j]] for j in rows])  # (G, S, N)
-        counts = draws[rows[0]][0]["error"][1]
+        values = np.stack([[r[metric][0] for r in draws[j]] for j in rows])  # (G, S, N)
+        counts = draws[rows[0]][0][metric][1]
         out[rows] = statistics.two_level_intervals(values, counts, rng=seed)[:, 1:]
     return out
 

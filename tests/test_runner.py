@@ -1,0 +1,43 @@
+"""The terminal's verdict table (runner.format_verdicts) from summary.json verdict rows.
+
+Run: ``pytest tests/test_runner.py -q`` (a second).
+
+Columns follow the verdict metric; the interval, p and Holm's p are shown; a missing value (JSON null,
+NaN) reads ``n/a``, never ``None`` or ``nan``; the verdict stays the third word of each row.
+"""
+
+from __future__ import annotations
+
+from criticality.runner import format_verdicts
+
+
+def _summary(metric="error", **extra):
+    row = {"group": "fc1", "joint": False, f"delta_{metric}": 0.0421, f"delta_{metric}_low": 0.0213,
+           f"delta_{metric}_high": 0.0644, "p_value": 0.00002, "p_holm": 0.00006, "threshold": 0.02,
+           "verdict": "critical", "point_verdict": "critical", "examples_to_settle": None,
+           "rerandomize_error_mean": 0.9, "rerandomize_error_std": 0.01, "rerandomize_error_low": 0.85,
+           "rerandomize_error_high": 0.95}
+    missing = {**row, "group": "fc2", f"delta_{metric}_low": None, f"delta_{metric}_high": None,
+               "p_value": None, "p_holm": None, "verdict": "robust", "rerandomize_error_low": None,
+               "rerandomize_error_high": None}
+    return {"verdicts": [row, missing], "threshold": 0.02, "verdict_metric": metric, "final_error": 0.1, **extra}
+
+
+def test_the_table_shows_interval_p_and_holm_and_n_a_for_missing_values():
+    text = format_verdicts(_summary())
+    head, first, second, note = text.splitlines()
+    assert head.split()[:2] == ["group", "Δ"] and "p (Holm)" in head and "95% interval" in head
+    assert first.split()[:3] == ["fc1", "+0.042", "critical"]
+    assert "[+0.021, +0.064]" in first and first.count("<0.001") == 2 and "0.900 [0.850, 0.950]" in first
+    assert second.split()[:3] == ["fc2", "+0.042", "robust"] and second.count("n/a") == 4
+    assert "None" not in text and "nan" not in text
+    assert "Δ error" in note and "≤ 0.020 is robust" in note and "final error 0.100" in note
+
+
+def test_other_verdict_metrics_name_their_columns():
+    text = format_verdicts(_summary("token_error"))
+    assert text.splitlines()[0].startswith("group  Δ token error @0  verdict")
+    disagreement = format_verdicts({**_summary("disagreement"), "final_agreement": 1.0})
+    assert "Δ disagreement @0" in disagreement and "1 − agreement" in disagreement
+    assert "final disagreement 0.000" in disagreement
+    assert format_verdicts({"verdicts": []}) == "no verdicts"
