@@ -47,9 +47,9 @@ if TYPE_CHECKING:
     from criticality.experiments import Experiment
 
 COLUMNS = (0, 1, 2, 5, 10, 15, 20)  # the paper's checkpoint columns (epochs); the last is the trained model
-# token_error is the verdict metric. "error" is the same metric under the name the analysis requires of
-# every metric set today (make_plan refuses one without 'error'); the LM's tables keep both columns.
-METRICS = {"token_error": "token_error", "nll": "nll", "error": "token_error"}
+METRICS = ("token_error", "nll")  # token_error is the verdict metric; perplexity = exp(nll) is added by run_cells
+# The per-layer pass also names token_error "error": proxies.correlations and the skip bars read delta_error.
+LAYER_METRICS = {"token_error": "token_error", "nll": "nll", "error": "token_error"}
 BATCH = 64  # sequences per forward pass
 
 
@@ -129,9 +129,7 @@ def _load(folder: Path, cfg: LMConfig):
     """(model, {epoch: lazy state}, evaluation batches, number of held-out sequences, device)."""
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     found = trajectory(folder)
-    with torch.random.fork_rng(devices=[]):  # the store fingerprints the built model's (overwritten) weights:
-        torch.manual_seed(0)  # draw them the same way every time, or a resumed analysis refuses its own cells
-        model = hf.build_model(hf.config_folder(found))
+    model = hf.build_model(hf.config_folder(found))  # drawn from a fixed seed: the store's fingerprint resumes
     spe = cfg.epoch_steps()
     states = {step // spe: alias_tied(found[step], model) for step in found if step % spe == 0}
     if sorted(states) != cfg.columns():
@@ -177,7 +175,7 @@ def layers(folder: Path, cfg: LMConfig, progress: bool = True) -> tuple[pd.DataF
     model, states, data, _, device = _load(folder, cfg)
     out = folder / "analysis_layers"
     groups = {f"block{i}": [f"model.layers.{i}"] for i in range(len(model.model.layers))}
-    plan = make_plan(model, states, groups, 0, None, None, [0], None, METRICS, "fast", BATCH, cfg.eval_sequences,
+    plan = make_plan(model, states, groups, 0, None, None, [0], None, LAYER_METRICS, "fast", BATCH, cfg.eval_sequences,
                      "reset", ops=("reinit", "skip"), probe=data)
     rows = run_cells(plan, data, device=device, store=str(out / "cells.jsonl"), progress=progress)
     result = finish(plan, rows, verdict_metric="token_error", provenance={**provenance(), "device": str(device)})
