@@ -32,6 +32,7 @@ import torch
 
 from criticality import cli, files, lock
 from criticality.checkpoints import list_epochs, load_checkpoint, save_checkpoint
+from criticality.errors import CriticalityError
 from criticality.train import TrainConfig, train
 
 TINY = dict(model="fcn-2x16", data="digits", epochs=2, batch_size=64, device="cpu")
@@ -128,7 +129,10 @@ def test_option_values_are_checked(tmp_path, capsys, argv, words):
 def test_experiments_match_any_unique_part_of_their_key():
     from criticality import experiments
 
-    assert experiments.get("3x256").key == "fig1/fcn-3x256/mnist"
+    assert experiments.get("fcn-3x256").key == "fig1/fcn-3x256/mnist"  # beside beyond/fcn-3x256-interventions
+    assert experiments.get("1/fcn-3x2").key == "fig1/fcn-3x256/mnist"
+    with pytest.raises(CriticalityError, match="ambiguous: fig1/fcn-3x256/mnist, beyond/fcn-3x256-interventions"):
+        experiments.get("3x256")
     assert experiments.get("fig6/resnet50").key == "fig6/resnet50/imagenet"
     assert experiments.get("fcn-5x256").key == "fig2/fcn-5x256/mnist"  # a whole component wins over fig8's key
 
@@ -418,6 +422,6 @@ def test_a_finite_but_exploding_loss_is_said_once(tmp_path, capsys):
 
 
 def test_paper_scale_without_the_data_says_what_is_needed_before_training(tmp_path, capsys):
-    code, _, err = run_cli(capsys, "run", "3x256", "--scale", "paper", "--out", tmp_path / "r")
+    code, _, err = run_cli(capsys, "run", "fcn-3x256", "--scale", "paper", "--out", tmp_path / "r")
     one_line_error(code, err, "mnist: files not found", "--data-root")
     assert not (tmp_path / "r").exists()

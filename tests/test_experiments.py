@@ -75,7 +75,7 @@ def test_cifar10_and_imagenet_paths_on_format_fixtures(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(not Path(DEBIAN_FASHION).is_dir(), reason="apt package dataset-fashion-mnist not installed")
 def test_fashion_mnist_shows_the_papers_pattern(tmp_path):
-    """The paper's claims 1-3 (docs/paper.md) on the default experiment at quick scale (FCN 3x256, 10k Fashion-MNIST images)."""
+    """The paper's claims 1-3 (docs/paper.md) on the default experiment at quick scale (FCN 3x256, 10k images)."""
     assert main(["--no-progress", "run", "--out", str(tmp_path), "--device", "cpu"]) == 0
     cells = pd.read_csv(tmp_path / "analysis" / "cells.csv")
     final = cells[cells.op == "final"].error.iloc[0]
