@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from criticality import batches, engine
-from criticality import blocks as stack_finder
+from criticality.stacks import find_stack
 
 
 @dataclass(frozen=True)
@@ -159,7 +159,7 @@ def run(case: Foreign, repeats: int = 1, device: str | torch.device = "cpu") -> 
     model = model.to(device)
     states = trajectory(model, case.epochs)
     final = states[case.epochs]
-    stack = stack_finder.find_blocks(model)
+    stack = find_stack(model)
     fast = engine.Engine(model, final, data, metrics=names, batch_size=case.batch, blocks=stack, device=device)
     variants = grid(states, case, groups_of(fast, stack))
     times: dict[str, list[float]] = {"naive": [], "fast": []}

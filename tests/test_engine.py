@@ -20,9 +20,10 @@ from torch import nn
 
 transformers = pytest.importorskip("transformers")
 
-from criticality import batches, blocks, engine, metrics  # noqa: E402
+from criticality import batches, engine, metrics  # noqa: E402
 from criticality.analysis import analyze  # noqa: E402
 from criticality.errors import CriticalityError  # noqa: E402
+from criticality.stacks import find_stack  # noqa: E402
 
 N, T, VOCAB, BATCH = 12, 10, 40, 4
 
@@ -134,7 +135,7 @@ def test_every_variant_equals_the_naive_reference(name):
     model = make()
     states = _perturbed(model)
     data = data_of()
-    stack = blocks.find_blocks(model)
+    stack = find_stack(model)
     assert len(stack) >= 2, f"no block stack found in {name}"
     fast = engine.Engine(model, states[1], data, metrics=names, batch_size=BATCH, blocks=stack)
     cells = variants(model, states, stack, skip=name != "resnet")  # ResNet stages change the width

@@ -42,7 +42,6 @@ from tqdm.auto import tqdm
 from criticality import batches, distributed, interventions, statistics, surgery
 from criticality import engine as engine_mod
 from criticality import metrics as metrics_mod
-from criticality.blocks import find_blocks
 from criticality.checkpoints import check_compatible
 from criticality.distances import distances  # noqa: F401  (re-exported: analysis.distances)
 from criticality.engine import Data, Engine, Metric, Variant
@@ -59,6 +58,7 @@ from criticality.foreign import draws_summary
 from criticality.groups import Groups, GroupSpec, default_spec, resolve
 from criticality.groups import joint as joint_group
 from criticality.initializers import DRAW_SCHEMES, InitScheme, choose, scheme_name
+from criticality.stacks import find_stack
 from criticality.store import CellStore, cell_key
 from criticality.verdicts import DEFAULT_THRESHOLD, intervals, judged, p_values, verdicts
 from criticality.verdicts import verdict_metric as choose_metric
@@ -160,7 +160,7 @@ def analyze(model: nn.Module, checkpoints: Mapping[int, StateDict], data: Data, 
     ``metrics``: names (``error``, ``loss``, ``token_error``, ``nll``, ``agreement``, ``kl``) or functions, see
     :mod:`criticality.metrics`; ``output``: where the logits are in the model's output (a key or a function).
     ``blocks``: module paths of the model's repeated block stack, in execution order, for the fast engine's
-    prefix reuse (default: found, see :func:`criticality.blocks.find_blocks`).
+    prefix reuse (default: found, see :func:`criticality.stacks.find_stack`).
     ``verdict="interval"`` calls a group critical / robust only when the 95 % paired-bootstrap interval of
     its Δ ``verdict_metric`` (at re-initialization to epoch 0) clears ``threshold`` (in that metric's units;
     default ``error``, else ``token_error``, else ``agreement`` judged as ``disagreement`` = 1 − agreement,
@@ -198,7 +198,7 @@ class Plan:
     calibration: Data | None = None  # training batches for buffers="recalibrate"
     start_epoch: int = 0  # the initialization: shuffle draws permute it; draws must not reproduce it
     output: batches.Output = None  # where the logits are in the model's output (see batches.call)
-    blocks: Sequence[str] | None = None  # the block stack's module paths (None: found by blocks.find_blocks)
+    blocks: Sequence[str] | None = None  # the block stack's module paths (None: found by stacks.find_stack)
     skips: interventions.SkipPlan = field(default_factory=interventions.SkipPlan)
 
     def keys(self, group: str) -> tuple[str, ...]:
@@ -457,7 +457,7 @@ def _evaluate(plan: Plan, cells: list[Cell], data: Data, device) -> Any:
 
 def _blocks(plan: Plan) -> list[tuple[str, nn.Module]]:
     if plan.blocks is None:
-        return find_blocks(plan.model)
+        return find_stack(plan.model)
     try:
         return [(p, plan.model.get_submodule(p)) for p in plan.blocks]
     except AttributeError as err:

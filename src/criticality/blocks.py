@@ -128,35 +128,3 @@ def _safe_shape(out: Any) -> Shape | str:
     except ValueError:
         return "unsupported"
 
-
-def find_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """A model's repeated block stack, when ``criticality.stacks`` is not available (a minimal stand-in).
-
-    A zoo model's ``stages()``; a plain ``nn.Sequential``'s children; else the largest ``nn.ModuleList`` /
-    ``nn.Sequential`` of at least two children of one class, or [] when there is none.
-    """
-    try:
-        from criticality.stacks import find_stack  # the full finder (HF, timm layouts), when present
-    except ImportError:
-        pass
-    else:
-        return list(find_stack(model))
-    if callable(getattr(type(model), "stages", None)):
-        return list(model.stages())
-    if isinstance(model, nn.Sequential) and type(model).forward is nn.Sequential.forward:
-        return list(model._modules.items())
-    layers = [(n, m) for n, m in model.named_children() if n.startswith("layer") and n[5:].isdigit()]
-    if len(layers) >= 2:  # torchvision / timm ResNets: layer1 .. layer4, each a Sequential of residual blocks
-        out = []
-        for name, layer in sorted(layers, key=lambda nm: int(nm[0][5:])):
-            plain = isinstance(layer, nn.Sequential) and type(layer).forward is nn.Sequential.forward
-            out += [(f"{name}.{k}", c) for k, c in layer._modules.items()] if plain else [(name, layer)]
-        return out
-    best: list[tuple[str, nn.Module]] = []
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.ModuleList | nn.Sequential):
-            continue
-        children = list(module._modules.items())
-        if len(children) >= 2 and len({type(c) for _, c in children}) == 1 and len(children) > len(best):
-            best = [(f"{name}.{k}" if name else k, c) for k, c in children]
-    return best

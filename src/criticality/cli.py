@@ -320,7 +320,7 @@ def _run(args: argparse.Namespace, progress: bool) -> int:
     exp = experiments.get(args.experiment)
     overrides = _overrides(args, TrainConfig)
     data = overrides.pop("data", None)
-    if data is None and args.scale == "quick":
+    if data is None and args.scale == "quick" and exp.sweep != "lm":  # the LM reads a text corpus
         if overrides.get("data_root"):
             data = exp.data  # the user gave the experiment's own data: use it at this scale too
         else:

@@ -36,6 +36,7 @@ from criticality import batches
 from criticality import blocks as stubs
 from criticality.batches import Batch, Data, Output, iter_batches
 from criticality.metrics import METRICS, CellResult, Metric, Records, needs_reference, resolve
+from criticality.stacks import find_stack
 
 __all__ = ["METRICS", "CellResult", "Data", "Engine", "Metric", "Variant", "evaluate", "evaluate_naive",
            "iter_batches", "swapped"]
@@ -191,7 +192,7 @@ class Engine:
 
     ``evaluate(variants)`` yields ``(variant.id, CellResult)`` as cells finish. ``blocks``: the model's
     repeated block stack in execution order, ``[(path, module), ...]`` (default: found by
-    :func:`criticality.blocks.find_blocks`).
+    :func:`criticality.stacks.find_stack`).
     """
 
     def __init__(self, model: nn.Module, base: Mapping[str, torch.Tensor], data: Data, *,
@@ -205,7 +206,7 @@ class Engine:
         if not prefix_cache:
             blocks = []
         elif blocks is None or self.model is not model:
-            blocks = stubs.find_blocks(self.model)
+            blocks = find_stack(self.model)
         self.blocks = [m for _, m in blocks]
         self._settled: _Settled | None = None
         self._shapes: dict[str, stubs.Shape] = {}

@@ -58,7 +58,8 @@ class Experiment:
     quick: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields at quick scale
     joint: tuple[tuple[str, ...], ...] = ()  # joint groups: member group names or glob patterns
     seeds: int = 3  # re-randomization draws per group
-    sweep: str | None = None  # "width": FCN widths × seeds (Fig 3 bars); "frozen": full vs frozen (Table 1)
+    sweep: str | None = None  # "width": FCN widths × seeds (Fig 3 bars); "frozen": full vs frozen (Table 1);
+    # "lm": the journal's Transformer LM (lm_experiment.LMConfig fields in runs/paper/quick, not TrainConfig's)
     columns: tuple[int, ...] = ()  # re-init checkpoints analysed and drawn at paper scale (the paper's columns)
     stands_in: str = ""  # what stands in for the paper's model/data at the scales this machine runs
     assumptions: tuple[str, ...] = ()  # values the paper does not state: ours, named in the report
@@ -70,6 +71,14 @@ class Experiment:
         """One TrainConfig per run at ``scale``; ``data`` replaces the paper's data set."""
         if scale not in SCALES:
             raise CriticalityError(f"unknown scale {scale!r}; use {' or '.join(SCALES)}")
+        if self.sweep == "lm":  # a text corpus (``corpus``, the CLI's --data-root), not an image data set
+            from criticality import lm_experiment
+
+            if data is not None:
+                raise CriticalityError(f"{self.key} trains on a text corpus, not on {data!r}: leave out --data "
+                                       "(--data-root FILE_OR_FOLDER picks the corpus)")
+            base = self.paper if scale == "paper" else self.quick
+            return {name: lm_experiment.config({**base, **fields}, overrides) for name, fields in self.runs.items()}
         out = {}
         for name, fields in self.runs.items():
             merged = {**(self.paper if scale == "paper" else self.quick), **fields, **overrides}
@@ -148,6 +157,29 @@ def _frozen_vs_removed() -> Experiment:
                                stands_in="ResNet-18 V2 on the stand-in data for the paper's ResNet-50 on CIFAR-10")
 
 
+LM_NOTE = ("a byte-level Llama (4 blocks, width 64, 0.2 M parameters; RMSNorm and a gated MLP as T5 v1.1) trained "
+           "with AdamW on the license texts Debian ships (/usr/share/common-licenses, 237 kB to train on, the last "
+           "10 % of every file held out) stands in for the paper's T5-Base decoder (12 blocks) trained with Adam on "
+           "LM1B; an epoch is 30 steps of 32 × 64 bytes at quick scale (about 1/4 of the training text), one pass "
+           "over it at paper scale")
+
+
+def _journal_lm() -> Experiment:
+    """The journal's decoder LM per sub-layer, token accuracy, columns 0, 1, 2, 5, 10, 15, 20 (lm_experiment)."""
+    return Experiment("journal-lm/tiny-llama/lm1b", "journal", "Decoder LM per sub-layer (embedding, attention, MLP "
+                      "dense layers, norms, head): per-token accuracy after re-randomization and re-initialization",
+                      "lm1b", {"run": {}}, paper={"steps_per_epoch": None, "layers": 12, "hidden": 128, "lr": 2e-3,
+                                                   "eval_sequences": None},
+                      quick={"steps_per_epoch": 30}, seeds=2, sweep="lm", columns=(0, 1, 2, 5, 10, 15, 20),
+                      stands_in=LM_NOTE,
+                      assumptions=("AdamW (β 0.9, 0.95), peak lr 3e-3 (2e-3 at paper scale), 5 % warm-up then cosine "
+                                   "to 10 %, gradient clipping at 1 (ours; the paper states Adam only)",
+                                   "re-randomization draws from transformers' own Llama initializer (normal, std "
+                                   "0.02; norms at 1)",
+                                   "scored on 128 held-out sequences of 64 bytes at quick scale (all at paper scale)",
+                                   THRESHOLD_NOTE.replace("test error", "token error")))
+
+
 _FIG9_JOINT = (("stage*.block[2-9]", "stage*.block[1-9][0-9]"),)  # every block but each stage's first
 _FIG10_JOINT = (("stage1.*",), ("stage2.*",), ("stage3.*",), ("stage4.*",), ("stage[34].block[2-9]",))
 
@@ -173,8 +205,7 @@ def _registry() -> dict[str, Experiment]:
         _patch("vit-tiny", "ViT", "ViT-B/16 and L/16"),
         _patch("mixer-tiny", "MLP-Mixer", "Mixer"),
         _frozen_vs_removed(),
-        # TODO(journal LM): the per-sub-layer Transformer LM (token accuracy, columns 0,1,2,5,10,15,20) builds
-        # on the trajectory helper's examples/ + hf.py, not in this branch yet.
+        _journal_lm(),
         # Beyond the paper (issue 13): every intervention on the paper's FCN and ResNet.
         _fcn("beyond/fcn-3x256-interventions/mnist", "beyond", "fcn-3x256",
              "FCN 3×256: interpolation, noise, skip, module criticality and block proxies", **_BEYOND),

@@ -36,40 +36,19 @@ from criticality import engine as engine_mod
 from criticality import interventions
 from criticality.errors import CriticalityError
 from criticality.files import atomic_path
+from criticality.stacks import find_stack
 
 PROXIES = ("bi", "angular")
 TARGETS = ("reinit@0", "skip")  # the cells' Δ error the proxies are ranked against
-_HF_STACKS = ("model.layers", "model.model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers",
-              "encoder.layer", "bert.encoder.layer", "vit.encoder.layer", "layers", "blocks", "h")
 
 
 def blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The model's repeated block stack: :func:`criticality.stacks.find_stack` when available, else the
-    model's ``stages()``, a plain ``nn.Sequential``'s children or a known HF/timm path."""
-    try:
-        from criticality.stacks import find_stack  # the foreign-models helper's finder (contract 4)
-    except ImportError:
-        find_stack = _find_stack
+    """The model's repeated block stack (:func:`criticality.stacks.find_stack`); an error when it has none."""
     stack = find_stack(model)
     if not stack:
         raise CriticalityError(f"{type(model).__name__}: no block stack found (no stages(), not an nn.Sequential, "
-                               f"none of {', '.join(_HF_STACKS)})")
+                               "no known HF/timm layout, no container of repeated blocks)")
     return list(stack)
-
-
-def _find_stack(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    if callable(getattr(type(model), "stages", None)):
-        return list(model.stages())
-    if isinstance(model, nn.Sequential):
-        return [(name, m) for name, m in model.named_children()]
-    for path in _HF_STACKS:
-        try:
-            stack = model.get_submodule(path)
-        except AttributeError:
-            continue
-        if isinstance(stack, (nn.ModuleList, nn.Sequential)) and len(stack):
-            return [(f"{path}.{name}", m) for name, m in stack.named_children()]
-    return []
 
 
 class _Tally:

@@ -332,6 +332,10 @@ def write_tables(out: Path, table: pd.DataFrame, dist: pd.DataFrame, summary: di
 def run_experiment(exp: Experiment, *, scale: str = "quick", data: str | None = None, out: str | Path | None = None,
                    progress: bool = True, wait: bool = False, **overrides: Any) -> list[Path]:
     """Train (or resume), analyse, draw and report every run of ``exp``; returns the report paths."""
+    if exp.sweep == "lm":  # the journal's decoder LM: an HF folder and a text corpus (lm_experiment)
+        from criticality import lm_experiment
+
+        return lm_experiment.run(exp, scale=scale, out=out, progress=progress, data=data, **overrides)
     out = Path(out) if out else Path("runs") / exp.key / scale
     configs = run_configs(exp, scale, data, **overrides)
     reports, widths, is_main = [], [], True
