@@ -477,7 +477,9 @@ def finish(plan: Plan, rows: list[dict[str, Any]], *, threshold: float = DEFAULT
     # Intervals for every metric but the label-free ones beside a labelled verdict metric (they cost a
     # bootstrap each and judge nothing there: agreement and kl are on by default in the CLI).
     spread = [m for m in plan.metrics if m == measured or m not in LABEL_FREE]
-    table = tabulate(rows, list(plan.metrics), records, seed=stats_seed, p_metric=measured, interval_metrics=spread)
+    own = [m for m, fn in plan.metrics.items() if not fn.needs_reference] or list(plan.metrics)
+    table = tabulate(rows, list(plan.metrics), records, seed=stats_seed, p_metric=measured, interval_metrics=spread,
+                     finite_metrics=own)
     dist = distances(plan.checkpoints, {**plan.groups.members, **plan.joint}, plan.model)
     # Verdicts compare re-initialization to epoch 0: none when the ops left reinit out.
     view, view_records, verdict_metric = judged(table, records, measured)
@@ -511,13 +513,16 @@ def finish(plan: Plan, rows: list[dict[str, Any]], *, threshold: float = DEFAULT
 
 def tabulate(rows: Sequence[Mapping[str, Any]], metric_names: Sequence[str],
              records: Sequence[Record | None] | None = None, *, seed: int = 0,
-             p_metric: str = "error", interval_metrics: Sequence[str] | None = None) -> pd.DataFrame:
+             p_metric: str = "error", interval_metrics: Sequence[str] | None = None,
+             finite_metrics: Sequence[str] | None = None) -> pd.DataFrame:
     """Rows → the tidy table, with ``delta_<metric>`` against the final model and a ``finite`` flag.
 
     With ``records`` (one per row, None where missing) every cell also gets ``delta_<metric>_low/high``
     (95 % paired-bootstrap interval, the same resamples for every cell, seeded by ``seed``) and
     ``p_value`` (exact McNemar on ``p_metric``'s discordant examples when its records are 0/1; NaN else).
-    ``interval_metrics`` limits the intervals to those metrics (default: all).
+    ``interval_metrics`` limits the intervals to those metrics (default: all). ``finite`` checks
+    ``finite_metrics`` (default: all): metrics measured against the final model's own predictions
+    (agreement, kl) are non-finite in every cell when the final model is, so they do not say which cells are.
     """
     table = pd.DataFrame([{k: v for k, v in r.items() if k not in ("records", "targets")} for r in rows])
     finals = table[table.op == "final"]
@@ -529,7 +534,8 @@ def tabulate(rows: Sequence[Mapping[str, Any]], metric_names: Sequence[str],
     for m in metric_names if interval_metrics is None else [m for m in metric_names if m in interval_metrics]:
         table[[f"delta_{m}_low", f"delta_{m}_high"]] = intervals(records, finals.index[0], m, seed)
     table["p_value"] = p_values(records, finals.index[0], p_metric)
-    table["finite"] = np.isfinite(table[list(metric_names)].to_numpy(dtype=float)).all(axis=1)
+    checked = list(metric_names if finite_metrics is None else finite_metrics)
+    table["finite"] = np.isfinite(table[checked].to_numpy(dtype=float)).all(axis=1)
     for col in ("checkpoint", "seed"):
         table[col] = table[col].astype("Int64")
     for col in ("alpha", "sigma"):  # absent from rows stored before these ops existed

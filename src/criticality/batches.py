@@ -18,7 +18,7 @@ positions get the label ``-100`` (ignored by the sequence metrics).
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -39,9 +39,10 @@ def iter_batches(data: Data, batch_size: int, limit: int | None = None) -> Itera
 
     ``limit`` keeps only the first ``limit`` examples (a fixed subset, for quick looks).
     """
-    if isinstance(data, Iterator):
-        raise TypeError("data must be tensors (x, y) or a re-iterable loader (e.g. a DataLoader), not a one-shot "
-                        "iterator: every cell reads it again")
+    if isinstance(data, Iterator) or not isinstance(data, Iterable):
+        why = ": every cell reads it again" if isinstance(data, Iterator) else ""
+        raise CriticalityError("data must be tensors (x, y), x alone, or a re-iterable loader (e.g. a DataLoader), "
+                               f"not {type(data).__name__}{why}")
     whole = in_memory(data)
     if whole is not None:
         inputs, targets = whole
