@@ -425,3 +425,18 @@ def test_paper_scale_without_the_data_says_what_is_needed_before_training(tmp_pa
     code, _, err = run_cli(capsys, "run", "fcn-3x256", "--scale", "paper", "--out", tmp_path / "r")
     one_line_error(code, err, "mnist: files not found", "--data-root")
     assert not (tmp_path / "r").exists()
+
+
+def test_verdict_metric_picks_what_the_verdicts_judge(run, tmp_path, capsys):
+    """--verdict-metric loss judges Δ loss at epoch 0 against --threshold (in nats); the summary says so."""
+    r = copy(run, tmp_path)
+    code, out, err = run_cli(capsys, "analyze", r, "--seeds", "1", "--verdict-metric", "loss", "--threshold", "0")
+    assert code == 0, err
+    summary = json.loads((r / "analysis" / "summary.json").read_text())
+    cells = pd.read_csv(r / "analysis" / "cells.csv")
+    assert summary["verdict_metric"] == "loss" and "Δ loss" in out
+    for v in summary["verdicts"]:
+        at0 = cells[(cells.op == "reinit") & (cells.group == v["group"]) & (cells.checkpoint == 0)].iloc[0]
+        expected = "critical" if at0.delta_loss_low > 0 else "robust" if at0.delta_loss_high <= 0 else "inconclusive"
+        assert v["verdict"] == expected, v
+    one_line_error(*run_cli(capsys, "analyze", r, "--verdict-metric", "speed")[::2], "--verdict-metric")

@@ -110,6 +110,9 @@ def _analysis_options(parser: argparse.ArgumentParser) -> None:
                         help="evaluate on the first N examples only (quick look; recorded in the output)")
     parser.add_argument("--threshold", type=NON_NEGATIVE_FLOAT, default=DEFAULT_THRESHOLD,
                         help="Δ test error at epoch 0 up to which a layer counts as robust")
+    parser.add_argument("--verdict-metric", choices=("error", "loss", "agreement", "kl"), default=None,
+                        help="the metric the verdicts judge, with --threshold in its units (default: error; "
+                             "agreement is judged as disagreement = 1 - agreement)")
     parser.add_argument("--verdict", choices=("interval", "point"), default="interval",
                         help="interval: critical / robust only when the 95%% paired-bootstrap interval clears the "
                              "threshold, else inconclusive; point: the paper's rule on the Δ alone")
@@ -272,8 +275,8 @@ def _dispatch(args: argparse.Namespace) -> int:
                           joint=[j.split(",") for j in args.joint] if args.joint else None, split=args.split,
                           engine=args.engine, batch_size=args.batch_size, device=args.device,
                           max_examples=args.max_examples, threshold=args.threshold, buffers=args.buffers,
-                          verdict=args.verdict, progress=progress, wait=args.wait, ops=args.ops, alphas=args.alphas,
-                          sigmas=args.sigmas, eps=args.eps)
+                          verdict=args.verdict, verdict_metric=args.verdict_metric, progress=progress,
+                          wait=args.wait, ops=args.ops, alphas=args.alphas, sigmas=args.sigmas, eps=args.eps)
         if distributed.is_main():
             _print_verdicts(out)
             print(f"wrote {out / 'cells.csv'}, {out / 'distances.csv'}, {out / 'summary.json'}")

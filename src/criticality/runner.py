@@ -58,7 +58,8 @@ def analyze_run(run_dir: str | Path, *, groups: str | dict = "model", seeds: int
                 joint: Sequence[Sequence[str]] | None = None, split: str = "test", engine: str = "fast",
                 batch_size: int = 1000, device: str = "auto", max_examples: int | None = None,
                 threshold: float = DEFAULT_THRESHOLD, buffers: str = "reset", verdict: str = "interval",
-                progress: bool = True, wait: bool = False, ops: Sequence[str] | str = interventions.PAPER_OPS,
+                verdict_metric: str | None = None, progress: bool = True, wait: bool = False,
+                ops: Sequence[str] | str = interventions.PAPER_OPS,
                 alphas: Sequence[float] | None = None, sigmas: Sequence[float] | None = None,
                 eps: float | None = None) -> Path:
     """Analyse a training run directory and write ``RUN/analysis`` (``RUN/analysis_train`` for the training
@@ -79,13 +80,13 @@ def analyze_run(run_dir: str | Path, *, groups: str | dict = "model", seeds: int
     with lock.held(run_dir, "criticality analyze", wait=wait):
         return _analyze(run_dir, config, cfg, build, ctx, groups=groups, seeds=seeds, joint=joint, split=split,
                         engine=engine, batch_size=batch_size, max_examples=max_examples, threshold=threshold,
-                        buffers=buffers, verdict=verdict, progress=progress,
+                        buffers=buffers, verdict=verdict, verdict_metric=verdict_metric, progress=progress,
                         ops=dict(grid_ops=grid_ops, extras=extras, alphas=alphas, sigmas=sigmas, eps=eps))
 
 
 def _analyze(run_dir: Path, config: dict, cfg: TrainConfig, build: dict, ctx: distributed.Context, *, groups,
              seeds, joint, split, engine, batch_size, max_examples, threshold, buffers, verdict="interval",
-             progress, ops) -> Path:
+             verdict_metric=None, progress, ops) -> Path:
     grid_ops, extras, alphas, sigmas, eps = (ops[k] for k in ("grid_ops", "extras", "alphas", "sigmas", "eps"))
     dataset = datasets.load(cfg.data, cfg.data_root, max_train=cfg.max_train, max_test=cfg.max_test,
                             image_size=cfg.image_size)
@@ -114,7 +115,7 @@ def _analyze(run_dir: Path, config: dict, cfg: TrainConfig, build: dict, ctx: di
     if not ctx.is_main:
         distributed.barrier()  # return once rank 0 has written the tables
         return out
-    result = finish(plan, rows, threshold=threshold, verdict=verdict,
+    result = finish(plan, rows, threshold=threshold, verdict=verdict, verdict_metric=verdict_metric,
                     provenance={**provenance(), "world_size": ctx.world, "device": str(ctx.device)})
     n = int(result.table.n.iloc[0])
     paper_data = config.get("experiment", {}).get("paper_data")
