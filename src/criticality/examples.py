@@ -31,8 +31,8 @@ import pandas as pd
 
 from criticality import statistics
 from criticality.errors import CriticalityError
-from criticality.files import write_text
-from criticality.store import cell_key
+from criticality.files import dumps, loads
+from criticality.store import append_line, cell_key, drop_torn, open_lines, sibling_lines
 
 KIND = "criticality-examples"
 FORMAT = 1
@@ -98,57 +98,29 @@ def means(record: Record) -> dict[str, float]:
 
 
 class ExampleStore:
-    """Records by cell key; :meth:`add` appends one durably. Same settings rule as the cell store."""
+    """Records by cell key; :meth:`add` appends one durably. Same file rules as the cell store."""
 
     def __init__(self, path: str | os.PathLike, settings: Mapping[str, Any]):
         self.path = Path(path)
-        self.settings = json.loads(json.dumps(dict(settings), default=str))
+        self.settings = loads(dumps(dict(settings)))
         self.records: dict[Hashable, Record] = {}
         self.cells: dict[Hashable, dict[str, Any]] = {}
         self.targets: np.ndarray | None = None
-        for sibling in _siblings(self.path):
-            self._read_sibling(sibling)
-        if self.path.exists() and self.path.stat().st_size > 0:
-            self._load()
-        else:
-            write_text(self.path, json.dumps({"kind": KIND, "format": FORMAT, "settings": self.settings}) + "\n")
+        for body in sibling_lines(self.path, KIND, FORMAT, self.settings):
+            self._parse(body)
+        lines = open_lines(self.path, KIND, FORMAT, self.settings, "records")
+        drop_torn(self.path, lines, self._parse(lines[1:]))
 
     def add(self, cell: Mapping[str, Any], record: Record) -> None:
         line = {"cell": dict(cell), "records": {m: {"values": encode(v), "counts": encode(c, counts=True)}
                                                 for m, (v, c) in record.items()}}
-        self._append(line)
+        append_line(self.path, json.dumps(line, allow_nan=True))
         self.records[cell_key(cell)] = record
         self.cells[cell_key(cell)] = dict(cell)
 
     def add_targets(self, targets: np.ndarray) -> None:
-        self._append({"targets": encode(targets)})
+        append_line(self.path, json.dumps({"targets": encode(targets)}, allow_nan=True))
         self.targets = np.asarray(targets, dtype=np.float64)
-
-    def _append(self, obj: Mapping[str, Any]) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(obj, allow_nan=True) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-
-    def _load(self) -> None:
-        try:
-            lines = self.path.read_text().split("\n")
-            header = json.loads(lines[0])
-            if not isinstance(header, dict):
-                raise ValueError("not a JSON object")
-        except ValueError as e:
-            raise CriticalityError(f"{self.path} has no readable header; delete it to start anew") from e
-        if header.get("kind") != KIND or header.get("format") != FORMAT:
-            raise CriticalityError(f"{self.path} is not a per-example record file of this version "
-                                   f"(kind {header.get('kind')!r}, format {header.get('format')!r}); delete it")
-        old = header.get("settings", {})
-        differs = sorted(k for k in set(old) | set(self.settings) if old.get(k) != self.settings.get(k))
-        if differs:
-            raise CriticalityError(f"{self.path} holds records of an analysis with other settings "
-                                   f"(differs: {', '.join(differs)}); delete it or use another output directory")
-        kept = lines[:1] + self._parse(lines[1:])
-        if lines[-1]:  # a write cut short: keep whole lines so that later appends start on a fresh one
-            write_text(self.path, "\n".join(kept) + "\n")
 
     def _parse(self, lines: list[str]) -> list[str]:
         """Take in the records (and labels) of ``lines``; returns the whole lines (torn ones are skipped)."""
@@ -166,26 +138,6 @@ class ExampleStore:
                 continue  # an empty trailing line, or one torn by a crash: recompute that cell
             kept.append(line)
         return kept
-
-    def _read_sibling(self, path: Path) -> None:
-        """The records of another store of the same analysis (read only; other settings are ignored)."""
-        try:
-            lines = path.read_text().split("\n")
-            header = json.loads(lines[0])
-        except (OSError, ValueError):
-            return
-        if isinstance(header, dict) and header.get("kind") == KIND and header.get("format") == FORMAT \
-                and header.get("settings") == self.settings:
-            self._parse(lines[1:])
-
-
-def _siblings(path: Path) -> list[Path]:
-    """The other record files of the same analysis: ``<base>.jsonl`` and ``<base>.rank*.jsonl``."""
-    base = path.name.split(".")[0]
-    if not path.parent.is_dir():
-        return []
-    names = [path.parent / f"{base}.jsonl", *sorted(path.parent.glob(f"{base}.rank*.jsonl"))]
-    return [p for p in names if p != path and p.is_file()]
 
 
 @dataclass

@@ -41,75 +41,85 @@ class CellStore:
         self.path = Path(path)
         self.settings = loads(dumps(dict(settings)))
         self.rows: dict[Hashable, dict[str, Any]] = {}
-        for sibling in self._siblings():
-            self.rows.update(_matching_rows(sibling, self.settings))
-        if self.path.exists() and self.path.stat().st_size > 0:
-            self._load()
-        else:  # atomically, so that a kill can never leave a torn header
-            write_text(self.path, dumps({"kind": KIND, "format": FORMAT, "settings": self.settings}) + "\n")
-
-    def _siblings(self) -> list[Path]:
-        """The other stores of the same analysis: ``<base>.jsonl`` and ``<base>.rank*.jsonl``."""
-        base = self.path.name.split(".")[0]
-        if not self.path.parent.is_dir():
-            return []
-        names = [self.path.parent / f"{base}.jsonl", *sorted(self.path.parent.glob(f"{base}.rank*.jsonl"))]
-        return [p for p in names if p != self.path and p.is_file()]
+        for body in sibling_lines(self.path, KIND, FORMAT, self.settings):
+            self._parse(body)
+        lines = open_lines(self.path, KIND, FORMAT, self.settings, "cells")
+        drop_torn(self.path, lines, self._parse(lines[1:]))
 
     def add(self, row: Mapping[str, Any]) -> None:
-        line = dumps(dict(row))
-        with open(self.path, "a") as f:
-            f.write(line + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        append_line(self.path, dumps(dict(row)))
         self.rows[cell_key(row)] = dict(row)
 
-    def _load(self) -> None:
-        try:
-            lines = self.path.read_text().split("\n")
-            header = loads(lines[0])
-            if not isinstance(header, dict):
-                raise ValueError("not a JSON object")
-        except ValueError as e:  # JSONDecodeError (and UnicodeDecodeError above) are ValueErrors
-            raise CriticalityError(f"{self.path} has no readable header; delete it to start the analysis anew") from e
-        if header.get("kind") != KIND or header.get("format") != FORMAT:
-            raise CriticalityError(f"{self.path} was written by an incompatible version "
-                                   f"(format {header.get('format')!r}, expected {FORMAT}); delete it to start anew")
-        old = header.get("settings", {})
-        differs = sorted(k for k in set(old) | set(self.settings) if old.get(k) != self.settings.get(k))
-        if differs:
-            raise CriticalityError(f"{self.path} holds cells of an analysis with other settings "
-                                   f"(differs: {', '.join(differs)}); refusing to mix them — delete it or use "
-                                   "another output directory")
-        kept = lines[:1]
-        for line in lines[1:]:
+    def _parse(self, lines: list[str]) -> list[str]:
+        """Take in the rows of ``lines``; returns the whole lines (an empty or torn one is skipped: recomputed)."""
+        kept = []
+        for line in lines:
             try:
                 row = loads(line)
                 self.rows[cell_key(row)] = row
             except (json.JSONDecodeError, KeyError, TypeError):
-                continue  # an empty trailing line, or one torn by a crash: recompute that cell
+                continue
             kept.append(line)
-        if lines[-1]:
-            # The file does not end in a newline (a write cut short): keep the whole rows only, so that
-            # later appends start on a fresh line instead of gluing onto a torn one.
-            write_text(self.path, "\n".join(kept) + "\n")
+        return kept
 
 
-def _matching_rows(path: Path, settings: Mapping[str, Any]) -> dict[Hashable, dict[str, Any]]:
-    """The whole rows of another store of the same settings (read only; anything unreadable is skipped)."""
+# The file format both stores share (this one and criticality.examples'): a header line, then appended lines.
+
+def open_lines(path: Path, kind: str, fmt: int, settings: Mapping[str, Any], what: str) -> list[str]:
+    """The lines of the store at ``path``, its header checked against ``kind``, ``fmt`` and ``settings``;
+    a new store gets its header written atomically (a kill can never leave a torn header)."""
+    if not (path.exists() and path.stat().st_size > 0):
+        header = dumps({"kind": kind, "format": fmt, "settings": settings})
+        write_text(path, header + "\n")
+        return [header, ""]
     try:
         lines = path.read_text().split("\n")
         header = loads(lines[0])
-    except (OSError, ValueError):
-        return {}
-    if not isinstance(header, dict) or header.get("kind") != KIND or header.get("format") != FORMAT \
-            or header.get("settings") != settings:
-        return {}
-    rows = {}
-    for line in lines[1:]:
+        if not isinstance(header, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as e:  # JSONDecodeError (and UnicodeDecodeError above) are ValueErrors
+        raise CriticalityError(f"{path} has no readable header; delete it to start the analysis anew") from e
+    if header.get("kind") != kind or header.get("format") != fmt:
+        raise CriticalityError(f"{path} was written by an incompatible version "
+                               f"(format {header.get('format')!r}, expected {fmt}); delete it to start anew")
+    old = header.get("settings", {})
+    differs = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+    if differs:
+        raise CriticalityError(f"{path} holds {what} of an analysis with other settings "
+                               f"(differs: {', '.join(differs)}); refusing to mix them — delete it or use "
+                               "another output directory")
+    return lines
+
+
+def drop_torn(path: Path, lines: list[str], kept: list[str]) -> None:
+    """When the file does not end in a newline (a write cut short), keep its header and the ``kept`` whole
+    lines only, so that later appends start on a fresh line instead of gluing onto a torn one."""
+    if lines[-1]:
+        write_text(path, "\n".join([lines[0], *kept]) + "\n")
+
+
+def append_line(path: Path, line: str) -> None:
+    with open(path, "a") as f:
+        f.write(line + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def sibling_lines(path: Path, kind: str, fmt: int, settings: Mapping[str, Any]) -> list[list[str]]:
+    """The lines after the header of every other store of the same analysis (``<base>.jsonl`` and
+    ``<base>.rank*.jsonl`` beside ``path``) whose header holds the same settings; anything unreadable is skipped."""
+    base = path.name.split(".")[0]
+    if not path.parent.is_dir():
+        return []
+    names = [path.parent / f"{base}.jsonl", *sorted(path.parent.glob(f"{base}.rank*.jsonl"))]
+    out = []
+    for sibling in (p for p in names if p != path and p.is_file()):
         try:
-            row = loads(line)
-            rows[cell_key(row)] = row
-        except (json.JSONDecodeError, KeyError, TypeError):
+            lines = sibling.read_text().split("\n")
+            header = loads(lines[0])
+        except (OSError, ValueError):
             continue
-    return rows
+        if isinstance(header, dict) and header.get("kind") == kind and header.get("format") == fmt \
+                and header.get("settings") == settings:
+            out.append(lines[1:])
+    return out
