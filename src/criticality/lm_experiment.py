@@ -25,7 +25,6 @@ prediction head. :func:`run` trains (reusing a finished folder), analyses (resum
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import html
 from dataclasses import dataclass
@@ -293,13 +292,7 @@ _FIGURES = (("robustness_token_accuracy", "Per-token accuracy after re-randomizi
 
 
 def _figures_html(folder: Path) -> str:
-    parts = ["<h2>Token accuracy, nll, skip and Block Influence</h2>"]
-    for stem, caption in _FIGURES:
-        png = folder / f"{stem}.png"
-        if png.is_file():
-            data = base64.b64encode(png.read_bytes()).decode("ascii")
-            parts.append(f'<figure><img src="data:image/png;base64,{data}" alt="{stem}"><figcaption>'
-                         f"{html.escape(caption)}</figcaption></figure>")
+    parts = ["<h2>Token accuracy, nll, skip and Block Influence</h2>", *report.embedded_figures(folder, _FIGURES)]
     return "\n".join(parts)
 
 

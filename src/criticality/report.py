@@ -238,17 +238,21 @@ def _count(v: Any) -> str:
     return "∞" if math.isinf(x) else f"{int(x):,}"
 
 
-def _figures(figures_dir: Path) -> str:
-    parts = ["<h2>Figures</h2>"]
-    for stem, caption in FIGURES:
-        png = figures_dir / f"{stem}.png"
+def embedded_figures(folder: Path, figures, *, svg_note: bool = False) -> list[str]:
+    """A ``<figure>`` embedding ``folder/<stem>.png`` (base64) for each ``(stem, caption)`` whose PNG exists."""
+    parts = []
+    for stem, caption in figures:
+        png = folder / f"{stem}.png"
         if png.is_file():
             data = base64.b64encode(png.read_bytes()).decode("ascii")
-            parts.append(
-                f'<figure><img src="data:image/png;base64,{data}" alt="{_e(stem)}">'
-                f"<figcaption>{_e(caption)} <span class='muted'>({_e(stem)}.svg beside it)</span>"
-                "</figcaption></figure>"
-            )
+            note = f" <span class='muted'>({_e(stem)}.svg beside it)</span>" if svg_note else ""
+            parts.append(f'<figure><img src="data:image/png;base64,{data}" alt="{_e(stem)}">'
+                         f"<figcaption>{_e(caption)}{note}</figcaption></figure>")
+    return parts
+
+
+def _figures(figures_dir: Path) -> str:
+    parts = ["<h2>Figures</h2>", *embedded_figures(figures_dir, FIGURES, svg_note=True)]
     if len(parts) == 1:
         parts.append('<p class="muted">No figures found.</p>')
     return "\n".join(parts)
@@ -267,13 +271,7 @@ INTERVENTION_FIGURES = [
 
 
 def _interventions(summary: dict, figures_dir: Path) -> str:
-    parts = []
-    for stem, caption in INTERVENTION_FIGURES:
-        png = figures_dir / f"{stem}.png"
-        if png.is_file():
-            data = base64.b64encode(png.read_bytes()).decode("ascii")
-            parts.append(f'<figure><img src="data:image/png;base64,{data}" alt="{_e(stem)}">'
-                         f"<figcaption>{_e(caption)}</figcaption></figure>")
+    parts = embedded_figures(figures_dir, INTERVENTION_FIGURES)
     if summary.get("noise"):
         parts.append(f"<p>Noise scale: {_e(summary['noise'].get('convention'))}.</p>")
     refused = summary.get("skip_refused") or {}
