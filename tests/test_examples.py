@@ -17,6 +17,7 @@ import torch
 
 from criticality import examples as ex
 from criticality.analysis import analyze
+from criticality.engine import evaluate_naive
 from criticality.errors import CriticalityError
 from criticality.store import cell_key
 from test_analysis import BATCH, make_data, trajectory
@@ -123,14 +124,15 @@ def test_resume_and_point_rule_and_per_class(analysed):
     assert (pc.delta_error == pc.error - pc.final_error).all()
 
 
-def test_evaluate_records_is_the_plain_loop():
+def test_naive_records_are_the_plain_loop():
     model, states = trajectory("fcn")
     x, y = make_data(n=50, seed=3)
-    rec = ex.evaluate_records(model, states[3], (x, y), metrics={"error": lambda lo, t: (lo.argmax(1) != t).double()},
-                              batch_size=16)
+    cell = evaluate_naive(model, states[3], (x, y), metrics={"error": lambda lo, t: (lo.argmax(1) != t).double()},
+                          batch_size=16)
+    rec = cell.records
     model.load_state_dict(states[3])
     with torch.no_grad():
         want = (model.eval()(x).argmax(1) != y).double().numpy()
     np.testing.assert_array_equal(rec["error"][0], want)
-    assert ex.means(rec) == {"error": want.mean(), "n": 50}
+    assert dict(cell) == {"error": want.mean(), "n": 50}
     assert json.loads(json.dumps(ex.encode(rec["error"][0])))["enc"] == "bits"

@@ -89,14 +89,6 @@ def _numpy(x: Any) -> Any:
     return x.detach().cpu().numpy() if hasattr(x, "detach") else x
 
 
-def means(record: Record) -> dict[str, float]:
-    """The cell's values from its record: ``{metric: Σ values / Σ counts, "n": examples}``."""
-    n = {len(v) for v, _ in record.values()}
-    if len(n) != 1:
-        raise ValueError(f"the metrics' records differ in length: {sorted(n)}")
-    return {**{m: float(v.sum() / c.sum()) for m, (v, c) in record.items()}, "n": n.pop()}
-
-
 class ExampleStore:
     """Records by cell key; :meth:`add` appends one durably. Same file rules as the cell store."""
 
@@ -185,29 +177,6 @@ def per_class(examples: Examples, metric: str = "error", **where: Any) -> pd.Dat
     base = statistics.per_class_error(examples.records[final][metric][0], examples.targets)
     return cell.rename(columns={"error": metric}).assign(
         **{f"final_{metric}": base["error"].to_numpy(), f"delta_{metric}": cell["error"] - base["error"]})
-
-
-def evaluate_records(model, state, data, *, metrics, batch_size: int = 1000, device="cpu",
-                     limit: int | None = None) -> Record:
-    """The plain reference for records: deepcopy, load ``state``, run every batch, keep each example's
-    metric values (counts 1: one value per example)."""
-    import copy
-
-    import torch
-
-    from criticality.engine import iter_batches
-
-    m = copy.deepcopy(model).to(device).eval()
-    m.load_state_dict(state)
-    parts: dict[str, list[np.ndarray]] = {name: [] for name in metrics}
-    with torch.inference_mode():
-        for x, y in iter_batches(data, batch_size, limit):
-            logits, y = m(x.to(device)), y.to(device)
-            for name, fn in metrics.items():
-                parts[name].append(fn(logits, y).double().cpu().numpy())
-    if not any(parts.values()):
-        raise ValueError("no data to evaluate on")
-    return {name: (np.concatenate(p), np.ones(sum(map(len, p)))) for name, p in parts.items()}
 
 
 def class_targets(targets: Iterable[Any]) -> np.ndarray | None:
