@@ -21,7 +21,7 @@ import torch
 def measure(mode: str) -> None:
     import transformers as T
 
-    from criticality import groups, surgery
+    from criticality.core import groups, surgery
 
     torch.manual_seed(0)
     model = T.LlamaForCausalLM(T.LlamaConfig(vocab_size=4096, hidden_size=512, intermediate_size=1536,

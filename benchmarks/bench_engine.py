@@ -52,10 +52,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from criticality import data, models
-from criticality.analysis import analyze
-from criticality.engine import Engine, Variant
-from criticality.groups import resolve
+from criticality.core.analysis import analyze
+from criticality.core.engine import Engine, Variant
+from criticality.core.groups import resolve
+from criticality.paper import data, models
 
 BATCH = 1000  # examples per evaluation batch, shared by both engines
 TRAIN_BATCH = 128  # examples per SGD step

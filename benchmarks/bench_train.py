@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from criticality import data, models
-from criticality.train import TrainConfig, train
+from criticality.paper import data, models
+from criticality.paper.train import TrainConfig, train
 
 
 def plain_loop_images_per_s(batch_size: int = 128, epochs: int = 4, model_name: str = "fcn-3x256",
@@ -82,7 +82,7 @@ def main() -> None:
     ours = statistics.median(r["images_per_s"] for r in log[2:] or log[1:])
     plain = plain_loop_images_per_s()
     print(f"machine: {torch.get_num_threads()} torch threads, torch {torch.__version__}")
-    print(f"criticality.train: {ours:,.0f} images/s (median of epochs 2..{args.epochs})")
+    print(f"criticality.paper.train: {ours:,.0f} images/s (median of epochs 2..{args.epochs})")
     print(f"plain DataLoader loop: {plain:,.0f} images/s (median of 3 epochs after a warm-up)  "
           f"ratio {ours / plain:.2f}x")
     print(f"final test error after {args.epochs} epochs: {log[-1]['test_error']:.4f} (target <= 0.12)")

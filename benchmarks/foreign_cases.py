@@ -19,8 +19,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from criticality import batches, engine
-from criticality.stacks import find_stack
+from criticality.core import batches, engine
+from criticality.core.stacks import find_stack
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import transformers as T
 
-from criticality import groups
+from criticality.core import groups
 
 
 def tiny_llama() -> torch.nn.Module:

@@ -17,7 +17,7 @@ import argparse
 import torch
 import transformers
 
-from criticality.tiny_lm import CORPUS, SAVE_AT, train_tiny_lm
+from criticality.paper.tiny_lm import CORPUS, SAVE_AT, train_tiny_lm
 
 
 def main() -> None:

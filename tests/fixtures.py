@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from criticality import data
+from criticality.paper import data
 
 
 def write_idx(path: Path, array: np.ndarray) -> Path:

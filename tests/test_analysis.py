@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 import criticality
-from criticality import engine, groups, surgery
-from criticality.analysis import analyze, distances, tabulate, verdicts
+from criticality.core import engine, groups, surgery
+from criticality.core.analysis import analyze, distances, tabulate, verdicts
 from criticality.errors import CriticalityError
 from toy import ARCHS, TRICKY
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from criticality.data import DEBIAN_FASHION
+from criticality.paper.data import DEBIAN_FASHION
 
 ROOT = Path(__file__).resolve().parents[1]
 

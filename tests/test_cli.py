@@ -30,10 +30,11 @@ import pandas as pd
 import pytest
 import torch
 
-from criticality import cli, files, lock
-from criticality.checkpoints import list_epochs, load_checkpoint, save_checkpoint
+from criticality import cli
+from criticality.core.checkpoints import list_epochs, load_checkpoint, save_checkpoint
 from criticality.errors import CriticalityError
-from criticality.train import TrainConfig, train
+from criticality.infra import files, lock
+from criticality.paper.train import TrainConfig, train
 
 TINY = dict(model="fcn-2x16", data="digits", epochs=2, batch_size=64, device="cpu")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -127,7 +128,7 @@ def test_option_values_are_checked(tmp_path, capsys, argv, words):
 
 
 def test_experiments_match_any_unique_part_of_their_key():
-    from criticality import experiments
+    from criticality.paper import experiments
 
     assert experiments.get("fcn-3x256").key == "fig1/fcn-3x256/mnist"  # beside beyond/fcn-3x256-interventions
     assert experiments.get("1/fcn-3x2").key == "fig1/fcn-3x256/mnist"
@@ -218,7 +219,7 @@ def test_outputs_share_one_permission_rule(run):
 def test_lock_refuses_a_second_process_names_it_and_waits_when_asked(run, tmp_path, capsys):
     r = copy(run, tmp_path)
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from criticality import lock; fd = lock.acquire(sys.argv[1], 'test holder'); "
+        "import sys, time; from criticality.infra import lock; fd = lock.acquire(sys.argv[1], 'test holder'); "
         "print('held', flush=True); time.sleep(float(sys.argv[2]))"), str(r), "4"],
         stdout=subprocess.PIPE, text=True, env=ENV)
     try:
@@ -237,7 +238,7 @@ def test_lock_refuses_a_second_process_names_it_and_waits_when_asked(run, tmp_pa
 
 def test_a_dead_holders_lock_is_taken_over(tmp_path):
     dead = subprocess.run([sys.executable, "-c", (
-        "import sys, os; from criticality import lock; lock.acquire(sys.argv[1], 'killed'); os._exit(9)"),
+        "import sys, os; from criticality.infra import lock; lock.acquire(sys.argv[1], 'killed'); os._exit(9)"),
         str(tmp_path)], env=ENV)
     assert dead.returncode == 9 and "killed" in (tmp_path / lock.NAME).read_text()
     with lock.held(tmp_path, "next"):
@@ -251,7 +252,7 @@ def enospc(*args, **kwargs):
 def test_disk_full_while_writing_a_checkpoint_keeps_the_previous_files(run, tmp_path, capsys, monkeypatch):
     r = copy(run, tmp_path)
     before = {p: p.read_bytes() for p in r.rglob("*") if p.is_file()}
-    monkeypatch.setattr("criticality.checkpoints.save_file", enospc)
+    monkeypatch.setattr("criticality.core.checkpoints.save_file", enospc)
     code, _, err = run_cli(capsys, "train", "fcn-2x16", "--data", "digits", "--epochs", "3", "--batch-size", "64",
                            "--device", "cpu", "--out", r)
     one_line_error(code, err, "No space left on device", "intact")
@@ -298,7 +299,7 @@ def test_read_only_run_directory_as_root(run, tmp_path, capsys, monkeypatch):
     one_line_error(*run_cli(capsys, "analyze", r, "--device", "cpu")[::2], "not writable")
     monkeypatch.undo()
     assert run_cli(capsys, "analyze", r, "--device", "cpu", "--seeds", "1")[0] == 0
-    monkeypatch.setattr("criticality.files.tempfile.mkstemp", read_only)
+    monkeypatch.setattr("criticality.infra.files.tempfile.mkstemp", read_only)
     one_line_error(*run_cli(capsys, "report", r)[::2], "Read-only file system")
 
 
@@ -340,7 +341,7 @@ def test_internal_error_is_exit_1_with_one_line(run, capsys, monkeypatch):
     def bug(*args, **kwargs):
         raise ZeroDivisionError("a bug")
 
-    monkeypatch.setattr("criticality.runner.analyze_run", bug)
+    monkeypatch.setattr("criticality.pipelines.runner.analyze_run", bug)
     code, _, err = run_cli(capsys, "analyze", run)
     assert code == 1 and err.startswith("criticality: internal error: ZeroDivisionError: a bug")
     assert len(err.strip().splitlines()) == 1
@@ -376,7 +377,8 @@ def test_report_from_the_cli(run, tmp_path, capsys):
 
 @pytest.mark.parametrize("root", [None, "DIR"])
 def test_quick_scale_uses_the_experiments_own_data_when_given(tmp_path, capsys, monkeypatch, root):
-    from criticality import data, runner
+    from criticality.paper import data
+    from criticality.pipelines import runner
 
     seen = {}
 
@@ -398,7 +400,7 @@ def test_quick_scale_uses_the_experiments_own_data_when_given(tmp_path, capsys, 
 def test_resuming_line_comes_from_rank_0_only(run, tmp_path, capsys, monkeypatch):
     r = copy(run, tmp_path)
     assert run_cli(capsys, "analyze", r, "--device", "cpu", "--seeds", "1")[0] == 0
-    from criticality import analysis
+    from criticality.core import analysis
 
     code, _, err = run_cli(capsys, "analyze", r, "--device", "cpu", "--seeds", "1")
     assert code == 0 and "resuming: 10 of 10" in err

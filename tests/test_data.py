@@ -26,8 +26,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from criticality import data, imagenet
 from criticality.errors import CriticalityError
+from criticality.paper import data, imagenet
 from fixtures import serve, write_cifar, write_idx, write_mnist, write_png, write_tree
 
 

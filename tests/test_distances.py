@@ -11,7 +11,7 @@ from collections.abc import Mapping
 import pytest
 import torch
 
-from criticality.distances import COLUMNS, distances
+from criticality.core.distances import COLUMNS, distances
 
 W0 = torch.tensor([[1.0, -2.0], [0.5, 0.0]])
 B0 = torch.tensor([3.0, -1.0])

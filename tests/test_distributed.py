@@ -24,14 +24,15 @@ import pandas as pd
 import pytest
 import torch
 
-from criticality import cli, distributed
-from criticality.analysis import make_plan, run_cells
-from criticality.checkpoints import list_epochs, load_checkpoint
-from criticality.distributed import Context, resolve_device
+from criticality import cli
+from criticality.core.analysis import make_plan, run_cells
+from criticality.core.checkpoints import list_epochs, load_checkpoint
+from criticality.core.stores import cell_key
 from criticality.errors import CriticalityError
-from criticality.runner import _merge_shards
-from criticality.store import cell_key
-from criticality.train import TrainConfig, _Trainer
+from criticality.infra import distributed
+from criticality.infra.distributed import Context, resolve_device
+from criticality.paper.train import TrainConfig, _Trainer
+from criticality.pipelines.runner import _merge_shards
 from toy import fcn
 
 TIMEOUT_S = 240

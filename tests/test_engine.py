@@ -20,10 +20,10 @@ from torch import nn
 
 transformers = pytest.importorskip("transformers")
 
-from criticality import batches, engine, metrics  # noqa: E402
-from criticality.analysis import analyze  # noqa: E402
+from criticality.core import batches, engine, metrics  # noqa: E402
+from criticality.core.analysis import analyze  # noqa: E402
+from criticality.core.stacks import find_stack  # noqa: E402
 from criticality.errors import CriticalityError  # noqa: E402
-from criticality.stacks import find_stack  # noqa: E402
 
 N, T, VOCAB, BATCH = 12, 10, 40, 4
 
@@ -300,7 +300,7 @@ def test_outputs_of_every_form_and_clear_errors():
 
 
 def test_run_cells_on_a_language_model_gives_records_and_perplexity():
-    from criticality.analysis import make_plan, run_cells
+    from criticality.core.analysis import make_plan, run_cells
 
     model = gpt2()
     states = _perturbed(model)

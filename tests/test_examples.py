@@ -15,11 +15,11 @@ import pandas as pd
 import pytest
 import torch
 
-from criticality import examples as ex
-from criticality.analysis import analyze
-from criticality.engine import evaluate_naive
+from criticality.core import records as ex
+from criticality.core.analysis import analyze
+from criticality.core.engine import evaluate_naive
+from criticality.core.stores import cell_key
 from criticality.errors import CriticalityError
-from criticality.store import cell_key
 from test_analysis import BATCH, make_data, trajectory
 
 SETTINGS = {"model": "toy", "data": "abc"}

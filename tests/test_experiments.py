@@ -14,11 +14,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from criticality import experiments
 from criticality.cli import main
-from criticality.data import DEBIAN_FASHION
 from criticality.errors import CriticalityError
-from criticality.runner import run_experiment
+from criticality.paper import experiments
+from criticality.paper.data import DEBIAN_FASHION
+from criticality.pipelines.runner import run_experiment
 from fixtures import write_cifar, write_tree
 
 TINY_CONV = dict(epochs=2, max_train=300, max_test=120, device="cpu")

@@ -12,11 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from criticality import groups, surgery
-from criticality.analysis import RERANDOMIZE_SALT, analyze
+from criticality.core import groups, surgery
+from criticality.core.analysis import RERANDOMIZE_SALT, analyze
+from criticality.core.initializers import choose
 from criticality.errors import CriticalityError
-from criticality.initializers import choose
-from criticality.models import build
+from criticality.paper.models import build
 from toy import ARCHS, TIMM_LIKE, Logits, hf_models
 
 transformers = pytest.importorskip("transformers")

@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 
 from criticality import analyze, cli
 from criticality.errors import CriticalityError
-from criticality.train import TrainConfig, train
+from criticality.paper.train import TrainConfig, train
 from toy import fcn
 
 FUZZ = settings(max_examples=60, derandomize=True, deadline=None, database=None,

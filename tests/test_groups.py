@@ -7,11 +7,11 @@ import pytest
 import torch
 from torch import nn
 
-from criticality import groups
-from criticality.analysis import analyze
+from criticality.core import groups
+from criticality.core.analysis import analyze
+from criticality.core.stacks import find_stack, is_norm
 from criticality.errors import CriticalityError
-from criticality.models import build
-from criticality.stacks import find_stack, is_norm
+from criticality.paper.models import build
 from toy import ARCHS, TIMM_LIKE, Logits, hf_models
 
 pytest.importorskip("transformers")

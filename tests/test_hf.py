@@ -22,8 +22,8 @@ from criticality import cli
 from criticality.errors import CriticalityError
 
 transformers = pytest.importorskip("transformers")
-hf = pytest.importorskip("criticality.hf")
-tiny_lm = pytest.importorskip("criticality.tiny_lm")
+hf = pytest.importorskip("criticality.pipelines.analyze_hf")
+tiny_lm = pytest.importorskip("criticality.paper.tiny_lm")
 
 TEXT = "All layers are not created equal; some are robust, some are critical.\n" * 12
 

@@ -25,11 +25,13 @@ import pytest
 import torch
 from torch import nn
 
-from criticality import analysis, distributed, experiments, initializers, models, surgery
-from criticality.analysis import analyze
+from criticality.core import analysis, initializers, surgery
+from criticality.core.analysis import analyze
 from criticality.errors import CriticalityError
-from criticality.schedules import scheduler as _scheduler
-from criticality.train import TrainConfig, train
+from criticality.infra import distributed
+from criticality.paper import experiments, models
+from criticality.paper.schedules import scheduler as _scheduler
+from criticality.paper.train import TrainConfig, train
 
 N = 200
 
@@ -195,7 +197,7 @@ def test_resuming_with_a_schedule_equals_an_uninterrupted_run(tmp_path, monkeypa
     config = dict(model="fcn-2x16", data="digits", epochs=4, batch_size=128, max_train=400, device="cpu",
                   schedule=schedule, checkpoints="0,2,4")
     whole = train(TrainConfig(**config), tmp_path / "whole", progress=False)
-    from criticality import train as train_mod
+    from criticality.paper import train as train_mod
 
     original = train_mod._check_finite
 
@@ -209,7 +211,7 @@ def test_resuming_with_a_schedule_equals_an_uninterrupted_run(tmp_path, monkeypa
         train(TrainConfig(**config), tmp_path / "split", progress=False)
     monkeypatch.undo()
     split = train(TrainConfig(**config), tmp_path / "split", progress=False)
-    from criticality.checkpoints import load_checkpoint
+    from criticality.core.checkpoints import load_checkpoint
 
     a, b = load_checkpoint(whole, 4), load_checkpoint(split, 4)
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -309,7 +311,7 @@ def test_local_rank_selects_the_gpu(monkeypatch):
 
 
 def test_joint_groups_of_figs_9_and_10_by_their_members():
-    from criticality.groups import joint, resolve
+    from criticality.core.groups import joint, resolve
 
     model = models.build("resnet18", (3, 32, 32), 10, width=4)
     groups = resolve(model, "model")
@@ -343,7 +345,7 @@ def test_custom_metrics_are_computed_and_judged_when_alone():
     with pytest.raises(CriticalityError, match=r"verdict metric 'error' is not among the metrics \['margin'\]"):
         analyze(model, sd, (x, y), groups=GROUPS, seeds=0, init="torch", metrics={"margin": margin},
                 verdict_metric="error", progress=False)
-    from criticality.engine import METRICS
+    from criticality.core.engine import METRICS
 
     r = analyze(model, sd, (x, y), groups=GROUPS, seeds=0, init="torch", progress=False,
                 metrics={"error": METRICS["error"], "margin": margin})

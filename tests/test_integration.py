@@ -15,10 +15,10 @@ import pandas as pd
 import pytest
 import torch
 
-from criticality import statistics
-from criticality.analysis import analyze
+from criticality.core import statistics
+from criticality.core.analysis import analyze
+from criticality.core.verdicts import verdict_metric
 from criticality.errors import CriticalityError
-from criticality.verdicts import verdict_metric
 from toy import fcn
 
 transformers = pytest.importorskip("transformers")
@@ -82,7 +82,7 @@ def test_unlabelled_data_is_judged_on_disagreement():
 
 
 def test_an_unmeasured_verdict_metric_is_refused_before_any_cell_runs(monkeypatch):
-    import criticality.analysis as analysis
+    import criticality.core.analysis as analysis
 
     model = fcn()
     sd = {0: model.state_dict(), 1: model.state_dict()}

@@ -18,10 +18,11 @@ import pytest
 import torch
 from torch import nn
 
-from criticality import interventions, surgery
-from criticality.analysis import analyze
+from criticality import interventions
+from criticality.core import surgery
+from criticality.core.analysis import analyze
+from criticality.core.stores import cell_key
 from criticality.errors import CriticalityError
-from criticality.store import cell_key
 from test_analysis import make_data, trajectory
 
 OPS = ("reinit", "interpolate", "noise", "skip")
@@ -65,7 +66,7 @@ def test_noise_is_pure_seeded_and_scaled():
     keys = ["3.weight", "3.bias"]
     final, start = states[3], states[0]
     s = interventions.noise_scale(final, start, keys)
-    delta = torch.cat([(final[k] - start[k]).flatten().double() for k in keys])
+    delta = torch.cat([(final[k].double() - start[k].double()).flatten() for k in keys])  # in float64, as documented
     assert s == pytest.approx(delta.norm().item() / math.sqrt(delta.numel()), rel=1e-12)
     before = {k: v.clone() for k, v in final.items()}
     a = interventions.add_noise(final, keys, 0.5 * s, interventions.noise_generator(1, "3"))
@@ -195,7 +196,7 @@ def test_skipping_a_llama_layer_equals_the_model_without_it():
 
 
 def test_the_engine_reuses_the_prefix_in_front_of_a_skipped_block():
-    from criticality.engine import Engine, Variant
+    from criticality.core.engine import Engine, Variant
 
     model, states = trajectory("residual")
     fast = Engine(model, states[3], make_data(seed=7), batch_size=64)

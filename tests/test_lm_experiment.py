@@ -12,14 +12,14 @@ import json
 import pandas as pd
 import pytest
 
-from criticality import experiments
 from criticality.cli import main
 from criticality.errors import CriticalityError
+from criticality.paper import experiments, lm_config
 
 transformers = pytest.importorskip("transformers")
-lm = pytest.importorskip("criticality.lm_experiment")
-from criticality.runner import run_experiment  # noqa: E402
-from criticality.tiny_lm import tiny_config  # noqa: E402
+lm = pytest.importorskip("criticality.pipelines.lm_experiment")
+from criticality.paper.tiny_lm import tiny_config  # noqa: E402
+from criticality.pipelines.runner import run_experiment  # noqa: E402
 
 # A toy run: 2 blocks of width 16, an "epoch" of 2 steps, 8 held-out sequences of 32 bytes per cell.
 TOY = dict(steps_per_epoch=2, layers=2, hidden=16, seq_len=32, batch_size=8, eval_sequences=8, device="cpu")
@@ -40,7 +40,7 @@ def test_sublayer_groups_cover_every_tensor_once():
     assert len(groups) == 3 + 5 * 3
     assert list(groups)[:7] == ["embed", "block0.attn_norm", "block0.attn", "block0.mlp_norm", "block0.mlp_wi",
                                 "block0.mlp_wo", "block1.attn_norm"]
-    from criticality.groups import resolve
+    from criticality.core.groups import resolve
 
     resolved = resolve(model, groups)
     assert not resolved.unassigned
@@ -56,7 +56,7 @@ def test_registry_entry_and_columns():
     quick = experiments.run_configs(exp, "quick", None)["run"]
     assert quick.columns() == [0, 1, 2, 5, 10, 15, 20] and quick.epoch_steps() == 30
     assert experiments.run_configs(exp, "paper", None)["run"].layers == 12
-    assert lm.config({}, {"epochs": 3}).columns() == [0, 1, 2, 3]
+    assert lm_config.config({}, {"epochs": 3}).columns() == [0, 1, 2, 3]
     with pytest.raises(CriticalityError, match="text corpus"):
         exp.configs("quick", "digits")
     with pytest.raises(CriticalityError, match="does not take max_train"):
@@ -86,7 +86,7 @@ def test_findings_hold_on_the_papers_pattern_and_not_on_its_opposite():
 def test_cli_run_end_to_end(corpus, tmp_path, monkeypatch):
     """`criticality run journal-lm` trains with checkpoints at the epoch columns, analyses every sub-layer
     and writes the tables (token accuracy), findings, heatmaps and report; a rerun resumes every cell."""
-    toy = {**lm.LMConfig().__dict__, **TOY, "corpus": str(corpus)}
+    toy = {**lm_config.LMConfig().__dict__, **TOY, "corpus": str(corpus)}
     exp = experiments.get("journal-lm")
     monkeypatch.setitem(experiments.REGISTRY, exp.key, experiments.dataclasses.replace(exp, quick=toy))
     assert main(["--no-progress", "run", "journal-lm", "--out", str(tmp_path), "--seed", "1"]) == 0

@@ -8,10 +8,10 @@ from collections.abc import Iterator, Mapping
 import pytest
 import torch
 
-from criticality import data as datasets
-from criticality import surgery
-from criticality.analysis import analyze, make_plan
-from criticality.runner import _hold
+from criticality.core import surgery
+from criticality.core.analysis import analyze, make_plan
+from criticality.paper import data as datasets
+from criticality.pipelines.runner import _hold
 from test_trajectory import toy_data, toy_states
 
 

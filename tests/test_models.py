@@ -18,8 +18,8 @@ import pytest
 import torch
 from torch import nn
 
-from criticality import models
 from criticality.errors import CriticalityError
+from criticality.paper import models
 
 NAMES = models.names()
 SMALL_SHAPES = [(1, 8, 8), (1, 28, 28), (3, 32, 32)]

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from criticality.errors import CriticalityError
-from criticality.module_criticality import module_criticality, write
+from criticality.interventions.module_criticality import module_criticality, write
 
 KW = dict(groups="auto", eps=0.03, alphas=(0, 0.2, 0.4, 0.6, 0.8, 1), sigmas=tuple(i / 10 for i in range(1, 11)),
           draws=2, batch_size=400)

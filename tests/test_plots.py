@@ -17,9 +17,9 @@ import pytest
 from matplotlib.figure import Figure
 from PIL import Image
 
-from criticality import plots
 from criticality.errors import CriticalityError
-from criticality.files import write_json
+from criticality.infra.files import write_json
+from criticality.output import figures as plots
 
 SINGLES = ["fc1", "fc2", "fc3"]
 JOINT = "fc2+fc3"

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from criticality import groups as groups_mod
-from criticality import proxies
+from criticality.core import groups as groups_mod
+from criticality.interventions import proxies
 from toy import Residual
 
 

@@ -35,12 +35,12 @@ import pytest
 import torch
 
 from criticality import cli
-from criticality.checkpoints import checkpoint_path, list_epochs, load_checkpoint
+from criticality.core.checkpoints import checkpoint_path, list_epochs, load_checkpoint
+from criticality.core.stores import CellStore
 from criticality.errors import CriticalityError
-from criticality.files import atomic_path, atomic_write, sha256_file, write_json
-from criticality.runner import analyze_run
-from criticality.store import CellStore
-from criticality.train import TrainConfig, train
+from criticality.infra.files import atomic_path, atomic_write, sha256_file, write_json
+from criticality.paper.train import TrainConfig, train
+from criticality.pipelines.runner import analyze_run
 
 # Five epochs of a small FCN on digits; checkpoints at 0, 1, 2, 3, 5 (epoch 4 lives only in state/).
 CONFIG = dict(model="fcn-3x64", data="digits", epochs=5, batch_size=8, device="cpu")

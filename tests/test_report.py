@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from criticality import report
 from criticality.errors import CriticalityError
+from criticality.output import report
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_plots import write_run  # noqa: E402  (the synthetic run directory is shared with the plot tests)

@@ -8,7 +8,7 @@ NaN) reads ``n/a``, never ``None`` or ``nan``; the verdict stays the third word 
 
 from __future__ import annotations
 
-from criticality.runner import format_verdicts
+from criticality.output.text import format_verdicts
 
 
 def _summary(metric="error", **extra):

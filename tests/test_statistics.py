@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from criticality import statistics as st
+from criticality.core import statistics as st
 
 
 def _brute_deltas(variant, final, counts, resamples, seed):

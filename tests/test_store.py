@@ -16,10 +16,10 @@ import math
 import numpy as np
 import torch
 
-from criticality import examples
-from criticality.analysis import make_plan, run_cells
-from criticality.runner import _merge_shards
-from criticality.store import CellStore, cell_key
+from criticality.core import records as examples
+from criticality.core.analysis import make_plan, run_cells
+from criticality.core.stores import CellStore, cell_key
+from criticality.pipelines.runner import _merge_shards
 from toy import fcn
 
 
@@ -39,7 +39,7 @@ def test_sharded_cells_are_reused_by_any_world_size(tmp_path, capsys, monkeypatc
     two = [run_cells(plan, data, store=str(tmp_path / f"cells.rank{r}-of-2.jsonl"), shard=(r, 2), progress=False)
            for r in range(2)]
     capsys.readouterr()
-    import criticality.analysis as analysis
+    import criticality.core.analysis as analysis
 
     def no_evaluation(plan, cells, *args, **kwargs):
         assert not cells, f"stored cells were computed again: {cells}"
@@ -68,7 +68,7 @@ def test_cells_stored_without_records_are_computed_again(tmp_path, monkeypatch):
     lost = {cell_key(c.as_dict()) for c in plan.cells[1:3]}
     examples.examples_path(store).write_text(
         "\n".join(s for s in lines if '"cell"' not in s or cell_key(json.loads(s)["cell"]) not in lost) + "\n")
-    import criticality.analysis as analysis
+    import criticality.core.analysis as analysis
 
     computed = []
     evaluate = analysis._evaluate

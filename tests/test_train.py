@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from criticality.checkpoints import list_epochs, load_checkpoint
-from criticality.data import DEBIAN_FASHION
+from criticality.core.checkpoints import list_epochs, load_checkpoint
 from criticality.errors import CriticalityError
-from criticality.train import TrainConfig, checkpoint_epochs, train
+from criticality.paper.data import DEBIAN_FASHION
+from criticality.paper.train import TrainConfig, checkpoint_epochs, train
 
 TINY = dict(model="fcn-2x32", data="digits", epochs=4, device="cpu", batch_size=64)
 
@@ -44,7 +44,7 @@ def test_run_directory_layout(tmp_path):
 
 
 def test_epoch_zero_is_the_initialization(tmp_path):
-    from criticality import data, models
+    from criticality.paper import data, models
 
     run = train(TrainConfig(**TINY, init="glorot"), tmp_path / "run", progress=False)
     ds = data.load("digits")

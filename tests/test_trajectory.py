@@ -17,11 +17,11 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from criticality.analysis import analyze, make_plan
-from criticality.checkpoints import check_compatible, load_checkpoints, save_checkpoint
+from criticality.core.analysis import analyze, make_plan
+from criticality.core.checkpoints import check_compatible, load_checkpoints, save_checkpoint
+from criticality.core.trajectory import LazyCheckpoint, TensorFile, alias_tied, trajectory
 from criticality.errors import CriticalityError
-from criticality.files import write_json
-from criticality.trajectory import LazyCheckpoint, TensorFile, alias_tied, trajectory
+from criticality.infra.files import write_json
 from toy import fcn
 
 

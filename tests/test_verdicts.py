@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 from matplotlib.patches import Rectangle
 
-from criticality import plots, statistics
-from criticality.analysis import tabulate
-from criticality.verdicts import straddling, verdicts
+from criticality.core import statistics
+from criticality.core.analysis import tabulate
+from criticality.core.verdicts import straddling, verdicts
+from criticality.output import figures as plots
 
 N = 400
 

@@ -21,12 +21,13 @@ import types
 import typing
 from pathlib import Path
 
-from criticality import distributed, experiments, models
-from criticality.analysis import DEFAULT_THRESHOLD
+from criticality.core.analysis import DEFAULT_THRESHOLD
+from criticality.core.groups import check_mapping
 from criticality.errors import CriticalityError
-from criticality.files import loads
-from criticality.groups import check_mapping
-from criticality.train import TrainConfig
+from criticality.infra import distributed
+from criticality.infra.files import loads
+from criticality.paper import experiments, models
+from criticality.paper.train import TrainConfig
 
 # Disk and permission failures are the user's environment, not a bug: one line, exit status 2.
 ENVIRONMENT_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO)
@@ -260,7 +261,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             args = build_parser().parse_args(["run", *(["--debug"] if args.debug else [])])
         return _run(args, progress)
     if args.command == "train":
-        from criticality.train import train
+        from criticality.paper.train import train
 
         fields = _overrides(args, TrainConfig)
         config = TrainConfig(**{**fields, "model": args.model_name or TrainConfig.model})
@@ -269,7 +270,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(f"trained {config.model} on {config.data}: {Path(args.out) / 'checkpoints'}")
         return 0
     if args.command == "analyze":
-        from criticality.runner import analyze_run
+        from criticality.pipelines.runner import analyze_run
 
         out = analyze_run(args.run_dir, groups=_groups(args.groups), seeds=args.seeds,
                           joint=[j.split(",") for j in args.joint] if args.joint else None, split=args.split,
@@ -283,7 +284,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             _warn_non_finite(out)
         return 0
     if args.command == "analyze-hf":
-        from criticality.hf import analyze_hf, summary_line
+        from criticality.pipelines.analyze_hf import analyze_hf, summary_line
 
         out = analyze_hf(args.checkpoints, args.data, init_checkpoint=args.init_checkpoint,
                          groups=_groups(args.groups), seeds=args.seeds, seq_len=args.seq_len,
@@ -295,8 +296,9 @@ def _dispatch(args: argparse.Namespace) -> int:
               + ", ".join(f"{g} {v}" for g, v in summary_line(out).items()))
         return 0
     if args.command == "report":
-        from criticality import plots, report
-        from criticality.runner import read_summary
+        from criticality.output import figures as plots
+        from criticality.output import report
+        from criticality.output.tables import read_summary
 
         read_summary(Path(args.run_dir) / "analysis")  # a missing or corrupt analysis is one line, exit 2
         plots.draw_run(args.run_dir)
@@ -317,8 +319,8 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, progress: bool) -> int:
-    from criticality.data import default_data
-    from criticality.runner import run_experiment
+    from criticality.paper.data import default_data
+    from criticality.pipelines.runner import run_experiment
 
     exp = experiments.get(args.experiment)
     overrides = _overrides(args, TrainConfig)
@@ -341,7 +343,8 @@ def _run(args: argparse.Namespace, progress: bool) -> int:
 
 
 def _print_verdicts(analysis_dir: Path) -> None:
-    from criticality.runner import format_verdicts, read_summary
+    from criticality.output.tables import read_summary
+    from criticality.output.text import format_verdicts
 
     print(format_verdicts(read_summary(analysis_dir)))
 

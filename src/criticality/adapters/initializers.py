@@ -1,0 +1,125 @@
+"""How models from other packages initialize themselves, one module at a time (for fresh draws).
+
+Re-randomization draws a group anew "as a freshly built model would". Models this project did not
+build carry their own initializer; these functions apply it to *one* module (its own tensors, and what
+its init writes into its children, as the package does), so :mod:`criticality.surgery` can draw a
+group module by module:
+
+- ``hf`` (:func:`hf_init`): Hugging Face ``PreTrainedModel._init_weights(module)`` of the nearest
+  ``PreTrainedModel`` that contains the module (composite models dispatch to their sub-models' own
+  init, as ``post_init`` does; a module of a user's wrapper, outside any HF model, gets its own
+  ``reset_parameters``). Transformers 5 skips tensors flagged ``_is_hf_initialized``: the flags are
+  cleared first. Norm layers get weight 1 / bias 0 before (their construction values; older Llama
+  ``_init_weights`` leaves RMSNorm alone). GPT-2's ``c_proj`` weights get std 0.02/√(2·n_layer)
+  because the init runs on the real ``GPT2Attention``/``GPT2MLP`` modules after their children.
+- ``timm`` (:func:`timm_init`): the patterns of timm's ``init_weights`` for its ViT and ResNet
+  families. ViTs (a model with ``pos_embed`` or ``cls_token``): ``nn.Linear`` trunc-normal std 0.02
+  with zero bias, the patch-embedding conv torch's default; CNNs: ``nn.Conv2d`` weights kaiming-normal
+  (fan-out, ReLU), the classifier torch's default. Raw parameters ``pos_embed*`` trunc-normal std
+  0.02, ``cls_token``, ``reg_token``, ``dist_token`` normal std 1e-6; every other module its own
+  ``reset_parameters()`` (or, below the root, ``init_weights()``); then a block's ``zero_init_last()``
+  when it has one (timm ResNets: the last BatchNorm of each residual branch gets weight 0, so a fresh
+  draw of such a block is an *identity* residual branch — re-randomizing it equals skipping its
+  branch; see :func:`identity_blocks`). Other timm families initialize otherwise (ConvNeXt:
+  trunc-normal convs; EfficientNet: its own fan-out rules): give them ``init="shuffle"`` or a callable.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from criticality.core.stacks import is_norm
+
+TOKENS = ("cls_token", "reg_token", "dist_token")  # timm: normal std 1e-6
+TIMM_STD = 0.02
+
+
+def is_hf(model: nn.Module) -> bool:
+    """A Hugging Face transformers model (``PreTrainedModel``), without importing transformers."""
+    return any(c.__name__ == "PreTrainedModel" and c.__module__.startswith("transformers")
+               for c in type(model).__mro__)
+
+
+def is_timm(model: nn.Module) -> bool:
+    """A timm model: its class comes from timm, or it carries timm's ``pretrained_cfg``."""
+    return type(model).__module__.startswith("timm.") or "pretrained_cfg" in vars(type(model)) \
+        or "pretrained_cfg" in vars(model)
+
+
+def hf_init(module: nn.Module, path: str, root: nn.Module) -> None:
+    """One module drawn by the ``_init_weights`` of the nearest ``PreTrainedModel`` that contains it."""
+    owner = None
+    parts = path.split(".") if path else []
+    for i in range(len(parts) + 1):
+        candidate = root.get_submodule(".".join(parts[:i]))
+        if is_hf(candidate):
+            owner = candidate
+    _clear_hf_flags(module)
+    if is_norm(module):
+        _norm_defaults(module)
+    if owner is not None:
+        owner._init_weights(module)
+    elif callable(getattr(module, "reset_parameters", None)):  # outside any HF model (a user's wrapper)
+        module.reset_parameters()
+
+
+def _clear_hf_flags(module: nn.Module) -> None:
+    if "_is_hf_initialized" in vars(module):
+        del module._is_hf_initialized
+    for t in (*module.parameters(recurse=False), *module.buffers(recurse=False)):
+        if hasattr(t, "_is_hf_initialized"):
+            del t._is_hf_initialized
+
+
+def _norm_defaults(module: nn.Module) -> None:
+    weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+    if isinstance(weight, torch.Tensor):
+        nn.init.ones_(weight)
+    if isinstance(bias, torch.Tensor):
+        nn.init.zeros_(bias)
+    if callable(getattr(module, "reset_running_stats", None)):
+        module.reset_running_stats()
+
+
+def timm_init(module: nn.Module, path: str, root: nn.Module) -> None:
+    """One module drawn as timm's ``init_weights`` would (see the module docstring)."""
+    vit = hasattr(root, "pos_embed") or hasattr(root, "cls_token")  # timm's ViT family; else its CNNs
+    if vit and isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=TIMM_STD)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif not vit and isinstance(module, nn.Conv2d):
+        module.reset_parameters()  # the bias (if any) as torch draws it; timm redraws the weight only
+        nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+    else:
+        for name in ("reset_parameters", "_reset_parameters", *(("init_weights",) if path else ())):
+            if callable(getattr(module, name, None)):
+                getattr(module, name)()
+                break
+    for name, p in module.named_parameters(recurse=False):
+        if name.startswith("pos_embed"):
+            nn.init.trunc_normal_(p, std=TIMM_STD)
+        elif name in TOKENS:
+            nn.init.normal_(p, std=1e-6)
+    if callable(getattr(module, "zero_init_last", None)):
+        module.zero_init_last()
+
+
+def identity_blocks(model: nn.Module, groups: dict[str, tuple[str, ...]]) -> list[str]:
+    """Groups holding a block whose fresh ``timm`` draw zeroes its last norm (``zero_init_last``)."""
+    zeroing = [path for path, m in model.named_modules() if callable(getattr(m, "zero_init_last", None))]
+    return [g for g, keys in groups.items()
+            if any(k.startswith(f"{p}.") for p in zeroing for k in keys)]
+
+
+def draws_summary(model: nn.Module, init: str, groups: dict[str, tuple[str, ...]]) -> dict[str, object]:
+    """For the analysis summary: the initializer the fresh draws ran, and the groups whose draw is an
+    identity residual branch (timm's ``zero_init_last``), with a note saying what that means."""
+    out: dict[str, object] = {"init": init}
+    same = identity_blocks(model, groups) if init == "timm" else []
+    if same:
+        out["identity_blocks"] = same
+        out["note"] = ("timm's zero_init_last zeroes the last norm of these residual blocks in a fresh draw: "
+                       "re-randomizing such a block makes its residual branch the identity (= skipping it)")
+    return out

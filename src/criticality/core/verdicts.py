@@ -1,0 +1,178 @@
+"""The statistics of a grid's table: each cell's paired interval and p against the final model, and
+per group the verdict (critical / robust / inconclusive) from re-initialization to epoch 0.
+
+Inputs are the tidy table of :func:`criticality.analysis.tabulate` and the cells' per-example records
+(:mod:`criticality.examples`), one per table row (None where a cell has none); the numbers come from
+:mod:`criticality.statistics`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+
+from criticality.core import statistics
+from criticality.core.records import Record
+from criticality.errors import CriticalityError
+
+DEFAULT_THRESHOLD = 0.02  # Δ test error at checkpoint 0 at or below which a layer counts as robust
+# The verdict metric when none is chosen: the first of these that was measured, else the first metric.
+# "agreement" is judged by its drop, named "disagreement" (see judged()).
+VERDICT_METRICS = ("error", "token_error", "agreement")
+DISAGREEMENT = "disagreement"  # 1 - agreement: the fraction of examples (tokens) whose top-1 changed
+
+
+def verdict_metric(metrics: Sequence[str], chosen: str | None = None) -> str:
+    """The measured metric the verdicts judge: ``chosen``, else error, else token_error, else agreement
+    (label-free data), else the first metric. ``"disagreement"`` names agreement's drop."""
+    metrics = list(metrics)
+    if chosen is None:
+        return next((m for m in VERDICT_METRICS if m in metrics), metrics[0] if metrics else "error")
+    if chosen == DISAGREEMENT and DISAGREEMENT not in metrics and "agreement" in metrics:
+        return "agreement"
+    if chosen not in metrics:
+        raise CriticalityError(f"verdict metric {chosen!r} is not among the metrics {metrics}")
+    return chosen
+
+
+def judged(table: pd.DataFrame, records: Sequence[Record | None], metric: str
+           ) -> tuple[pd.DataFrame, list[Record | None], str]:
+    """The table, records and metric name the verdicts read. ``agreement`` (higher is better, 1 for the
+    final model) is judged as ``disagreement`` = 1 - agreement, so that "Δ ≤ threshold is robust" reads as
+    for error: a group is robust when resetting it changes the top-1 prediction of at most ``threshold`` of
+    the examples (tokens). Any other metric is judged as it is."""
+    if metric != "agreement":
+        return table, list(records), metric
+    view, d = table.copy(), DISAGREEMENT
+    view[d], view[f"delta_{d}"] = 1 - view["agreement"], -view["delta_agreement"]
+    if "delta_agreement_low" in view:
+        view[f"delta_{d}_low"], view[f"delta_{d}_high"] = -view["delta_agreement_high"], -view["delta_agreement_low"]
+    flipped = [None if r is None or "agreement" not in r else
+               {**r, d: (r["agreement"][1] - r["agreement"][0], r["agreement"][1])} for r in records]
+    return view, flipped, d
+
+_ELEMENTS_AT_ONCE = 1 << 23  # cells × examples bootstrapped together (64 MiB of float64 values)
+
+
+def intervals(records: list[Record | None], final_row: int, metric: str, seed: int) -> np.ndarray:
+    """``(rows, 2)`` paired intervals of Δ metric against the final row; NaN without records."""
+    out = np.full((len(records), 2), np.nan)
+    final = records[final_row]
+    if final is None or metric not in final:
+        return out
+    f_values, f_counts = final[metric]
+    have = [i for i, r in enumerate(records) if r is not None and metric in r and len(r[metric][0]) == len(f_values)]
+    step = max(1, _ELEMENTS_AT_ONCE // max(1, len(f_values)))  # the same resamples in every step
+    for at in range(0, len(have), step):
+        rows = have[at:at + step]
+        values = np.stack([records[i][metric][0] for i in rows])  # (K, N)
+        same = all(np.array_equal(records[i][metric][1], f_counts) for i in rows)  # the usual case
+        counts = f_counts if same else np.stack([records[i][metric][1] for i in rows])  # (N,) or (K, N)
+        out[rows] = statistics.paired_intervals(values, f_values, counts, None if same else f_counts, rng=seed)
+    return out
+
+
+def p_values(records: list[Record | None], final_row: int, metric: str) -> np.ndarray:
+    """Exact McNemar p of each row against the final row, for a 0/1 metric (one value per example)."""
+    out = np.full(len(records), np.nan)
+    final = records[final_row]
+    if final is None or metric not in final or not _binary(final[metric]):
+        return out
+    for i, r in enumerate(records):
+        if r is not None and metric in r and _binary(r[metric]) and len(r[metric][0]) == len(final[metric][0]):
+            out[i] = statistics.mcnemar(*statistics.discordant(r[metric][0], final[metric][0]))
+    return out
+
+
+def _binary(record: tuple[np.ndarray, np.ndarray]) -> bool:
+    values, counts = record
+    return bool((counts == 1).all() and ((values == 0) | (values == 1)).all())
+
+
+def verdicts(table: pd.DataFrame, threshold: float = DEFAULT_THRESHOLD,
+             records: Sequence[Record | None] | None = None, *, rule: str = "interval", metric: str = "error",
+             seed: int = 0) -> pd.DataFrame:
+    """Per group: Δ ``metric`` when re-initialized to the first checkpoint, its interval and p, the verdict.
+
+    ``rule="interval"``: critical when the interval's low end exceeds ``threshold``, robust when its high
+    end is at most ``threshold``, inconclusive otherwise (``examples_to_settle`` hints how many examples
+    would decide it); ``p_holm`` corrects ``p_value`` over the table's groups. ``rule="point"``: the
+    paper's rule on Δ alone (``point_verdict`` holds it under either rule). ``rerandomize_error_*``: the
+    re-randomized error over draws, with a two-level interval (draws × examples) when records are given
+    (``rerandomize_<metric>_*`` when the table has no error column).
+    """
+    reinit = table[table.op == "reinit"]
+    if reinit.empty:
+        raise CriticalityError("no re-initialization cells: verdicts need a checkpoint before the final one")
+    first = int(reinit.checkpoint.min())
+    if first != 0:
+        raise CriticalityError(f"no epoch 0 (initialization) among the checkpoints (earliest is {first}); "
+                               "verdicts compare against the initialization")
+    records = list(records) if records is not None else [None] * len(table)
+    rand_metric = "error" if "error" in table.columns else metric  # the re-randomized columns' metric
+    out, draws = [], []  # draws: per group, the records of its re-randomization cells
+    for group, cells in table[table.op != "final"].groupby("group", sort=False):
+        at0 = cells[(cells.op == "reinit") & (cells.checkpoint == 0)].iloc[0]
+        rand = cells[cells.op == "rerandomize"]
+        delta, low, high = (float(at0.get(f"delta_{metric}{s}", np.nan)) for s in ("", "_low", "_high"))
+        row = {"group": group, "joint": bool(at0.joint), f"delta_{metric}": delta,
+               f"delta_{metric}_low": low, f"delta_{metric}_high": high, "p_value": float(at0.get("p_value", np.nan)),
+               "threshold": threshold, "point_verdict": statistics.point_verdict(delta, threshold)}
+        if metric != "error" and "delta_error" in at0:
+            row |= {c: float(at0.get(c, np.nan)) for c in ("delta_error", "delta_error_low", "delta_error_high")}
+        row["examples_to_settle"] = statistics.examples_to_settle(delta, low, high, int(at0.n), threshold)
+        errors = rand[rand_metric] if rand_metric in rand else pd.Series(dtype=float)
+        row |= {f"rerandomize_{rand_metric}_mean": float(errors.mean()) if len(errors) else float("nan"),
+                f"rerandomize_{rand_metric}_std": float(errors.std(ddof=0)) if len(errors) else float("nan")}
+        out.append(row)
+        draws.append([records[i] for i in rand.index])
+    df = pd.DataFrame(out)
+    df[[f"rerandomize_{rand_metric}_low", f"rerandomize_{rand_metric}_high"]] = _rerandomized(draws, seed,
+                                                                                               rand_metric)
+    df.insert(df.columns.get_loc("threshold"), "p_holm", statistics.holm(df["p_value"].to_numpy()))
+    df.insert(df.columns.get_loc("point_verdict"), "verdict", _apply(rule, df, metric, threshold))
+    return df
+
+
+def _apply(rule: str, df: pd.DataFrame, metric: str, threshold: float) -> list[str]:
+    if rule == "point":
+        return list(df["point_verdict"])
+    low, high = df[f"delta_{metric}_low"].to_numpy(), df[f"delta_{metric}_high"].to_numpy()
+    if not np.isfinite(np.concatenate([low, high])).all():
+        warnings.warn("some groups have no per-example records (an engine that gives none, or cells stored by an "
+                      "older version): their verdict falls back "
+                      "to the point rule", stacklevel=3)
+    return [statistics.verdict(lo, hi, threshold) if np.isfinite([lo, hi]).all() else point
+            for lo, hi, point in zip(low, high, df["point_verdict"], strict=True)]
+
+
+def _rerandomized(draws: list[list[Record | None]], seed: int, metric: str = "error") -> np.ndarray:
+    """``(groups, 2)``: two-level interval of each group's re-randomized ``metric`` (NaN without records);
+    groups with as many draws on the same examples (same counts) share one bootstrap."""
+    out = np.full((len(draws), 2), np.nan)
+    usable: dict[tuple, list[int]] = {}
+    for j, recs in enumerate(draws):
+        if recs and all(r is not None and metric in r for r in recs):
+            counts = {r[metric][1].tobytes() for r in recs}
+            if len(counts) == 1:
+                usable.setdefault((len(recs), counts.pop()), []).append(j)
+    for rows in usable.values():
+        values = np.stack([[r[metric][0] for r in draws[j]] for j in rows])  # (G, S, N)
+        counts = draws[rows[0]][0][metric][1]
+        out[rows] = statistics.two_level_intervals(values, counts, rng=seed)[:, 1:]
+    return out
+
+
+def straddling(cells: pd.DataFrame, metric: str, threshold: float) -> set[tuple[str, str]]:
+    """``(group, checkpoint as str)`` of the re-init cells whose Δ ``metric`` interval has low ≤ threshold <
+    high: the cells a heatmap marks as inconclusive. Empty when the table has no intervals."""
+    low, high = f"delta_{metric}_low", f"delta_{metric}_high"
+    if low not in cells.columns or high not in cells.columns:
+        return set()
+    reinit = cells[cells["op"] == "reinit"]
+    at = threshold + statistics.TOLERANCE
+    unsure = reinit[(reinit[low] <= at) & (reinit[high] > at)]
+    return set(zip(unsure["group"], unsure["checkpoint"].astype(int).astype(str), strict=True))
