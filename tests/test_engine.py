@@ -370,3 +370,23 @@ def test_tied_keys_with_different_values_load_as_the_reference_and_restore_exact
     want = engine.evaluate_naive(model, final, data, metrics=("nll",), batch_size=BATCH)
     assert got["f"]["nll"] == pytest.approx(want["nll"], abs=1e-5)
     assert _same_snapshot(model, snap)
+
+
+def test_hooks_and_eval_mode_always_come_undone():
+    from criticality.core.hooks import eval_mode, hooks
+
+    net = nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.5), nn.Linear(2, 2))
+    net.train()
+    net[1].eval()  # a module already in eval stays so
+    seen = []
+    with pytest.raises(RuntimeError, match="boom"), eval_mode(net), \
+            hooks([(net[0], lambda m, a: seen.append("pre"))], pre=True), \
+            hooks([(net[2], lambda m, a, out: seen.append("post"))]):
+        assert not any(m.training for m in net.modules())
+        net(torch.zeros(1, 2))
+        raise RuntimeError("boom")
+    assert seen == ["pre", "post"]
+    assert [m.training for m in net.modules()] == [True, True, False, True]
+    assert not net[0]._forward_pre_hooks and not net[2]._forward_hooks
+    net(torch.zeros(1, 2))
+    assert seen == ["pre", "post"]

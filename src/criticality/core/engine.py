@@ -35,6 +35,7 @@ from torch import nn
 from criticality.core import batches
 from criticality.core import stubs as stubs
 from criticality.core.batches import Batch, Data, Output, iter_batches
+from criticality.core.hooks import eval_mode, hooks
 from criticality.core.metrics import METRICS, CellResult, Metric, Records, needs_reference, resolve
 from criticality.core.stacks import find_stack
 
@@ -76,20 +77,13 @@ def evaluate(model: nn.Module, data: Data, *, metrics: Any = DEFAULT_METRICS, ba
     """
     metrics = resolve(metrics)
     reference = model if reference is None and needs_reference(metrics) else reference
-    modes = [(m, m.training) for net in {model, reference} - {None} for m in net.modules()]
-    for net in {model, reference} - {None}:
-        net.eval()
     records = Records(metrics)
-    try:
-        with torch.inference_mode():
-            for batch in iter_batches(data, batch_size, limit):
-                inputs, targets = batches.to_device(batch, device)
-                logits = batches.call(model, inputs, output)
-                ref = None if reference is None else batches.call(reference, inputs, output)
-                records.score(metrics, logits, inputs, targets, ref)
-    finally:
-        for m, training in modes:
-            m.training = training
+    with eval_mode(model, reference), torch.inference_mode():
+        for batch in iter_batches(data, batch_size, limit):
+            inputs, targets = batches.to_device(batch, device)
+            logits = batches.call(model, inputs, output)
+            ref = None if reference is None else batches.call(reference, inputs, output)
+            records.score(metrics, logits, inputs, targets, ref)
     return records.result()
 
 
@@ -144,24 +138,21 @@ def loaded(model: nn.Module, state: Mapping[str, torch.Tensor]) -> Iterator[nn.M
     """``model`` holding ``state`` in eval mode; afterwards every tensor it changed (only those are saved)
     and every module's mode are restored bit for bit, also after an exception."""
     own = model.state_dict(keep_vars=True)
-    modes = [(m, m.training) for m in model.modules()]
     saved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(tensor) -> (tensor, its original values)
     try:
-        with torch.no_grad():
-            for k, t in own.items():
-                v = state[k]  # one tensor at a time: a lazy checkpoint is never gathered whole
-                if id(t) not in saved and (t.shape != v.shape or not torch.equal(t, v.to(t.device, t.dtype))):
-                    saved[id(t)] = (t, t.detach().clone())
-            if saved:  # the model's own loading of the keys that differ: tied keys resolve as in the reference
-                model.load_state_dict({k: state[k] for k, t in own.items() if id(t) in saved}, strict=False)
-        model.eval()
-        yield model
+        with eval_mode(model):
+            with torch.no_grad():
+                for k, t in own.items():
+                    v = state[k]  # one tensor at a time: a lazy checkpoint is never gathered whole
+                    if id(t) not in saved and (t.shape != v.shape or not torch.equal(t, v.to(t.device, t.dtype))):
+                        saved[id(t)] = (t, t.detach().clone())
+                if saved:  # the model's own loading of the keys that differ: tied keys resolve as in the reference
+                    model.load_state_dict({k: state[k] for k, t in own.items() if id(t) in saved}, strict=False)
+            yield model
     finally:
         with torch.no_grad():
             for t, original in saved.values():
                 t.copy_(original)
-        for m, training in modes:
-            m.training = training
 
 
 def placed(model: nn.Module, device: torch.device) -> nn.Module:
@@ -347,13 +338,8 @@ class Engine:
         def seen(module, args):  # returns None: a pre-hook's result would replace the input
             order.setdefault(id(module), len(order))
 
-        handles = [m.register_forward_pre_hook(seen) for m in self.model.modules()]
-        try:
-            with torch.inference_mode():
-                batches.call(self.model, inputs, self.output)
-        finally:
-            for h in handles:
-                h.remove()
+        with hooks([(m, seen) for m in self.model.modules()], pre=True), torch.inference_mode():
+            batches.call(self.model, inputs, self.output)
         first = self.blocks[0]
         if id(first) not in order:
             return []
@@ -377,13 +363,9 @@ class Engine:
                 shapes[i] = stubs._safe_shape(out)
             return hook
 
-        handles = [m.register_forward_pre_hook(pre) for m in self.model.modules()]
-        handles += [b.register_forward_hook(post(i)) for i, b in enumerate(self.blocks)]
-        try:
+        with hooks([(m, pre) for m in self.model.modules()], pre=True), \
+                hooks([(b, post(i)) for i, b in enumerate(self.blocks)]):
             whole = self._forward(inputs, 0, None)
-        finally:
-            for h in handles:
-                h.remove()
         for i, b in reversed(list(enumerate(self.blocks))):  # the block a module is in wins
             for m in b.modules():
                 first[id(m)] = i

@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from criticality.core.hooks import hooks
+
 _MISSING = object()
 Shape = int | None  # None: the block returns a tensor; n: a tuple of n elements (hidden state first)
 
@@ -92,13 +94,8 @@ def output_of(run: Callable[[], Any], block: nn.Module) -> Any:
         box.append(out)
         raise Stop
 
-    handle = block.register_forward_hook(hook)
-    try:
+    with hooks([(block, hook)]), contextlib.suppress(Stop):
         run()
-    except Stop:
-        pass
-    finally:
-        handle.remove()
     if not box:
         raise LookupError("the block did not run in the model's forward")
     return box[0]
@@ -112,13 +109,8 @@ def skipping(model: nn.Module, paths: Sequence[str], shapes: dict[str, Shape]):
 def shapes_of(run: Callable[[], Any], modules: dict[str, nn.Module]) -> dict[str, Shape]:
     """The return structure of each module during one ``run()`` (modules that did not run: left out)."""
     seen: dict[str, Shape] = {}
-    handles = [m.register_forward_hook(lambda mod, a, out, p=p: seen.setdefault(p, _safe_shape(out)))
-               for p, m in modules.items()]
-    try:
+    with hooks([(m, lambda mod, a, out, p=p: seen.setdefault(p, _safe_shape(out))) for p, m in modules.items()]):
         run()
-    finally:
-        for h in handles:
-            h.remove()
     return seen
 
 
