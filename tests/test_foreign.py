@@ -161,6 +161,41 @@ def test_the_scheme_is_chosen_from_the_model(hf):
     assert choose(hf["llama"], "shuffle") == ("shuffle", False)
 
 
+def test_a_registered_scheme_is_detected_drawn_and_noted(monkeypatch):
+    """The registry: core/initializers knows hf and timm only through what criticality.adapters
+    registered, and a user's package can register its own scheme the same way."""
+    import ast
+    import inspect
+
+    from criticality.core import initializers
+
+    source = ast.parse(inspect.getsource(initializers))
+    imported = [n.module for n in ast.walk(source) if isinstance(n, ast.ImportFrom)]
+    imported += [a.name for n in ast.walk(source) if isinstance(n, ast.Import) for a in n.names]
+    assert not [m for m in imported if m and m.startswith("criticality.")]
+    assert initializers.draw_schemes() == ("torch", "glorot", "kaiming", "hf", "timm", "shuffle")
+    assert initializers.DRAW_SCHEMES == initializers.draw_schemes()
+
+    monkeypatch.setattr(initializers, "_REGISTERED", dict(initializers._REGISTERED))
+    drawn = []
+    mine = initializers.DrawScheme("mine", lambda module, path, root: drawn.append(path),
+                                   lambda model: getattr(model, "mine", False),
+                                   lambda model, groups: {"groups_seen": sorted(groups)})
+    initializers.register(mine)
+    model = ARCHS["fcn"]()
+    model.mine = True
+    assert choose(model) == ("mine", False)
+    assert choose(nn.Sequential(model)) == ("mine", False)  # a wrapper around one
+    initializers.module_scheme("mine")(model, "", model)
+    assert drawn == [""]
+    assert initializers.draws_summary(model, "mine", {"b": ("x",), "a": ("y",)}) == \
+        {"init": "mine", "groups_seen": ["a", "b"]}
+    assert initializers.draws_summary(model, "torch", {}) == {"init": "torch"}
+    assert "mine" in initializers.draw_schemes()
+    with pytest.raises(ValueError, match="built in"):
+        initializers.register(initializers.DrawScheme("shuffle", mine.init, mine.detect))
+
+
 def reference_rerandomize(model, states, x, y, keys, init, seed):
     """Independent reference: a whole-model draw, the group's keys copied in by hand, a plain forward."""
     fresh = surgery.fresh_state(model, init, RERANDOMIZE_SALT + seed, start=states[0])

@@ -3,6 +3,7 @@
 The Python entry point is :func:`analyze` (see :mod:`criticality.analysis`).
 """
 
+import criticality.adapters  # noqa: F401  (registers the hf and timm draw schemes with the core)
 from criticality._version import __version__
 from criticality.core.analysis import Result, analyze
 from criticality.errors import CriticalityError

@@ -22,6 +22,9 @@ group module by module:
   draw of such a block is an *identity* residual branch — re-randomizing it equals skipping its
   branch; see :func:`identity_blocks`). Other timm families initialize otherwise (ConvNeXt:
   trunc-normal convs; EfficientNet: its own fan-out rules): give them ``init="shuffle"`` or a callable.
+
+Both register themselves with :func:`criticality.core.initializers.register` when this module is imported
+(``import criticality.adapters`` does it), with their detectors (:func:`is_hf`, :func:`is_timm`).
 """
 
 from __future__ import annotations
@@ -29,7 +32,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from criticality.core.initializers import DrawScheme, Members, draws_summary, register
 from criticality.core.stacks import is_norm
+
+__all__ = ["draws_summary", "hf_init", "identity_blocks", "is_hf", "is_timm", "timm_init"]
 
 TOKENS = ("cls_token", "reg_token", "dist_token")  # timm: normal std 1e-6
 TIMM_STD = 0.02
@@ -106,20 +112,23 @@ def timm_init(module: nn.Module, path: str, root: nn.Module) -> None:
         module.zero_init_last()
 
 
-def identity_blocks(model: nn.Module, groups: dict[str, tuple[str, ...]]) -> list[str]:
+def identity_blocks(model: nn.Module, groups: Members) -> list[str]:
     """Groups holding a block whose fresh ``timm`` draw zeroes its last norm (``zero_init_last``)."""
     zeroing = [path for path, m in model.named_modules() if callable(getattr(m, "zero_init_last", None))]
     return [g for g, keys in groups.items()
             if any(k.startswith(f"{p}.") for p in zeroing for k in keys)]
 
 
-def draws_summary(model: nn.Module, init: str, groups: dict[str, tuple[str, ...]]) -> dict[str, object]:
-    """For the analysis summary: the initializer the fresh draws ran, and the groups whose draw is an
-    identity residual branch (timm's ``zero_init_last``), with a note saying what that means."""
-    out: dict[str, object] = {"init": init}
-    same = identity_blocks(model, groups) if init == "timm" else []
-    if same:
-        out["identity_blocks"] = same
-        out["note"] = ("timm's zero_init_last zeroes the last norm of these residual blocks in a fresh draw: "
-                       "re-randomizing such a block makes its residual branch the identity (= skipping it)")
-    return out
+def timm_notes(model: nn.Module, groups: Members) -> dict[str, object]:
+    """The groups holding a block whose fresh ``timm`` draw is an identity residual branch, with a note
+    saying what that means (for the analysis summary's ``draws``)."""
+    same = identity_blocks(model, groups)
+    if not same:
+        return {}
+    return {"identity_blocks": same,
+            "note": ("timm's zero_init_last zeroes the last norm of these residual blocks in a fresh draw: "
+                     "re-randomizing such a block makes its residual branch the identity (= skipping it)")}
+
+
+register(DrawScheme("hf", hf_init, is_hf))
+register(DrawScheme("timm", timm_init, is_timm, timm_notes))

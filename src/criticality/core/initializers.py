@@ -10,7 +10,10 @@ Initialization is part of the experiment, because re-randomization draws from it
   do, PyTorch's default for linear layers, zero conv biases; deep plain nets (VGG without BatchNorm)
   train from it where the modules' defaults make the signal vanish.
 
-For fresh draws of models from other packages (see :mod:`criticality.foreign`):
+For fresh draws of models from other packages, schemes registered with :func:`register` (a
+:class:`DrawScheme`: the per-module draw, a detector that recognises the package's models, optional notes
+for the analysis summary). :mod:`criticality.adapters` registers its own when imported (``import
+criticality`` does that); this module never imports it:
 
 - ``hf``: Hugging Face's ``_init_weights`` per module; ``timm``: timm's init patterns per module;
 - ``shuffle``: each tensor gets its own initial (epoch-0) values in a random order: a draw from the
@@ -30,16 +33,50 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from criticality.adapters import initializers as foreign
-
 InitScheme = str | Callable[[nn.Module], None]
-SCHEMES = ("torch", "glorot", "kaiming")  # training; fresh draws also take DRAW_SCHEMES
-DRAW_SCHEMES = (*SCHEMES, "hf", "timm", "shuffle")
+SCHEMES = ("torch", "glorot", "kaiming")  # training; fresh draws also take draw_schemes()
+SHUFFLE = "shuffle"  # works on state-dict entries (criticality.surgery), not per module
 ModuleInit = Callable[[nn.Module, str, nn.Module], None]  # (module, its path, the root model)
+Members = dict[str, tuple[str, ...]]  # group name -> its state-dict keys
+
+
+@dataclass(frozen=True)
+class DrawScheme:
+    """A package's own initializer for fresh draws: ``init(module, path, root)`` draws one module;
+    ``detect(model)`` says whether a model comes from that package; ``notes(model, groups)`` adds facts
+    to the analysis summary's ``draws`` entry (e.g. groups whose fresh draw is an identity)."""
+
+    name: str
+    init: ModuleInit
+    detect: Callable[[nn.Module], bool]
+    notes: Callable[[nn.Module, Members], dict[str, object]] | None = None
+
+
+_REGISTERED: dict[str, DrawScheme] = {}  # in registration order: the order :func:`choose` tries them
+
+
+def register(scheme: DrawScheme) -> DrawScheme:
+    """Add (or replace, by name) a draw scheme; returns it. The built-in names cannot be taken."""
+    if scheme.name in (*SCHEMES, SHUFFLE):
+        raise ValueError(f"init scheme {scheme.name!r} is built in")
+    _REGISTERED[scheme.name] = scheme
+    return scheme
+
+
+def draw_schemes() -> tuple[str, ...]:
+    """The names fresh draws accept now: the training schemes, the registered ones, ``shuffle``."""
+    return (*SCHEMES, *_REGISTERED, SHUFFLE)
+
+
+def __getattr__(name: str) -> object:
+    if name == "DRAW_SCHEMES":  # the older constant, computed when read (registrations come later)
+        return draw_schemes()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _reset(module: nn.Module) -> None:
@@ -84,31 +121,39 @@ def module_scheme(scheme: str) -> ModuleInit:
     if scheme in _ONE:
         one = _ONE[scheme]
         return lambda module, path, root: one(module)
-    if scheme in ("hf", "timm"):
-        return {"hf": foreign.hf_init, "timm": foreign.timm_init}[scheme]
-    raise ValueError(f"unknown init scheme {scheme!r} for fresh draws; choose one of {', '.join(DRAW_SCHEMES)}")
+    if scheme in _REGISTERED:
+        return _REGISTERED[scheme].init
+    raise ValueError(f"unknown init scheme {scheme!r} for fresh draws; choose one of {', '.join(draw_schemes())}")
 
 
 def choose(model: nn.Module, init: InitScheme | None = None) -> tuple[InitScheme, bool]:
-    """The scheme for fresh draws and whether it was a guess: ``init`` when given, else ``hf`` for a
-    Hugging Face model, ``timm`` for a timm model, ``model.init_scheme`` (zoo models), ``hf``/``timm``
-    for a model that contains one (a wrapper), else ``torch`` (each module's ``reset_parameters``; the
-    only guess)."""
+    """The scheme for fresh draws and whether it was a guess: ``init`` when given, else the first
+    registered scheme that detects the model (``hf`` for a Hugging Face model, ``timm`` for a timm model),
+    ``model.init_scheme`` (zoo models), the first registered scheme that detects a module inside the
+    model (a user's wrapper around a foreign model), else ``torch`` (each module's ``reset_parameters``;
+    the only guess)."""
     if init is not None:
         return init, False
-    if foreign.is_hf(model):
-        return "hf", False
-    if foreign.is_timm(model):
-        return "timm", False
-    scheme = getattr(model, "init_scheme", None)
-    if scheme is not None:
-        return scheme, False
-    inner = list(model.modules())[1:]  # a user's wrapper around a foreign model
-    if any(foreign.is_hf(m) for m in inner):
-        return "hf", False
-    if any(foreign.is_timm(m) for m in inner):
-        return "timm", False
+    for scheme in _REGISTERED.values():
+        if scheme.detect(model):
+            return scheme.name, False
+    own = getattr(model, "init_scheme", None)
+    if own is not None:
+        return own, False
+    inner = list(model.modules())[1:]
+    for scheme in _REGISTERED.values():
+        if any(scheme.detect(m) for m in inner):
+            return scheme.name, False
     return "torch", True
+
+
+def draws_summary(model: nn.Module, init: str, groups: Members) -> dict[str, object]:
+    """For the analysis summary: the initializer the fresh draws ran, with its scheme's notes (if any)."""
+    out: dict[str, object] = {"init": init}
+    scheme = _REGISTERED.get(init)
+    if scheme is not None and scheme.notes is not None:
+        out.update(scheme.notes(model, groups))
+    return out
 
 
 def draw_seed(seed: int, name: str) -> int:
