@@ -30,6 +30,7 @@ import pandas as pd
 import pytest
 import torch
 
+import criticality.core.run
 from criticality import cli
 from criticality.core.checkpoints import list_epochs, load_checkpoint, save_checkpoint
 from criticality.errors import CriticalityError
@@ -400,11 +401,9 @@ def test_quick_scale_uses_the_experiments_own_data_when_given(tmp_path, capsys, 
 def test_resuming_line_comes_from_rank_0_only(run, tmp_path, capsys, monkeypatch):
     r = copy(run, tmp_path)
     assert run_cli(capsys, "analyze", r, "--device", "cpu", "--seeds", "1")[0] == 0
-    from criticality.core import analysis
-
     code, _, err = run_cli(capsys, "analyze", r, "--device", "cpu", "--seeds", "1")
     assert code == 0 and "resuming: 10 of 10" in err
-    monkeypatch.setattr(analysis.distributed, "is_main", lambda: False)  # as rank 1 sees it
+    monkeypatch.setattr(criticality.core.run.distributed, "is_main", lambda: False)  # as rank 1 sees it
     code, _, err = run_cli(capsys, "analyze", r, "--device", "cpu", "--seeds", "1")
     assert code == 0 and "resuming" not in err
 

@@ -25,8 +25,9 @@ import pytest
 import torch
 
 from criticality import cli
-from criticality.core.analysis import make_plan, run_cells
 from criticality.core.checkpoints import list_epochs, load_checkpoint
+from criticality.core.plan import PlanSpec, make_plan
+from criticality.core.run import run_cells
 from criticality.core.stores import cell_key
 from criticality.errors import CriticalityError
 from criticality.infra import distributed
@@ -163,8 +164,7 @@ def _plan():
     end = {k: v + 0.3 * torch.randn(v.shape, generator=g) for k, v in start.items()}
     x = torch.randn(120, 1, 6, 6, generator=g)
     y = torch.randint(0, 5, (120,), generator=g)
-    plan = make_plan(model, {0: start, 2: end}, "auto", 1, None, None, None, None, ("error", "loss"), "fast",
-                     50, None, "reset")
+    plan = make_plan(model, {0: start, 2: end}, PlanSpec("auto", 1, batch_size=50))
     return plan, (x, y)
 
 

@@ -22,6 +22,8 @@ transformers = pytest.importorskip("transformers")
 
 from criticality.core import batches, engine, metrics  # noqa: E402
 from criticality.core.analysis import analyze  # noqa: E402
+from criticality.core.plan import PlanSpec, make_plan  # noqa: E402
+from criticality.core.run import run_cells  # noqa: E402
 from criticality.core.stacks import find_stack  # noqa: E402
 from criticality.errors import CriticalityError  # noqa: E402
 
@@ -300,14 +302,13 @@ def test_outputs_of_every_form_and_clear_errors():
 
 
 def test_run_cells_on_a_language_model_gives_records_and_perplexity():
-    from criticality.core.analysis import make_plan, run_cells
 
     model = gpt2()
     states = _perturbed(model)
     data = token_batches()
     groups = {"emb": ["transformer.wte", "transformer.wpe", "lm_head"], "h1": ["transformer.h.1"]}
-    plan = make_plan(model, states, groups, 0, None, None, None, None, ("token_error", "nll", "agreement", "kl"),
-                     "fast", BATCH, None, "reset")
+    plan = make_plan(model, states, PlanSpec(groups, 0, metrics=("token_error", "nll", "agreement", "kl"),
+                                              batch_size=BATCH))
     rows = run_cells(plan, data, progress=False)
     plan.engine = "naive"
     naive = run_cells(plan, data, progress=False)

@@ -25,7 +25,7 @@ import pytest
 import torch
 from torch import nn
 
-from criticality.core import analysis, initializers, surgery
+from criticality.core import initializers, ops, surgery
 from criticality.core.analysis import analyze
 from criticality.errors import CriticalityError
 from criticality.infra import distributed
@@ -99,7 +99,7 @@ def test_every_cell_against_a_variant_built_here(init):
             source = sd[int(row.checkpoint)]
         else:
             seed = int(row.seed)
-            fresh = surgery.fresh_state(model, init, analysis.RERANDOMIZE_SALT + seed)  # contract 5: whole model
+            fresh = surgery.fresh_state(model, init, ops.RERANDOMIZE_SALT + seed)  # contract 5: whole model
             assert all(not torch.equal(fresh[k], sd[0][k]) for k in keys if fresh[k].numel() > 1)
             source = fresh
         variant = {k: (source[k] if k in keys else final[k]).clone() for k in final}  # built key by key

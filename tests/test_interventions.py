@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from criticality import interventions
-from criticality.core import surgery
+from criticality.core import stubs, surgery
 from criticality.core.analysis import analyze
 from criticality.core.stores import cell_key
 from criticality.errors import CriticalityError
@@ -129,7 +129,7 @@ def test_skip_keeps_the_return_structure_and_refuses_with_reasons():
     x = torch.randn(4, 1, 6, 6)
     with torch.no_grad():
         want = net.out(net.layers[1](net.inp(x.flatten(1)))[0])
-        with interventions.skipping(net, ["layers.0"], plan.outputs):
+        with stubs.skipping(net, ["layers.0"], plan.outputs):
             got = net(x)
         assert "forward" not in net.layers[0].__dict__  # restored
     torch.testing.assert_close(got, want, rtol=0, atol=0)
@@ -189,7 +189,7 @@ def test_skipping_a_llama_layer_equals_the_model_without_it():
     without = copy.deepcopy(lm)
     del without.model.layers[1]
     with torch.no_grad():
-        with interventions.skipping(lm, ["model.layers.1"], plan.outputs):
+        with stubs.skipping(lm, ["model.layers.1"], plan.outputs):
             got = lm(**inputs).logits
         want = without(**inputs, use_cache=False).logits
     torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from criticality.core import surgery
-from criticality.core.analysis import analyze, make_plan
+from criticality.core.analysis import analyze
+from criticality.core.plan import PlanSpec, make_plan
 from criticality.paper import data as datasets
 from criticality.pipelines.runner import _hold
 from test_trajectory import toy_data, toy_states
@@ -43,8 +44,7 @@ def counted_trajectory(seed: int = 0):
 
 def test_a_cell_reads_the_final_checkpoint_for_its_group_only():
     model, checkpoints, _ = counted_trajectory()
-    plan = make_plan(model, checkpoints, "auto", 2, None, None, None, None,
-                     ("error",), "fast", 50, None, "reset")
+    plan = make_plan(model, checkpoints, PlanSpec("auto", 2, metrics=("error",), batch_size=50))
     final = checkpoints[plan.final_epoch]
     for cell in plan.cells:
         final.reads.clear()

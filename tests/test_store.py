@@ -11,13 +11,16 @@ stored row round-trip through strict JSON.
 from __future__ import annotations
 
 import json
+import logging
 import math
 
 import numpy as np
 import torch
 
 from criticality.core import records as examples
-from criticality.core.analysis import make_plan, run_cells
+from criticality.core import run
+from criticality.core.plan import PlanSpec, make_plan
+from criticality.core.run import run_cells
 from criticality.core.stores import CellStore, cell_key
 from criticality.pipelines.runner import _merge_shards
 from toy import fcn
@@ -29,27 +32,25 @@ def _plan():
     start = {k: v.clone() for k, v in model.state_dict().items()}
     end = {k: v + 0.3 * torch.randn(v.shape, generator=g) for k, v in start.items()}
     x, y = torch.randn(60, 1, 6, 6, generator=g), torch.randint(0, 5, (60,), generator=g)
-    plan = make_plan(model, {0: start, 2: end}, "auto", 1, None, None, None, "torch", ("error", "loss"), "fast",
-                     30, None, "reset")
+    plan = make_plan(model, {0: start, 2: end}, PlanSpec("auto", 1, init="torch", batch_size=30))
     return plan, (x, y)
 
 
-def test_sharded_cells_are_reused_by_any_world_size(tmp_path, capsys, monkeypatch):
+def test_sharded_cells_are_reused_by_any_world_size(tmp_path, caplog, monkeypatch):
     plan, data = _plan()
     two = [run_cells(plan, data, store=str(tmp_path / f"cells.rank{r}-of-2.jsonl"), shard=(r, 2), progress=False)
            for r in range(2)]
-    capsys.readouterr()
-    import criticality.core.analysis as analysis
-
+    caplog.clear()
+    caplog.set_level(logging.INFO, logger="criticality")
     def no_evaluation(plan, cells, *args, **kwargs):
         assert not cells, f"stored cells were computed again: {cells}"
         return iter(())
 
-    monkeypatch.setattr(analysis, "_evaluate", no_evaluation)
+    monkeypatch.setattr(run, "_evaluate", no_evaluation)
     three = [run_cells(plan, data, store=str(tmp_path / f"cells.rank{r}-of-3.jsonl"), shard=(r, 3), progress=False)
              for r in range(3)]
     one = run_cells(plan, data, store=str(tmp_path / "cells.jsonl"), progress=False)
-    assert "computing 0" in capsys.readouterr().err
+    assert "computing 0" in caplog.text  # the library logs it; the CLI shows it on stderr
     merged2, merged3 = _merge_shards(two, plan), _merge_shards(three, plan)
     assert [cell_key(r) for r in one] == [cell_key(c.as_dict()) for c in plan.cells]
     assert [r["error"] for r in merged2] == [r["error"] for r in merged3] == [r["error"] for r in one]
@@ -68,16 +69,14 @@ def test_cells_stored_without_records_are_computed_again(tmp_path, monkeypatch):
     lost = {cell_key(c.as_dict()) for c in plan.cells[1:3]}
     examples.examples_path(store).write_text(
         "\n".join(s for s in lines if '"cell"' not in s or cell_key(json.loads(s)["cell"]) not in lost) + "\n")
-    import criticality.core.analysis as analysis
-
     computed = []
-    evaluate = analysis._evaluate
+    evaluate = run._evaluate
 
     def counting(plan, cells, *args, **kwargs):
         computed.extend(cell_key(c.as_dict()) for c in cells)
         return evaluate(plan, cells, *args, **kwargs)
 
-    monkeypatch.setattr(analysis, "_evaluate", counting)
+    monkeypatch.setattr(run, "_evaluate", counting)
     again = run_cells(plan, data, store=str(store), progress=False)
     assert set(computed) == lost and len(computed) == 2
     for a, b in zip(again, whole, strict=True):

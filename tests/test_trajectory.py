@@ -17,8 +17,9 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from criticality.core.analysis import analyze, make_plan
+from criticality.core.analysis import analyze
 from criticality.core.checkpoints import check_compatible, load_checkpoints, save_checkpoint
+from criticality.core.plan import PlanSpec, make_plan
 from criticality.core.trajectory import LazyCheckpoint, TensorFile, alias_tied, trajectory
 from criticality.errors import CriticalityError
 from criticality.infra.files import write_json
@@ -84,7 +85,7 @@ def test_tensors_are_read_per_key_and_settings_read_nothing(tmp_path, monkeypatc
     assert read == ["1.weight"] and lazy[1]["1.weight"] is first  # one read; the same object while alive
     read.clear()
     check_compatible(model, lazy[3])  # shapes from the header
-    plan = make_plan(model, lazy, "auto", 0, None, None, None, None, ("error",), "fast", 50, None, "reset")
+    plan = make_plan(model, lazy, PlanSpec("auto", 0, metrics=("error",), batch_size=50))
     plan.settings()
     assert read == []
 

@@ -2,11 +2,10 @@
 
 The public path of :mod:`criticality.core.surgery`, which holds the code."""
 
+from criticality.core.state import BUFFER_MODES, buffer_keys  # noqa: F401
 from criticality.core.surgery import (  # noqa: F401
-    BUFFER_MODES,
     Overlay,
     StateDict,
-    buffer_keys,
     fresh_group,
     fresh_state,
     interpolate,

@@ -24,7 +24,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from criticality.core import surgery
+from criticality.core.state import buffer_keys
 
 StateDict = Mapping[str, torch.Tensor]
 CHUNK = 1 << 18  # numbers per slice: 2 MB per float64 temporary
@@ -43,7 +43,7 @@ def distances(checkpoints: Mapping[int, StateDict], groups: Mapping[str, Sequenc
     """One row per (group, checkpoint): the distances of the module docstring; epoch 0 = the earliest."""
     epochs = sorted(checkpoints)
     start = checkpoints[epochs[0]]
-    skip = surgery.buffer_keys(model) if model is not None else set()
+    skip = buffer_keys(model) if model is not None else set()
     out = []
     for group, keys in groups.items():
         params = [k for k in keys if k not in skip and start[k].is_floating_point()]

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from criticality.core.stacks import find_stack, holds_state, is_norm
+from criticality.core.state import tied_keys
 from criticality.errors import CriticalityError
 
 GroupSpec = str | Mapping[str, Sequence[str]]
@@ -131,20 +132,12 @@ def _finish(model: nn.Module, members: dict[str, tuple[str, ...]], keys: list[st
             if k in owner:
                 raise CriticalityError(f"state-dict key {k!r} is in two groups: {owner[k]!r} and {name!r}")
             owner[k] = name
-    for tied in _tied_keys(model):
+    for tied in tied_keys(model):
         holders = {owner.get(k) for k in tied}
         if len(holders) > 1:
             raise CriticalityError(f"tied parameters {', '.join(tied)} must be in one group, "
                                    f"found in {sorted(map(str, holders))}")
     return Groups(members, tuple(k for k in keys if k not in owner))
-
-
-def _tied_keys(model: nn.Module) -> list[tuple[str, ...]]:
-    """Sets of state-dict keys that name one and the same tensor."""
-    by_tensor: dict[int, list[str]] = {}
-    for k, v in model.state_dict(keep_vars=True).items():
-        by_tensor.setdefault(id(v), []).append(k)
-    return [tuple(ks) for ks in by_tensor.values() if len(ks) > 1]
 
 
 def _own_keys(module: nn.Module, prefix: str) -> list[str]:
@@ -286,14 +279,14 @@ def sublayer_parts(block: nn.Module) -> list[Part]:
 
 def _merge_tied(model: nn.Module, groups: dict[str, list[str]]) -> dict[str, list[str]]:
     """Fold groups that share a tied tensor into the first of them, renamed ``first+second`` (``wte+lm_head``)."""
-    for tied in _tied_keys(model):
+    for tied in tied_keys(model):
         holders = [g for g, pats in groups.items() if any(matches(k, p) for k in tied for p in pats)]
         if len(holders) > 1:
             merged = [p for g in holders for p in groups[g]]
             groups = {("+".join(holders) if g == holders[0] else g): (merged if g == holders[0] else pats)
                       for g, pats in groups.items() if g not in holders[1:]}
     # The duplicate name of a tied tensor may sit in no group at all: add it to its partner's group.
-    for tied in _tied_keys(model):
+    for tied in tied_keys(model):
         for pats in groups.values():
             if any(matches(k, p) for k in tied for p in pats):
                 pats += [k for k in tied if not any(matches(k, p) for p in pats)]

@@ -39,13 +39,14 @@ def shape_of(out: Any) -> Shape:
     raise ValueError(f"a block returned {type(out).__name__}, not a tensor or a tuple starting with one")
 
 
-def first_input(args: tuple, kwargs: dict) -> torch.Tensor:
-    """The hidden state a block was called with: its first positional argument (or ``hidden_states``)."""
+def first_input(args: tuple, kwargs: dict) -> Any:
+    """The hidden state a block was called with: its first positional argument, else ``hidden_states``, else
+    its first keyword argument (None for a call without arguments)."""
     if args:
         return args[0]
     if "hidden_states" in kwargs:
         return kwargs["hidden_states"]
-    return next(iter(kwargs.values()))
+    return next(iter(kwargs.values()), None)
 
 
 def as_shape(h: torch.Tensor, shape: Shape) -> Any:

@@ -21,10 +21,10 @@ import torch
 from torch import nn
 
 from criticality.core.initializers import InitScheme, draw_seed, module_scheme, scheme_name
+from criticality.core.state import first_of_tied, moving_keys
 from criticality.errors import CriticalityError
 
 StateDict = dict[str, torch.Tensor]
-BUFFER_MODES = ("reset", "keep", "recalibrate")
 
 
 class Overlay(Mapping):
@@ -68,14 +68,14 @@ def reinit(final: Mapping[str, torch.Tensor], checkpoint: Mapping[str, torch.Ten
     ``buffers="reset"`` takes every key of the group from the checkpoint (running statistics included);
     ``"keep"`` leaves the keys listed in ``buffer_keys`` as trained.
     """
-    return replace(final, checkpoint, _moving(keys, buffers, buffer_keys))
+    return replace(final, checkpoint, moving_keys(keys, buffers, buffer_keys))
 
 
 def rerandomize(final: Mapping[str, torch.Tensor], fresh: Mapping[str, torch.Tensor], keys: Collection[str],
                 *, buffers: str = "reset", buffer_keys: Collection[str] = (), copy: bool = True) -> Overlay:
     """Re-randomization: ``final`` with the group ``keys`` taken from a fresh draw (see :func:`fresh_state`);
     ``copy=False``: the draw's own tensors (see :func:`replace`)."""
-    return replace(final, fresh, _moving(keys, buffers, buffer_keys), copy=copy)
+    return replace(final, fresh, moving_keys(keys, buffers, buffer_keys), copy=copy)
 
 
 def interpolate(final: Mapping[str, torch.Tensor], checkpoint: Mapping[str, torch.Tensor],
@@ -172,7 +172,7 @@ def _shuffled(model: nn.Module, seed: int, keys: list[str], start: Mapping[str, 
     """Each tensor's ``start`` values in a random order; tied names share one permutation (of the first name)."""
     if start is None:
         raise CriticalityError("init='shuffle' needs the initial (epoch-0) state to permute")
-    first = {k: tied[0] for tied in _tied(model) for k in tied}
+    first = first_of_tied(model)
     out = {}
     for k in keys:
         t0 = start[k].detach().to("cpu")
@@ -203,13 +203,6 @@ def _own_keys(model: nn.Module, paths: list[str]) -> set[str]:
     for p in paths:
         out |= {f"{p}.{k}" if p else k for k in model.get_submodule(p).state_dict(keep_vars=True) if "." not in k}
     return out
-
-
-def _tied(model: nn.Module) -> list[list[str]]:
-    by_tensor: dict[int, list[str]] = {}
-    for k, v in model.state_dict(keep_vars=True).items():
-        by_tensor.setdefault(id(v), []).append(k)
-    return [ks for ks in by_tensor.values() if len(ks) > 1]
 
 
 def _copy(model: nn.Module, real: set[str] | None) -> nn.Module:
@@ -259,19 +252,6 @@ def _norms(model: nn.Module, keys: Collection[str]) -> list[nn.Module]:
     """The BatchNorm layers whose running statistics are among ``keys``."""
     return [mod for name, mod in model.named_modules() if isinstance(mod, nn.modules.batchnorm._BatchNorm)
             and f"{name}.running_mean" in keys]
-
-
-def buffer_keys(model: nn.Module) -> set[str]:
-    """The state-dict keys of ``model`` that are buffers (running statistics, counters)."""
-    return {name for name, _ in model.named_buffers()}
-
-
-def _moving(keys: Collection[str], buffers: str, buffer_keys: Collection[str]) -> list[str]:
-    if buffers not in BUFFER_MODES:
-        raise CriticalityError(f"unknown buffer mode {buffers!r}; choose one of {', '.join(BUFFER_MODES)}")
-    if buffers == "keep":
-        return [k for k in keys if k not in set(buffer_keys)]
-    return list(keys)  # "recalibrate" moves them too; recalibrate() then recomputes them
 
 
 def _check_keys(base: Mapping, source: Mapping, keys: Collection[str]) -> None:

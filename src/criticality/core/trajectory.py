@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from criticality.core.state import tied_keys
 from criticality.errors import CriticalityError
 from criticality.infra.files import sha256_file
 
@@ -331,17 +332,10 @@ def _sharded(folder: Path, index: Path) -> LazyCheckpoint:
 def alias_tied(checkpoint: Mapping[str, torch.Tensor], model: torch.nn.Module) -> Mapping[str, torch.Tensor]:
     """``checkpoint`` with the model's tied keys it leaves out (``lm_head.weight`` when tied to the embedding,
     as ``save_pretrained`` writes it) answered by the key that shares their storage."""
-    state = model.state_dict(keep_vars=True)
-    by_storage: dict[int, list[str]] = {}
-    for key, tensor in state.items():
-        if tensor.numel():  # empty tensors all share data_ptr 0
-            by_storage.setdefault(tensor.data_ptr(), []).append(key)
     aliases = {}
-    for key in state:
-        if key not in checkpoint:
-            held = [k for k in by_storage.get(state[key].data_ptr(), ()) if k in checkpoint and k != key]
-            if held:
-                aliases[key] = held[0]
+    for tied in tied_keys(model):
+        held = [k for k in tied if k in checkpoint]
+        aliases.update({k: held[0] for k in tied if held and k not in checkpoint})
     if not aliases:
         return checkpoint
     if isinstance(checkpoint, LazyCheckpoint):

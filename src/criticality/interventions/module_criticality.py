@@ -41,16 +41,19 @@ import pandas as pd
 import torch
 from torch import nn
 
-from criticality import interventions
-from criticality.core import surgery
-from criticality.core.analysis import Cell, Plan, make_plan, run_cells
 from criticality.core.engine import Data
+from criticality.core.ops import Cell
+from criticality.core.plan import Plan, PlanSpec, make_plan
+from criticality.core.run import run_cells
+from criticality.core.state import buffer_keys
 from criticality.errors import CriticalityError
 from criticality.infra.files import atomic_path
+from criticality.interventions.interpolate import check_unit
+from criticality.interventions.noise import NOISE_CONVENTION, noise_scale, parameter_keys
 
 DEFAULT_EPS = 0.02  # tolerated rise of the test error above the final model's (absolute, e.g. 2 points)
-DEFAULT_ALPHAS = tuple(round(a, 2) for a in np.linspace(0, 1, 11))
-DEFAULT_SIGMAS = tuple(round(s, 2) for s in np.linspace(0.05, 1, 20))
+SEARCH_ALPHAS = tuple(round(a, 2) for a in np.linspace(0, 1, 11))
+SEARCH_SIGMAS = tuple(round(s, 2) for s in np.linspace(0.05, 1, 20))
 DEFAULT_DRAWS = 3
 SEARCHES = ("bisect", "grid")
 
@@ -64,26 +67,27 @@ class ModuleCriticality:
 
 
 def module_criticality(model: nn.Module, checkpoints: Mapping[int, Mapping[str, torch.Tensor]], data: Data, *,
-                       groups: Any = "model", eps: float = DEFAULT_EPS, alphas: Sequence[float] = DEFAULT_ALPHAS,
-                       sigmas: Sequence[float] = DEFAULT_SIGMAS, draws: int = DEFAULT_DRAWS, source: int = 0,
+                       groups: Any = "model", eps: float = DEFAULT_EPS, alphas: Sequence[float] = SEARCH_ALPHAS,
+                       sigmas: Sequence[float] = SEARCH_SIGMAS, draws: int = DEFAULT_DRAWS, source: int = 0,
                        search: str = "bisect", engine: str = "fast", batch_size: int = 1000,
                        device: str | torch.device = "cpu", max_examples: int | None = None, buffers: str = "reset",
                        store: str | None = None, progress: bool = False, final: int | None = None) -> ModuleCriticality:
     """μ per group and the network total Σμ (see the module docstring); ``store`` makes it resumable."""
-    plan = make_plan(model, checkpoints, groups, 0, None, final, None, None, ("error", "loss"), engine, batch_size,
-                     max_examples, buffers, ops=())
+    spec = PlanSpec(groups=groups, seeds=0, final=final, engine=engine, batch_size=batch_size,
+                    max_examples=max_examples, buffers=buffers, ops=())
+    plan = make_plan(model, checkpoints, spec)
     return search_plan(plan, data, eps=eps, alphas=alphas, sigmas=sigmas, draws=draws, source=source, search=search,
                        device=device, store=store, progress=progress)
 
 
-def search_plan(plan: Plan, data: Data, *, eps: float = DEFAULT_EPS, alphas: Sequence[float] = DEFAULT_ALPHAS,
-                sigmas: Sequence[float] = DEFAULT_SIGMAS, draws: int = DEFAULT_DRAWS, source: int = 0,
+def search_plan(plan: Plan, data: Data, *, eps: float = DEFAULT_EPS, alphas: Sequence[float] = SEARCH_ALPHAS,
+                sigmas: Sequence[float] = SEARCH_SIGMAS, draws: int = DEFAULT_DRAWS, source: int = 0,
                 search: str = "bisect", device: str | torch.device = "cpu", store: str | None = None,
                 progress: bool = False, final_error: float | None = None) -> ModuleCriticality:
     """Module criticality of the groups of an analysis :class:`~criticality.analysis.Plan` (``final_error``:
     the trained model's, when already evaluated on ``data``)."""
-    alphas = interventions.check_unit(alphas, "alphas")
-    sigmas = interventions.check_unit(sigmas, "sigmas", zero=False)
+    alphas = check_unit(alphas, "alphas")
+    sigmas = check_unit(sigmas, "sigmas", zero=False)
     if search not in SEARCHES:
         raise CriticalityError(f"unknown search {search!r}; choose {' or '.join(SEARCHES)}")
     if draws < 1:
@@ -156,14 +160,14 @@ class _Prober:
 def _result(plan: Plan, probe: _Prober, eps: float, final_error: float, alphas, sigmas, draws: int, source: int,
             search: str) -> ModuleCriticality:
     final, start = plan.checkpoints[plan.final_epoch], plan.checkpoints[source]
-    buffers = surgery.buffer_keys(plan.model)
+    buffers = buffer_keys(plan.model)
     columns = ["group", "alpha", "sigma", "error", "error_std", "loss", "draws", "feasible", "round"]
     points = pd.DataFrame(list(probe.rows.values()), columns=columns)
     rows, mus = [], []
     for g in plan.groups.names:
-        keys = interventions.parameter_keys(plan.keys(g), final, buffers)
+        keys = parameter_keys(plan.keys(g), final, buffers)
         n = sum(final[k].numel() for k in keys)
-        scale = interventions.noise_scale(final, start, keys)
+        scale = noise_scale(final, start, keys)
         pts = points[points.group == g]
         mu_pts = n * (pts.alpha / pts.sigma) ** 2  # = α²‖Δθ‖² / (σ·s)²
         points.loc[pts.index, "mu"] = mu_pts
@@ -184,7 +188,7 @@ def _result(plan: Plan, probe: _Prober, eps: float, final_error: float, alphas, 
                "grid_points": len(alphas) * len(sigmas) * len(plan.groups.names),
                "cells_evaluated": len(points) * draws + 1,
                "convention": "mu = alpha^2 ||theta_f - theta_0||_F^2 / (sigma * s)^2 = n alpha^2 / sigma^2, with "
-                             + interventions.NOISE_CONVENTION,
+                             + NOISE_CONVENTION,
                "assumption": "the mean error over the draws grows with sigma for each alpha (bisection)"
                              if search == "bisect" else None}
     return ModuleCriticality(table, points, total, summary)

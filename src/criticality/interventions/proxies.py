@@ -32,11 +32,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from criticality import interventions
-from criticality.core import engine as engine_mod
+from criticality.core.batches import call, iter_batches
+from criticality.core.hooks import eval_mode, hooks
 from criticality.core.stacks import find_stack
+from criticality.core.stubs import first_input
 from criticality.errors import CriticalityError
 from criticality.infra.files import atomic_path
+from criticality.interventions.skip import module_of
 
 PROXIES = ("bi", "angular")
 TARGETS = ("reinit@0", "skip")  # the cells' Δ error the proxies are ranked against
@@ -99,7 +101,7 @@ def block_proxies(model: nn.Module, data: Any, *, groups: Any = None,
 
     def hook(path):
         def record(module, args, kwargs, output):
-            h = interventions.hidden_input(args, kwargs)
+            h = first_input(args, kwargs)
             out = output[0] if isinstance(output, tuple) and output else output
             if isinstance(h, torch.Tensor) and isinstance(out, torch.Tensor):
                 mask = state["mask"] if h.dim() == 3 and state["mask"] is not None \
@@ -109,20 +111,11 @@ def block_proxies(model: nn.Module, data: Any, *, groups: Any = None,
                 tallies[path].note = "no tensor input or output"
         return record
 
-    handles = [m.register_forward_hook(hook(p), with_kwargs=True) for p, m in stack]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            for inputs in _inputs(data, batch_size, max_examples):
-                inputs = {k: v.to(device) for k, v in inputs.items()} if isinstance(inputs, Mapping) \
-                    else inputs.to(device)
-                state["mask"] = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
-                interventions.call_model(model, inputs)
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
+    with hooks([(m, hook(p)) for p, m in stack], with_kwargs=True), eval_mode(model), torch.inference_mode():
+        for inputs in _inputs(data, batch_size, max_examples):
+            inputs = {k: v.to(device) for k, v in inputs.items()} if isinstance(inputs, Mapping) else inputs.to(device)
+            state["mask"] = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
+            call(model, inputs)
     rows = [{"block": path, "index": i, **tallies[path].row()} for i, (path, _) in enumerate(stack)]
     table = pd.DataFrame(rows)
     table.insert(1, "group", _groups_of(model, [p for p, _ in stack], groups))
@@ -131,10 +124,6 @@ def block_proxies(model: nn.Module, data: Any, *, groups: Any = None,
 
 def _inputs(data: Any, batch_size: int, limit: int | None):
     """The model inputs of each evaluation batch (labels dropped)."""
-    try:
-        from criticality.core.batches import iter_batches  # dict batches, label-free data (contract 1)
-    except ImportError:
-        iter_batches = engine_mod.iter_batches
     for batch in iter_batches(data, batch_size, limit):
         yield batch[0]
 
@@ -143,7 +132,7 @@ def _groups_of(model: nn.Module, paths: Sequence[str], groups: Any) -> list[str 
     if groups is None:
         return [None] * len(paths)
     members = getattr(groups, "members", groups)
-    by_path = {interventions.module_of(model, keys, name): name for name, keys in members.items()}
+    by_path = {module_of(model, keys, name): name for name, keys in members.items()}
     return [by_path.get(p) for p in paths]
 
 

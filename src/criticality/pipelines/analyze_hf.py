@@ -29,7 +29,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from criticality.core.analysis import DEFAULT_THRESHOLD, finish, make_plan, run_cells
+from criticality.core.analysis import DEFAULT_THRESHOLD, finish
+from criticality.core.plan import PlanSpec, make_plan
+from criticality.core.run import run_cells
 from criticality.core.trajectory import Trajectory, alias_tied, trajectory
 from criticality.errors import CriticalityError
 from criticality.infra.files import write_json, write_text
@@ -194,8 +196,8 @@ def analyze_hf(checkpoints: str | Path, data: str | Path, *, init_checkpoint: st
     tok = tokenizer(folder)
     tensors = read_tokens(Path(data), seq_len, tok=tok, vocab_size=model.config.vocab_size, text_key=text_key)
     out = Path(out) if out else Path(checkpoints) / "analysis"
-    plan = make_plan(model, states, groups, seeds, None, None, None, None, METRICS, engine, batch_size,
-                     max_examples, "reset")
+    spec = PlanSpec(groups, seeds, metrics=METRICS, engine=engine, batch_size=batch_size, max_examples=max_examples)
+    plan = make_plan(model, states, spec)
     rows = run_cells(plan, lm_data(tensors, batch_size), device=device, store=str(out / "cells.jsonl"),
                      progress=progress)
     result = finish(plan, rows, threshold=threshold, verdict_metric="token_error",

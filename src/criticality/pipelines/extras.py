@@ -6,11 +6,10 @@ import copy
 from collections.abc import Sequence
 from typing import Any
 
-from criticality import interventions
+from criticality.core.ops import OPERATIONS, check_ops, choices
 from criticality.errors import CriticalityError
 from criticality.interventions import proxies
-from criticality.interventions.module_criticality import DEFAULT_ALPHAS as MC_ALPHAS
-from criticality.interventions.module_criticality import DEFAULT_EPS, search_plan, write
+from criticality.interventions.module_criticality import DEFAULT_EPS, SEARCH_ALPHAS, search_plan, write
 
 EXTRA_OPS = ("criticality", "proxies")  # module criticality (its own search) and the one-pass proxies
 
@@ -19,11 +18,10 @@ def split_ops(ops: Sequence[str] | str) -> tuple[tuple[str, ...], tuple[str, ...
     """``--ops`` → (the grid's ops, the extra ops), each validated."""
     ops = [o.strip() for o in ops.split(",") if o.strip()] if isinstance(ops, str) else list(ops)
     extra = tuple(o for o in dict.fromkeys(ops) if o in EXTRA_OPS)
-    unknown = [o for o in ops if o not in interventions.OPS and o not in EXTRA_OPS]
+    unknown = [o for o in ops if o not in OPERATIONS and o not in EXTRA_OPS]
     if unknown:
-        choices = ", ".join([*interventions.OPS[1:], *EXTRA_OPS])
-        raise CriticalityError(f"unknown op {unknown[0]!r}; choose from {choices}")
-    return interventions.check_ops([o for o in ops if o in interventions.OPS]), extra
+        raise CriticalityError(f"unknown op {unknown[0]!r}; choose from {', '.join([*choices(), *EXTRA_OPS])}")
+    return check_ops([o for o in ops if o in OPERATIONS]), extra
 
 
 def run_extras(plan: Any, data: Any, out: Any, table: Any, extras: Sequence[str], *, draws: int,
@@ -35,7 +33,7 @@ def run_extras(plan: Any, data: Any, out: Any, table: Any, extras: Sequence[str]
     summary: dict[str, Any] = {}
     if "criticality" in extras:
         sig = tuple(s for s in (sigmas or ()) if s > 0) or None  # σ = 0 has μ = ∞: no point searching it
-        kw = {"alphas": alphas or MC_ALPHAS, "eps": DEFAULT_EPS if eps is None else eps}
+        kw = {"alphas": alphas or SEARCH_ALPHAS, "eps": DEFAULT_EPS if eps is None else eps}
         final_error = float(table.loc[table.op == "final", "error"].iloc[0])
         mc = search_plan(plan, data, draws=max(1, draws), device=device, store=store, progress=progress,
                          final_error=final_error, **kw, **({"sigmas": sig} if sig else {}))

@@ -33,7 +33,9 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 import torch
 
-from criticality.core.analysis import DEFAULT_THRESHOLD, finish, make_plan, run_cells
+from criticality.core.analysis import DEFAULT_THRESHOLD, finish
+from criticality.core.plan import PlanSpec, make_plan
+from criticality.core.run import run_cells
 from criticality.core.trajectory import alias_tied, trajectory
 from criticality.errors import CriticalityError
 from criticality.infra.files import atomic_path, write_json, write_text
@@ -99,8 +101,8 @@ def analyse(folder: Path, cfg: LMConfig, seeds: int, threshold: float = DEFAULT_
     """Every sub-layer re-randomized (``seeds`` draws) and reset to each column, scored per token on the
     held-out text; returns the analysis :class:`~criticality.analysis.Result` with epochs as checkpoints."""
     model, states, data, n_seq, device = _load(folder, cfg)
-    plan = make_plan(model, states, sublayer_groups(model), seeds, None, None, None, None, METRICS, "fast", BATCH,
-                     cfg.eval_sequences, "reset")
+    spec = PlanSpec(sublayer_groups(model), seeds, metrics=METRICS, batch_size=BATCH, max_examples=cfg.eval_sequences)
+    plan = make_plan(model, states, spec)
     rows = run_cells(plan, data, device=device, store=str(folder / "analysis" / "cells.jsonl"), progress=progress)
     result = finish(plan, rows, threshold=threshold, verdict_metric="token_error",
                     provenance={**provenance(), "device": str(device)})
@@ -128,8 +130,9 @@ def layers(folder: Path, cfg: LMConfig, progress: bool = True) -> tuple[pd.DataF
     model, states, data, _, device = _load(folder, cfg)
     out = folder / "analysis_layers"
     groups = {f"block{i}": [f"model.layers.{i}"] for i in range(len(model.model.layers))}
-    plan = make_plan(model, states, groups, 0, None, None, [0], None, LAYER_METRICS, "fast", BATCH, cfg.eval_sequences,
-                     "reset", ops=("reinit", "skip"), probe=data)
+    spec = PlanSpec(groups, 0, reinit_to=[0], metrics=LAYER_METRICS, batch_size=BATCH,
+                    max_examples=cfg.eval_sequences, ops=("reinit", "skip"))
+    plan = make_plan(model, states, spec, probe=data)
     rows = run_cells(plan, data, device=device, store=str(out / "cells.jsonl"), progress=progress)
     result = finish(plan, rows, verdict_metric="token_error", provenance={**provenance(), "device": str(device)})
     _accuracy(result.table)

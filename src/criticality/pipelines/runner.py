@@ -25,10 +25,12 @@ from typing import Any
 import pandas as pd
 import torch
 
-from criticality import interventions
 from criticality.core import engine
-from criticality.core.analysis import DEFAULT_THRESHOLD, finish, make_plan, run_cells
+from criticality.core.analysis import DEFAULT_THRESHOLD, finish
 from criticality.core.checkpoints import load_checkpoints
+from criticality.core.ops import PAPER_OPS
+from criticality.core.plan import PlanSpec, make_plan
+from criticality.core.run import run_cells
 from criticality.core.stores import cell_key
 from criticality.errors import CriticalityError
 from criticality.infra import distributed, lock
@@ -66,7 +68,7 @@ def analyze_run(run_dir: str | Path, *, groups: str | dict = "model", seeds: int
                 batch_size: int = 1000, device: str = "auto", max_examples: int | None = None,
                 threshold: float = DEFAULT_THRESHOLD, buffers: str = "reset", verdict: str = "interval",
                 verdict_metric: str | None = None, progress: bool = True, wait: bool = False,
-                ops: Sequence[str] | str = interventions.PAPER_OPS,
+                ops: Sequence[str] | str = PAPER_OPS,
                 alphas: Sequence[float] | None = None, sigmas: Sequence[float] | None = None,
                 eps: float | None = None) -> Path:
     """Analyse a training run directory and write ``RUN/analysis`` (``RUN/analysis_train`` for the training
@@ -104,11 +106,11 @@ def _analyze(run_dir: Path, config: dict, cfg: TrainConfig, build: dict, ctx: di
         split_data, batch_size=batch_size, num_workers=cfg.workers)
     model = models.build(**build, init=cfg.init)
     checkpoints = load_checkpoints(run_dir)
-    plan = make_plan(model, checkpoints, groups, seeds, joint, None, _reinit_to(config, checkpoints), None,
-                     METRICS, engine, batch_size, max_examples, buffers,
-                     calibration=_calibration(dataset, cfg) if buffers == "recalibrate" else None, ops=grid_ops,
-                     alphas=alphas or interventions.DEFAULT_ALPHAS, sigmas=sigmas or interventions.DEFAULT_SIGMAS,
-                     probe=data)
+    calibration = _calibration(dataset, cfg) if buffers == "recalibrate" else None
+    spec = PlanSpec(groups, seeds, joint, reinit_to=_reinit_to(config, checkpoints), metrics=METRICS, engine=engine,
+                    batch_size=batch_size, max_examples=max_examples, buffers=buffers, calibration=calibration,
+                    ops=grid_ops, alphas=alphas or None, sigmas=sigmas or None)
+    plan = make_plan(model, checkpoints, spec, probe=data)
     _hold(model, checkpoints[plan.final_epoch])  # then the engine saves and swaps only each cell's group
     out = run_dir / ("analysis" if split == "test" else f"analysis_{split}")  # the report reads analysis/
     if ctx.is_main:
