@@ -211,7 +211,7 @@ def test_nan_checkpoint_is_recorded_not_a_crash(run, tmp_path, capsys):
 
 
 def test_outputs_share_one_permission_rule(run):
-    mode = 0o666 & ~files._UMASK
+    mode = files.output_mode()
     outputs = [p for p in run.rglob("*") if p.is_file() and p.name != ".lock"]
     assert any(p.suffix == ".safetensors" for p in outputs) and any(p.suffix == ".pt" for p in outputs)
     assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in outputs} == {p.name: mode for p in outputs}

@@ -391,3 +391,9 @@ def test_hooks_and_eval_mode_always_come_undone():
     assert not net[0]._forward_pre_hooks and not net[2]._forward_hooks
     net(torch.zeros(1, 2))
     assert seen == ["pre", "post"]
+
+
+def test_the_default_metric_sets_are_built_in_metrics():
+    for names in (metrics.DEFAULT_METRICS, metrics.CLASSIFIER_METRICS, metrics.SEQUENCE_METRICS):
+        assert set(metrics.resolve(names)) == set(names) <= set(metrics.METRICS)
+    assert engine.DEFAULT_METRICS is metrics.DEFAULT_METRICS

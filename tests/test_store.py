@@ -1,11 +1,13 @@
-"""The cell store: rows keyed by cell, so a sharded analysis resumes whatever the number of processes.
+"""The stores (cells and per-example records; one file format, criticality.infra.jsonl): rows keyed by
+cell, so a sharded analysis resumes whatever the number of processes.
 
 Run: ``.venv/bin/pytest tests/test_store.py -q`` (a few seconds; CPU).
 
 Checks: cells stored by 2 shards are all reused, with their per-example records, by 3 shards and by one
 process (nothing recomputed); a stored cell whose records are missing is computed again (the statistics
 need them), and only that one; a sibling store of other settings is ignored, never mixed in; NaN/inf in a
-stored row round-trip through strict JSON.
+stored row round-trip through strict JSON; the record store writes strict JSON too (format 2), reads and
+upgrades a format-1 file (bare NaN, torn last line), and refuses a format it does not know.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import logging
 import math
 
 import numpy as np
+import pytest
 import torch
 
 from criticality.core import records as examples
@@ -22,6 +25,7 @@ from criticality.core import run
 from criticality.core.plan import PlanSpec, make_plan
 from criticality.core.run import run_cells
 from criticality.core.stores import CellStore, cell_key
+from criticality.errors import CriticalityError
 from criticality.pipelines.runner import _merge_shards
 from toy import fcn
 
@@ -101,3 +105,41 @@ def test_non_finite_rows_round_trip_as_strict_json(tmp_path):
     assert json.loads(line, parse_constant=lambda c: 1 / 0)["loss"] == "Infinity"
     row = next(iter(CellStore(tmp_path / "cells.jsonl", {"a": 1}).rows.values()))
     assert math.isnan(row["error"]) and row["loss"] == math.inf
+
+
+def _record_line(cell):
+    values, counts = np.array([0.0, 1.0, 1.0]), np.ones(3)
+    return {"cell": cell, "records": {"error": {"values": examples.encode(values),
+                                                "counts": examples.encode(counts, counts=True)}}}
+
+
+def test_records_are_strict_json_and_the_old_format_is_read_and_upgraded(tmp_path):
+    cell = {"op": "final", "group": "", "checkpoint": 2, "seed": None, "error": math.nan, "loss": math.inf}
+    store = examples.ExampleStore(tmp_path / "examples.jsonl", {"a": 1})
+    store.add(cell, {"error": (np.array([0.0, 1.0, 1.0]), np.ones(3))})
+    header, line = (tmp_path / "examples.jsonl").read_text().splitlines()
+    assert json.loads(header)["format"] == examples.FORMAT == 2
+    strict = json.loads(line, parse_constant=lambda c: 1 / 0)  # no bare NaN/Infinity anywhere
+    assert strict["cell"]["error"] == "NaN" and strict["cell"]["loss"] == "Infinity"
+
+    # format 1 (json.dumps(allow_nan=True)): a bare NaN, and a torn last line
+    old = tmp_path / "old" / "examples.jsonl"
+    old.parent.mkdir()
+    old.write_text("\n".join([json.dumps({"kind": examples.KIND, "format": 1, "settings": {"a": 1}}),
+                              json.dumps(_record_line(cell), allow_nan=True), '{"cell": {"op"']))
+    assert "NaN" in old.read_text().splitlines()[1]
+    for _ in range(2):  # the first opening upgrades the file in place, the second reads format 2
+        again = examples.ExampleStore(old, {"a": 1})
+        (key, got), = again.records.items()
+        assert key == cell_key(cell) and math.isnan(again.cells[key]["error"]) and again.cells[key]["loss"] == math.inf
+        assert np.array_equal(got["error"][0], [0.0, 1.0, 1.0]) and np.array_equal(got["error"][1], np.ones(3))
+        header, line = old.read_text().splitlines()
+        assert json.loads(header)["format"] == 2
+        assert json.loads(line, parse_constant=lambda c: 1 / 0)["cell"]["error"] == "NaN"
+
+
+def test_a_store_of_an_unknown_format_is_refused(tmp_path):
+    path = tmp_path / "examples.jsonl"
+    path.write_text(json.dumps({"kind": examples.KIND, "format": 99, "settings": {"a": 1}}) + "\n")
+    with pytest.raises(CriticalityError, match="incompatible version .*format 99, this version reads 2, 1"):
+        examples.ExampleStore(path, {"a": 1})

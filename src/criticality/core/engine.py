@@ -1,23 +1,23 @@
-"""Fast evaluation of many variants of one model, and the plain reference it must agree with.
+"""Fast evaluation of many variants of one model.
 
 A *variant* is the trained model with some state-dict entries replaced, and optionally some modules
-skipped (one cell of the grid). The reference, :func:`evaluate_naive`, deep-copies the model, loads the
-variant's full state dict and runs the test set. The :class:`Engine` gives the same numbers faster:
+skipped (one cell of the grid). The reference, :func:`criticality.core.evaluate.evaluate_naive`, deep-copies
+the model, loads the variant's full state dict and runs the test set. The :class:`Engine` gives the same
+numbers faster:
 
 - no copy of the model: it evaluates on the caller's instance (the final state loaded into it; every
   tensor it changed is restored bit for bit afterwards, also when evaluation raises), or on one copy when
   the model must move to another device; a variant's entries are swapped in and out (:func:`swapped`);
 - prefix reuse: for a model with a repeated block stack (``blocks``), a variant whose first modified block
   is ``k`` needs blocks ``k..L`` re-run only. The model's own forward runs, but block ``k - 1`` returns its
-  cached output for this batch and the blocks before it return at once (:mod:`criticality.blocks`), so
+  cached output for this batch and the blocks before it return at once (:mod:`criticality.core.stubs`), so
   masks, rotary embeddings and heads need no special code. Every position is checked bit for bit against
   the full forward on a probe batch; positions that do not reproduce it fall back to the full forward;
 - ``torch.inference_mode`` and large batches; the data is processed in chunks whose cached outputs (and
   the final model's logits, for ``agreement``/``kl``) stay under ``max_cache_bytes``.
 
-Both paths split the data into the same batches and run the same operations on them, so errors agree
-exactly and losses to float rounding of the sums. Results are :class:`CellResult`: the means
-``{metric: float, "n": examples}`` with the per-example ``records`` (see :mod:`criticality.metrics`).
+Both paths give the same :class:`CellResult`s (see :mod:`criticality.core.evaluate`); this module
+re-exports the reference's names.
 """
 
 from __future__ import annotations
@@ -35,13 +35,13 @@ from torch import nn
 from criticality.core import batches
 from criticality.core import stubs as stubs
 from criticality.core.batches import Batch, Data, Output, iter_batches
+from criticality.core.evaluate import evaluate, evaluate_naive  # re-exported: the reference next to the engine
 from criticality.core.hooks import eval_mode, hooks
-from criticality.core.metrics import METRICS, CellResult, Metric, Records, needs_reference, resolve
+from criticality.core.metrics import DEFAULT_METRICS, METRICS, CellResult, Metric, Records, needs_reference, resolve
 from criticality.core.stacks import find_stack
 
-__all__ = ["METRICS", "CellResult", "Data", "Engine", "Metric", "Variant", "evaluate", "evaluate_naive",
-           "iter_batches", "swapped"]
-DEFAULT_METRICS = ("error", "loss")
+__all__ = ["DEFAULT_METRICS", "METRICS", "CellResult", "Data", "Engine", "Metric", "Variant", "evaluate",
+           "evaluate_naive", "iter_batches", "loaded", "placed", "swapped"]
 
 
 @dataclass(frozen=True)
@@ -66,52 +66,6 @@ class Variant:
         if self.keys is not None and set(entries) != set(self.keys):
             raise KeyError(f"variant {self.id!r} made keys {sorted(entries)}, announced {sorted(self.keys)}")
         return entries
-
-
-def evaluate(model: nn.Module, data: Data, *, metrics: Any = DEFAULT_METRICS, batch_size: int = 1000,
-             device: str | torch.device = "cpu", limit: int | None = None, output: Output = None,
-             reference: nn.Module | None = None) -> CellResult:
-    """Each metric of ``model`` (in eval mode; modes are restored) over ``data``.
-
-    ``reference`` is the model whose logits ``agreement``/``kl`` compare with (default: ``model`` itself).
-    """
-    metrics = resolve(metrics)
-    reference = model if reference is None and needs_reference(metrics) else reference
-    records = Records(metrics)
-    with eval_mode(model, reference), torch.inference_mode():
-        for batch in iter_batches(data, batch_size, limit):
-            inputs, targets = batches.to_device(batch, device)
-            logits = batches.call(model, inputs, output)
-            ref = None if reference is None else batches.call(reference, inputs, output)
-            records.score(metrics, logits, inputs, targets, ref)
-    return records.result()
-
-
-def evaluate_naive(model: nn.Module, state: Mapping[str, torch.Tensor], data: Data, *,
-                   metrics: Any = DEFAULT_METRICS, batch_size: int = 1000, device: str | torch.device = "cpu",
-                   limit: int | None = None, output: Output = None, skip: Sequence[str] = (),
-                   reference_state: Mapping[str, torch.Tensor] | None = None) -> CellResult:
-    """The reference: deepcopy, ``load_state_dict``, evaluate in batches. Obviously correct, slow.
-
-    ``skip``: modules that return their input instead; ``reference_state``: the final model, which
-    ``agreement``/``kl`` compare with.
-    """
-    m = copy.deepcopy(model).to(device)
-    m.load_state_dict(state)
-    reference = None
-    if needs_reference(resolve(metrics)):
-        reference = copy.deepcopy(model).to(device)
-        reference.load_state_dict(state if reference_state is None else reference_state)
-    run = lambda: evaluate(m, data, metrics=metrics, batch_size=batch_size, device=device,  # noqa: E731
-                           limit=limit, output=output, reference=reference)
-    if not skip:
-        return run()
-    first = batches.to_device(next(iter_batches(data, 2, limit)), device)
-    with torch.inference_mode():
-        shapes = stubs.shapes_of(lambda: batches.call(m.eval(), first[0], output),
-                                 {p: m.get_submodule(p) for p in skip})
-    with stubs.skipping(m, skip, shapes):
-        return run()
 
 
 @contextlib.contextmanager
@@ -183,7 +137,7 @@ class Engine:
 
     ``evaluate(variants)`` yields ``(variant.id, CellResult)`` as cells finish. ``blocks``: the model's
     repeated block stack in execution order, ``[(path, module), ...]`` (default: found by
-    :func:`criticality.stacks.find_stack`).
+    :func:`criticality.core.stacks.find_stack`).
     """
 
     def __init__(self, model: nn.Module, base: Mapping[str, torch.Tensor], data: Data, *,

@@ -155,6 +155,11 @@ class Plain(Metric):
 METRICS: dict[str, Metric] = {"error": Error(), "loss": Loss(), "token_error": TokenError(), "nll": NLL(),
                               "agreement": Agreement(), "kl": KL()}
 
+# Default metric sets (names in METRICS). The first of each is the one verdicts are read from.
+DEFAULT_METRICS = ("error", "loss")  # a classifier evaluated on its own (evaluate, Engine, analyze)
+CLASSIFIER_METRICS = ("error", "loss", "agreement", "kl")  # a classifier's grid, compared with the final model
+SEQUENCE_METRICS = ("token_error", "nll", "agreement", "kl")  # a language model's grid, likewise
+
 
 def resolve(metrics: Mapping[str, Metric | Callable] | list | tuple) -> dict[str, Metric]:
     """Names or functions → built-in :class:`Metric` objects (user functions wrapped in :class:`Plain`)."""

@@ -4,9 +4,12 @@ A *record* maps a metric to ``(values float64 (N,), counts (N,))`` in data order
 (per sequence for sequence models, whose values are sums over its tokens and counts its token count).
 The cell's value is ``values.sum() / counts.sum()``.
 
-``RUN/analysis/examples.jsonl`` works like ``cells.jsonl`` (:mod:`criticality.store`): a header line with
-the grid's settings, then one line per finished cell, appended and fsync'ed as soon as the cell is done,
-keyed by the same cell key. A torn last line is ignored (that cell is recomputed). Arrays are stored
+``RUN/analysis/examples.jsonl`` works like ``cells.jsonl`` (:mod:`criticality.core.stores`; the file rules
+are :mod:`criticality.infra.jsonl`'s): a header line with the grid's settings, then one line per finished
+cell, appended and fsync'ed as soon as the cell is done, keyed by the same cell key. A torn last line is
+ignored (that cell is recomputed). Lines are strict JSON (format 2: a NaN in a cell's fields is the string
+``"NaN"``, as in the cell store); format 1 files (bare ``NaN``) are still read, and rewritten in format 2
+when a store opens them. Arrays are stored
 compactly as base64: 0/1 values bit-packed (10,000 examples: 1.25 kB), values that survive float32
 exactly as float32, others as float64; counts that are all 1 are not stored at all. The labels of the
 evaluation data (when they are one class per example) are kept once, for :func:`per_class`.
@@ -19,7 +22,6 @@ with the same settings), so records are reused whatever the number of processes 
 from __future__ import annotations
 
 import base64
-import json
 import os
 from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -30,12 +32,13 @@ import numpy as np
 import pandas as pd
 
 from criticality.core import statistics
-from criticality.core.stores import append_line, cell_key, drop_torn, open_lines, sibling_lines
+from criticality.core.stores import cell_key
 from criticality.errors import CriticalityError
 from criticality.infra.files import dumps, loads
+from criticality.infra.jsonl import append_line, open_store
 
 KIND = "criticality-examples"
-FORMAT = 1
+FORMAT = 2  # 2: strict JSON (NaN as "NaN"); 1: json.dumps(allow_nan=True), read and upgraded
 
 Record = dict[str, tuple[np.ndarray, np.ndarray]]  # metric → (values (N,), counts (N,))
 
@@ -98,20 +101,18 @@ class ExampleStore:
         self.records: dict[Hashable, Record] = {}
         self.cells: dict[Hashable, dict[str, Any]] = {}
         self.targets: np.ndarray | None = None
-        for body in sibling_lines(self.path, KIND, FORMAT, self.settings):
-            self._parse(body)
-        lines = open_lines(self.path, KIND, FORMAT, self.settings, "records")
-        drop_torn(self.path, lines, self._parse(lines[1:]))
+        open_store(self.path, KIND, FORMAT, self.settings, "records", self._parse,
+                   older={1: lambda line: dumps(loads(line))})  # loads reads bare NaN too
 
     def add(self, cell: Mapping[str, Any], record: Record) -> None:
         line = {"cell": dict(cell), "records": {m: {"values": encode(v), "counts": encode(c, counts=True)}
                                                 for m, (v, c) in record.items()}}
-        append_line(self.path, json.dumps(line, allow_nan=True))
+        append_line(self.path, dumps(line))
         self.records[cell_key(cell)] = record
         self.cells[cell_key(cell)] = dict(cell)
 
     def add_targets(self, targets: np.ndarray) -> None:
-        append_line(self.path, json.dumps({"targets": encode(targets)}, allow_nan=True))
+        append_line(self.path, dumps({"targets": encode(targets)}))
         self.targets = np.asarray(targets, dtype=np.float64)
 
     def _parse(self, lines: list[str]) -> list[str]:
@@ -119,7 +120,7 @@ class ExampleStore:
         kept = []
         for line in lines:
             try:
-                obj = json.loads(line)
+                obj = loads(line)
                 if "targets" in obj:
                     self.targets = decode(obj["targets"])
                 else:

@@ -30,14 +30,21 @@ class Context:
         return self.rank == 0
 
 
+def auto_device(spec: str = "auto") -> str:
+    """The one ``auto`` device rule: ``cuda`` when a CUDA device is available, else ``cpu``; any other
+    ``spec`` is returned as it is (checked by :func:`resolve_device`)."""
+    if spec != "auto":
+        return spec
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def resolve_device(spec: str = "auto", local_rank: int = 0, local_world: int = 1) -> torch.device:
     """``auto`` (a GPU when present), ``cpu``, ``cuda`` (this process's GPU: ``cuda:LOCAL_RANK``) or ``cuda:N``.
 
     ``local_world`` is the number of processes on this node (torchrun's ``LOCAL_WORLD_SIZE``): each
     needs a GPU of its own, so ``cuda:N`` (one GPU for all) and more processes than GPUs are refused.
     """
-    if spec == "auto":
-        spec = "cuda" if torch.cuda.is_available() else "cpu"
+    spec = auto_device(spec)
     if spec == "cpu":
         return torch.device("cpu")
     if spec != "cuda" and not spec.startswith("cuda:"):

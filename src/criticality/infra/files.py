@@ -4,8 +4,9 @@ Every output (checkpoints, tables, figures, the report) is written to a temporar
 directory, flushed and fsync'ed, then renamed over the target, which POSIX makes atomic. A failed write
 (disk full, read-only directory, Ctrl-C) removes the temporary file and leaves the old one as it was.
 
-One permission rule for every output: ``0666 & ~umask`` (0644 under the usual umask 022), applied after
-the writer has finished, since some writers (safetensors) create the file anew with mode 0600.
+One permission rule for every output: ``0666 & ~umask`` (0644 under the usual umask 022, see
+:func:`output_mode`), applied after the writer has finished, since some writers (safetensors) create the
+file anew with mode 0600.
 
 JSON is strict (RFC 8259) everywhere: non-finite numbers are written as the strings ``"NaN"``,
 ``"Infinity"`` and ``"-Infinity"`` (jq, browsers and ``json.loads(..., parse_constant=...)``-free readers
@@ -15,6 +16,7 @@ accept them); :func:`read_json` and :func:`loads` turn those strings back into f
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -26,8 +28,19 @@ from typing import IO, Any
 
 import numpy as np
 
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)  # read the process umask (the only portable way is to set it and put it back)
+
+@functools.cache
+def output_mode() -> int:
+    """The permission bits of every output, ``0o666 & ~umask``, read once on first use (not at import).
+
+    Linux states the umask in ``/proc/self/status``; elsewhere the only portable way to read it is to set
+    it and put it back, which is why this happens once, lazily, and not as a side effect of the import."""
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        with open("/proc/self/status") as f:
+            return 0o666 & ~int(next(line for line in f if line.startswith("Umask:")).split()[1], 8)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 @contextlib.contextmanager
@@ -38,10 +51,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs get the usual permissions
+    os.chmod(tmp, output_mode())  # mkstemp makes 0600; outputs get the usual permissions
     try:
         yield Path(tmp)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # again: a writer may have replaced the file (safetensors makes 0600)
+        os.chmod(tmp, output_mode())  # again: a writer may have replaced the file (safetensors makes 0600)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -9,7 +9,8 @@ only to name it in the message. The kernel releases a ``flock`` when its process
 (SIGKILL included), so a lock left by a dead process is stale by construction and simply taken over. On a
 network file system ``flock`` is as reliable as the file system's locking (NFSv4: yes; some FUSE file
 systems: no lock at all — then nothing is refused, as before). Under ``torchrun`` rank 0 takes the lock
-and tells every rank the outcome, so all ranks stop together and only rank 0 prints.
+and tells every rank the outcome, so all ranks stop together and only rank 0 says so. While waiting it
+logs one INFO message (logger ``criticality.infra.lock``; the CLI shows it on stderr).
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ import contextlib
 import errno
 import fcntl
 import json
+import logging
 import os
 import socket
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +29,7 @@ from pathlib import Path
 from criticality.errors import CriticalityError
 from criticality.infra import distributed
 
+log = logging.getLogger(__name__)
 NAME = ".lock"
 POLL_S = 0.5  # how often a waiting process tries again
 
@@ -68,7 +70,7 @@ def acquire(run_dir: str | os.PathLike, what: str, *, wait: bool = False) -> int
                 raise CriticalityError(f"{run_dir} is in use by {holder}; wait for it to finish, or rerun with "
                                        "--wait to wait for it") from None
             if not said:
-                print(f"waiting for {holder} to release {run_dir} …", file=sys.stderr)
+                log.info("waiting for %s to release %s …", holder, run_dir)
                 said = True
             time.sleep(POLL_S)
     info = {"pid": os.getpid(), "host": socket.gethostname(), "command": what,
