@@ -460,7 +460,8 @@ class _Trainer:
         train, c, ctx = self.train_data, self.config, self.ctx
         if isinstance(train, tuple):
             augment = (lambda x: datasets.crop_flip(x, self.generator)) if c.augment else None
-            for x, y in datasets.batches(*train, c.batch_size, shuffle=True, generator=self.generator, augment=augment):
+            for x, y in datasets.minibatches(*train, c.batch_size, shuffle=True, generator=self.generator,
+                                             augment=augment):
                 if len(y) >= ctx.world:
                     yield x.tensor_split(ctx.world)[ctx.rank], y.tensor_split(ctx.world)[ctx.rank], len(y)
             return
