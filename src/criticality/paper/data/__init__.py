@@ -22,6 +22,7 @@ from criticality.paper.data.common import (
     TORCHVISION_DIR,
     Dataset,
     Split,
+    split_size,
 )
 from criticality.paper.data.download import CHECKSUMS, MIRRORS, fetch
 from criticality.paper.data.loading import DEBIAN_FASHION, default_data, load
@@ -32,6 +33,6 @@ from criticality.paper.data.subsets import stratified_indices, stratified_subset
 __all__ = [
     "CHECKSUMS", "CIFAR_ARCHIVE", "CIFAR_DIR", "CIFAR_FILES", "CLASSES", "DEBIAN_FASHION", "IDX_FILES",
     "IMAGE_SUFFIXES", "MEAN_STD", "MIRRORS", "NAMES", "TORCHVISION_DIR", "Dataset", "Split", "crop_flip",
-    "default_data", "fetch", "load", "minibatches", "read_cifar_batch", "read_idx", "stratified_indices",
+    "default_data", "fetch", "load", "minibatches", "read_cifar_batch", "read_idx", "split_size", "stratified_indices",
     "stratified_subset",
 ]

@@ -65,3 +65,8 @@ def standardize(x: np.ndarray, name: str, scale: float) -> Tensor:
     mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in MEAN_STD[name])
     return t.sub_(mean).div_(std)
 
+
+
+def split_size(split: Split) -> int:
+    """Examples in a split: in-memory ``(x, y)`` or a torch Dataset."""
+    return len(split[1]) if isinstance(split, tuple) else len(split)
