@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from criticality.paper import data, models
-from criticality.paper.train import TrainConfig, train
+from criticality.paper.train import train
+from criticality.paper.training.config import TrainConfig
 
 
 def plain_loop_images_per_s(batch_size: int = 128, epochs: int = 4, model_name: str = "fcn-3x256",

@@ -35,7 +35,8 @@ from criticality import cli
 from criticality.core.checkpoints import list_epochs, load_checkpoint, save_checkpoint
 from criticality.errors import CriticalityError
 from criticality.infra import files, lock
-from criticality.paper.train import TrainConfig, train
+from criticality.paper.train import train
+from criticality.paper.training.config import TrainConfig
 
 TINY = dict(model="fcn-2x16", data="digits", epochs=2, batch_size=64, device="cpu")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}

@@ -29,7 +29,8 @@ import torch
 from criticality import cli
 from criticality.core.checkpoints import checkpoint_path, load_checkpoint, save_checkpoint
 from criticality.errors import CriticalityError
-from criticality.paper.train import TrainConfig, train
+from criticality.paper.train import train
+from criticality.paper.training.config import TrainConfig
 from fixtures import write_cifar, write_mnist
 
 TINY = dict(model="fcn-2x16", data="digits", epochs=2, batch_size=64, device="cpu")

@@ -1,4 +1,4 @@
-"""Tests for criticality.data.  Run: ``.venv/bin/pytest tests/test_data.py -q`` (about 10 s, no internet).
+"""Tests for criticality.paper.data.  Run: ``.venv/bin/pytest tests/test_data.py -q`` (about 10 s, no internet).
 
 Checks: real Fashion-MNIST from the Debian package (shapes, dtypes, labels, train mean 0 / std 1;
 skipped only when /usr/share/datasets/fashion-mnist is absent) and its published checksums; digits;
@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from criticality.errors import CriticalityError
-from criticality.paper import data, imagenet
+from criticality.paper import data
+from criticality.paper.data import imagenet, loading
 from fixtures import serve, write_cifar, write_idx, write_mnist, write_png, write_tree
 
 
@@ -127,7 +128,7 @@ def test_truncated_gzip_names_file(tmp_path):
 
 
 def test_missing_data_message(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "DEBIAN_FASHION", tmp_path / "not-installed")
+    monkeypatch.setattr(loading, "DEBIAN_FASHION", tmp_path / "not-installed")
     with pytest.raises(CriticalityError) as err:
         data.load("mnist", tmp_path)
     message = str(err.value)
@@ -296,7 +297,7 @@ def test_corrupt_image_names_file(tmp_path):
 @needs_fashion
 def test_download_fashion_mnist_with_real_checksums(tmp_path, monkeypatch, no_proxy):
     debian = data.DEBIAN_FASHION
-    monkeypatch.setattr(data, "DEBIAN_FASHION", tmp_path / "not-installed")  # else no download is needed
+    monkeypatch.setattr(loading, "DEBIAN_FASHION", tmp_path / "not-installed")  # else no download is needed
     with serve(debian) as url:
         monkeypatch.setitem(data.MIRRORS, "fashion-mnist", (url,))
         ds = data.load("fashion-mnist", tmp_path, download=True, max_train=100, max_test=50)
@@ -379,16 +380,16 @@ def test_stratified_subset():
 
 def test_batches_cover_each_example_once():
     x, y = torch.arange(103).float()[:, None], torch.arange(103)
-    seen = [yb for _, yb in data.batches(x, y, 10, shuffle=True, generator=torch.Generator().manual_seed(0))]
+    seen = [yb for _, yb in data.minibatches(x, y, 10, shuffle=True, generator=torch.Generator().manual_seed(0))]
     assert [len(b) for b in seen] == [10] * 10 + [3]
     assert sorted(torch.cat(seen).tolist()) == list(range(103))
-    again = torch.cat([yb for _, yb in data.batches(x, y, 10, shuffle=True,
+    again = torch.cat([yb for _, yb in data.minibatches(x, y, 10, shuffle=True,
                                                     generator=torch.Generator().manual_seed(0))])
     assert torch.equal(torch.cat(seen), again) and not torch.equal(again, y)
-    plain = list(data.batches(x, y, 10, drop_last=True, augment=lambda xb: -xb))
+    plain = list(data.minibatches(x, y, 10, drop_last=True, augment=lambda xb: -xb))
     assert len(plain) == 10 and torch.equal(plain[0][0], -x[:10]) and torch.equal(plain[0][1], y[:10])
     with pytest.raises(ValueError, match="Generator"):
-        next(data.batches(x, y, 10, shuffle=True))
+        next(data.minibatches(x, y, 10, shuffle=True))
 
 
 def test_crop_flip_matches_per_image_reference():

@@ -32,7 +32,8 @@ from criticality.core.stores import cell_key
 from criticality.errors import CriticalityError
 from criticality.infra import distributed
 from criticality.infra.distributed import Context, resolve_device
-from criticality.paper.train import TrainConfig, _Trainer
+from criticality.paper.training.config import TrainConfig
+from criticality.paper.training.trainer import Trainer as _Trainer
 from criticality.pipelines.runner import _merge_shards
 from toy import fcn
 

@@ -28,7 +28,8 @@ from hypothesis import strategies as st
 
 from criticality import analyze, cli
 from criticality.errors import CriticalityError
-from criticality.paper.train import TrainConfig, train
+from criticality.paper.train import train
+from criticality.paper.training.config import TrainConfig
 from toy import fcn
 
 FUZZ = settings(max_examples=60, derandomize=True, deadline=None, database=None,

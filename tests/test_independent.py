@@ -30,8 +30,9 @@ from criticality.core.analysis import analyze
 from criticality.errors import CriticalityError
 from criticality.infra import distributed
 from criticality.paper import experiments, models
-from criticality.paper.schedules import scheduler as _scheduler
-from criticality.paper.train import TrainConfig, train
+from criticality.paper.train import train
+from criticality.paper.training.config import TrainConfig
+from criticality.paper.training.schedules import scheduler as _scheduler
 
 N = 200
 
@@ -179,7 +180,7 @@ def test_glorot_and_kaiming_match_their_formulas_not_the_default():
 def test_step_and_cosine_schedules_whole_sequence():
     def lrs(schedule: str, epochs: int) -> list[float]:
         opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
-        sched = _scheduler(opt, TrainConfig(epochs=epochs, lr=0.1, schedule=schedule))
+        sched = _scheduler(opt, TrainConfig(epochs=epochs, lr=0.1, schedule=schedule).lr_schedule)
         out = []
         for _ in range(epochs):
             out.append(opt.param_groups[0]["lr"])  # the lr epoch e trains with

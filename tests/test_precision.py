@@ -13,8 +13,9 @@ import torch.nn.functional as F
 from criticality.core.checkpoints import load_checkpoint
 from criticality.errors import CriticalityError
 from criticality.paper import data
-from criticality.paper.precision import autocast_dtype, grad_scaler, use_channels_last
-from criticality.paper.train import TrainConfig, train
+from criticality.paper.train import train
+from criticality.paper.training.config import TrainConfig
+from criticality.paper.training.precision import autocast_dtype, grad_scaler, use_channels_last
 
 TINY_CONV = dict(model="vgg11-bn", width=4, data="digits", epochs=2, device="cpu", batch_size=64, max_train=300,
                  max_test=100)

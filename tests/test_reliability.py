@@ -39,7 +39,8 @@ from criticality.core.checkpoints import checkpoint_path, list_epochs, load_chec
 from criticality.core.stores import CellStore
 from criticality.errors import CriticalityError
 from criticality.infra.files import atomic_path, atomic_write, sha256_file, write_json
-from criticality.paper.train import TrainConfig, train
+from criticality.paper.train import train
+from criticality.paper.training.config import TrainConfig
 from criticality.pipelines.runner import analyze_run
 
 # Five epochs of a small FCN on digits; checkpoints at 0, 1, 2, 3, 5 (epoch 4 lives only in state/).

@@ -14,8 +14,8 @@ import pytest
 from criticality.errors import CriticalityError
 from criticality.output import figures as plots
 from criticality.paper import experiments
-from criticality.paper.schedules import lr_at
-from criticality.paper.train import TrainConfig, checkpoint_epochs, train
+from criticality.paper.train import train
+from criticality.paper.training.config import TrainConfig, checkpoint_epochs
 from criticality.pipelines.runner import _note_experiment, analyze_run
 
 TINY = dict(model="fcn-1x16", data="digits", device="cpu", batch_size=64)
@@ -24,16 +24,16 @@ TINY = dict(model="fcn-1x16", data="digits", device="cpu", batch_size=64)
 def test_piecewise_lr_for_the_whole_paper_schedule():
     c = TrainConfig(lr=0.1, epochs=100, schedule="piecewise", milestones="30,60,90", gamma=0.2)
     want = [0.1] * 30 + [0.02] * 30 + [0.004] * 30 + [0.0008] * 10  # epochs 1..100
-    assert [lr_at(c, e) for e in range(1, 101)] == pytest.approx(want)
+    assert [c.lr_schedule.lr_at(e) for e in range(1, 101)] == pytest.approx(want)
     warm = dataclasses.replace(c, warmup=2)
-    assert [lr_at(warm, e) for e in (1, 2, 3, 31)] == pytest.approx([0.01, 0.055, 0.1, 0.02])
+    assert [warm.lr_schedule.lr_at(e) for e in (1, 2, 3, 31)] == pytest.approx([0.01, 0.055, 0.1, 0.02])
 
 
 def test_the_optimizer_runs_at_lr_at(tmp_path):
     cfg = TrainConfig(**TINY, epochs=5, lr=0.05, schedule="piecewise", milestones="2,4", gamma=0.5, warmup=1)
     run = train(cfg, tmp_path / "run", progress=False)
     logged = [json.loads(line)["lr"] for line in (run / "log.jsonl").read_text().splitlines()[1:]]
-    assert logged == pytest.approx([lr_at(cfg, e) for e in range(1, 6)])
+    assert logged == pytest.approx([cfg.lr_schedule.lr_at(e) for e in range(1, 6)])
     assert logged == pytest.approx([0.005, 0.05, 0.025, 0.025, 0.0125])
 
 

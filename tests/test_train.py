@@ -15,7 +15,8 @@ import torch
 from criticality.core.checkpoints import list_epochs, load_checkpoint
 from criticality.errors import CriticalityError
 from criticality.paper.data import DEBIAN_FASHION
-from criticality.paper.train import TrainConfig, checkpoint_epochs, train
+from criticality.paper.train import train
+from criticality.paper.training.config import TrainConfig, checkpoint_epochs
 
 TINY = dict(model="fcn-2x32", data="digits", epochs=4, device="cpu", batch_size=64)
 

@@ -27,7 +27,7 @@ from criticality.errors import CriticalityError
 from criticality.infra import distributed
 from criticality.infra.files import loads
 from criticality.paper import experiments, models
-from criticality.paper.train import TrainConfig
+from criticality.paper.training.config import TrainConfig
 
 # Disk and permission failures are the user's environment, not a bug: one line, exit status 2.
 ENVIRONMENT_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO)

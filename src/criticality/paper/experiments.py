@@ -16,7 +16,7 @@ from typing import Any
 
 from criticality.errors import CriticalityError, unknown_name
 from criticality.paper import lm_config
-from criticality.paper.train import TrainConfig
+from criticality.paper.training.config import TrainConfig
 
 SCALES = ("quick", "paper")
 # The paper's recipe (JMLR 23(67) Appendix A): SGD + momentum 0.9, batch 128, 100 epochs, lr x0.2 after

@@ -42,7 +42,9 @@ from criticality.output.tables import write_tables
 from criticality.paper import data as datasets
 from criticality.paper import models
 from criticality.paper.experiments import Experiment, run_configs
-from criticality.paper.train import RUN_FORMAT, TrainConfig, read_config, train
+from criticality.paper.train import train
+from criticality.paper.training.config import TrainConfig
+from criticality.paper.training.rundir import RUN_FORMAT, read_config
 from criticality.pipelines import extras as extras_ops
 
 # What `criticality analyze` and `run` measure per cell: test error (the verdicts) and loss, and the

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from criticality.errors import CriticalityError
-from criticality.paper.data import IMAGE_SUFFIXES, MEAN_STD, Dataset
+from criticality.paper.data.common import IMAGE_SUFFIXES, MEAN_STD, Dataset
 
 
 class ImageFolder(torch.utils.data.Dataset):
