@@ -10,19 +10,23 @@ model and its draws follow the stated scale; skipping a residual block equals a 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
+from typing import ClassVar
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from torch import nn
 
 from criticality import interventions
-from criticality.core import stubs, surgery
+from criticality.core import ops, stubs, surgery
 from criticality.core.analysis import analyze
 from criticality.core.stores import cell_key
 from criticality.errors import CriticalityError
+from criticality.interventions import Interpolate
 from test_analysis import make_data, trajectory
 
 OPS = ("reinit", "interpolate", "noise", "skip")
@@ -201,3 +205,43 @@ def test_the_engine_reuses_the_prefix_in_front_of_a_skipped_block():
     model, states = trajectory("residual")
     fast = Engine(model, states[3], make_data(seed=7), batch_size=64)
     assert fast.position(Variant("skip block2", {}, keys=(), skip=("block2",))) == 2  # stem, block1 cached
+
+
+def test_an_operation_object_carries_its_own_parameters_and_a_registered_op_joins_the_grid():
+    model, states = trajectory("fcn")
+    data = make_data()
+    by_name = analyze(model, states, data, groups="auto", seeds=0, ops=("interpolate",), alphas=(0.0, 0.5),
+                      source=1, progress=False)
+    by_object = analyze(model, states, data, groups="auto", seeds=0, progress=False,
+                        ops=[Interpolate(alphas=(0.0, 0.5), source=1)])
+    pd.testing.assert_frame_equal(by_object.table, by_name.table)
+    assert set(by_object.table.alpha.dropna()) == {0.0, 0.5} and set(by_object.table.checkpoint.dropna()) == {1, 3}
+
+    @ops.register
+    @dataclasses.dataclass(frozen=True)
+    class Zero(ops.Operation):  # a user's operation: the group's parameters set to zero
+        name: ClassVar[str] = "zero"
+
+        def cells(self, group, joint):
+            return [ops.Cell("zero", group, joint=joint)]
+
+        def state(self, plan, cell):
+            keys = ops.group_keys(plan, cell)
+            return surgery.Overlay(plan.final_state, {k: torch.zeros_like(plan.final_state[k]) for k in keys})
+
+        def moved_keys(self, plan, cell):
+            return tuple(ops.group_keys(plan, cell))
+
+    try:
+        fast = analyze(model, states, data, groups="auto", seeds=0, ops=("reinit", "zero"), progress=False)
+        naive = analyze(model, states, data, groups="auto", seeds=0, ops=("reinit", "zero"), engine="naive",
+                        progress=False)
+    finally:
+        del ops.OPERATIONS["zero"]
+    zero = fast.table[fast.table.op == "zero"]
+    assert list(zero.group) == fast.groups.names
+    np.testing.assert_array_equal(zero.error.to_numpy(), naive.table[naive.table.op == "zero"].error.to_numpy())
+    # Zeroing any layer of a trained FCN costs accuracy: a check that the zero cells are what they say.
+    assert (zero.error > fast.table[fast.table.op == "final"].error.iloc[0]).all()
+    with pytest.raises(CriticalityError, match="unknown op 'zero'"):
+        analyze(model, states, data, groups="auto", ops=("zero",), progress=False)

@@ -40,7 +40,7 @@ from criticality.core.distances import distances
 from criticality.core.engine import Data, Metric
 from criticality.core.groups import Groups, GroupSpec
 from criticality.core.initializers import InitScheme, draws_summary, scheme_name
-from criticality.core.ops import PAPER_OPS, Cell
+from criticality.core.ops import PAPER_OPS, Cell, Operation
 from criticality.core.plan import Plan, PlanSpec, make_plan
 from criticality.core.records import Examples, Record, per_class
 from criticality.core.run import run_cells
@@ -86,7 +86,7 @@ def analyze(model: nn.Module, checkpoints: Mapping[int, StateDict], data: Data, 
             provenance: Mapping[str, Any] | None = None, calibration: Data | None = None,
             output: batches.Output = None, blocks: Sequence[str] | None = None, verdict: str = "interval",
             verdict_metric: str | None = None, stats_seed: int = 0,
-            ops: Sequence[str] = PAPER_OPS, alphas: Sequence[float] | None = None,
+            ops: Sequence[str | Operation] = PAPER_OPS, alphas: Sequence[float] | None = None,
             sigmas: Sequence[float] | None = None, source: int = 0) -> Result:
     """Measure re-initialization and re-randomization robustness of every group of ``model``.
 
@@ -114,7 +114,8 @@ def analyze(model: nn.Module, checkpoints: Mapping[int, StateDict], data: Data, 
     ``"point"`` is the paper's rule on Δ alone. ``stats_seed`` seeds the bootstrap.
     ``ops`` picks the operations (default the paper's two; see :mod:`criticality.interventions` for
     ``interpolate`` over ``alphas`` from checkpoint ``source``, ``noise`` over ``sigmas`` × ``seeds`` and
-    ``skip``; ``alphas`` and ``sigmas`` default to those operations' own).
+    ``skip``; ``alphas`` and ``sigmas`` default to those operations' own). An operation may also be given
+    as an object with its own parameters: ``ops=["reinit", Interpolate(alphas=(0, 0.5), source=1)]``.
     """
     spec = PlanSpec(groups, seeds, joint, final, reinit_to, init, metrics, engine, batch_size, max_examples, buffers,
                     calibration, output, blocks, ops, alphas, sigmas, source)

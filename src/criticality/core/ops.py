@@ -131,9 +131,13 @@ def choices() -> list[str]:
     return [name for name in OPERATIONS if name != "final"]
 
 
-def build(names: Sequence[str] | str, options: Mapping[str, Any]) -> list[Operation]:
-    """The operations named in ``names``, configured from ``options``."""
-    return [OPERATIONS[name].configure(options) for name in check_ops(names)]
+def build(ops: Sequence[str | Operation] | str, options: Mapping[str, Any]) -> list[Operation]:
+    """The grid's operations, in the order given: a name is the registered operation configured from ``options``
+    (:func:`criticality.analyze`'s keywords); an :class:`Operation` object (``Interpolate(alphas=(0, 0.5))``)
+    comes with its own parameters."""
+    given = {o.name: o for o in ([] if isinstance(ops, str) else ops) if isinstance(o, Operation)}
+    names = check_ops(ops if isinstance(ops, str) else [getattr(o, "name", o) for o in ops])
+    return [given[name] if name in given else OPERATIONS[name].configure(options) for name in names]
 
 
 def group_keys(plan: Plan, cell: Cell) -> list[str]:

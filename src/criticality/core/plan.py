@@ -48,7 +48,7 @@ class PlanSpec:
     calibration: Data | None = None  # training batches for buffers="recalibrate"
     output: batches.Output = None  # where the logits are in the model's output (see batches.call)
     blocks: Sequence[str] | None = None  # the block stack's module paths (default: found by stacks.find_stack)
-    ops: Sequence[str] | str = ops.PAPER_OPS  # operations by registered name (see core.ops)
+    ops: Sequence[str | Operation] | str = ops.PAPER_OPS  # registered names or Operation objects (see core.ops)
     alphas: Sequence[float] | None = None  # interpolate's weights (None: the operation's default)
     sigmas: Sequence[float] | None = None  # noise's relative scales (None: the operation's default)
     source: int = 0  # interpolate's and noise's source epoch
@@ -140,7 +140,7 @@ class Plan:
         return {"model": type(self.model).__name__, "keys": fingerprint(self.model.state_dict()),
                 "checkpoints": {e: fingerprint(sd) for e, sd in sorted(self.checkpoints.items())},
                 "final": self.final_epoch, "init": scheme_name(self.init), "metrics": sorted(self.metrics),
-                "draws": "per-module",  # the first release drew whole models: its stored re-randomizations differ
+                "draws": "per-module",  # stores of versions that drew whole models hold other re-randomizations
                 "groups": {g: list(k) for g, k in {**self.groups.members, **self.joint}.items()},
                 "max_examples": self.max_examples, "buffers": self.buffers, "batch_size": self.batch_size}
 

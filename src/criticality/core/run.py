@@ -49,7 +49,7 @@ def run_cells(plan: Plan, data: Data, *, device: str | torch.device = "cpu", sto
         log.info("resuming: %d of %d cells already done (%s), computing %d", len(done), len(cells), store, len(todo))
     bar = tqdm(total=len(cells), initial=len(cells) - len(todo), desc="cells", unit="cell", disable=not progress)
     for cell, result in _data_errors(_evaluate(plan, todo, data, device)):
-        raw, result = getattr(result, "records", None), dict(result)  # the engine's records (contract 3)
+        raw, result = getattr(result, "records", None), dict(result)  # the engine's per-example records
         raw = result.pop("records", raw)
         if not raw:
             raise CriticalityError(f"the {plan.engine} engine gave no per-example records for cell {cell}; "

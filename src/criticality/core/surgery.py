@@ -103,8 +103,8 @@ def fresh_state(model: nn.Module, init: InitScheme, seed: int, *,
     The draw goes module by module, children before parents (as models initialize on construction),
     each module from its own generator seeded by ``draw_seed(seed, module path)``: a module's draw does
     not depend on which other modules are drawn, so :func:`fresh_group` can draw one group alone and get
-    the same tensors. (Round 1 drew the whole model from one generator: the draws for a given seed are
-    not those of earlier versions.) ``init="shuffle"`` permutes each tensor of ``start`` (the epoch-0
+    the same tensors. (The first version drew the whole model from one generator: its draws for a given
+    seed differ.) ``init="shuffle"`` permutes each tensor of ``start`` (the epoch-0
     state) instead. The copy lives on the CPU, so the draw is the same whatever device ``model`` sits on.
     Every floating-point parameter must be drawn anew (one the scheme leaves alone would keep the values
     of the model passed in): such a parameter is an error.
