@@ -126,7 +126,6 @@ def test_internal_modules_do_not_import_the_package_root():
     assert offenders == []
 
 
-@pytest.mark.xfail(strict=True, reason="the one-way refactor is in progress")
 def test_files_and_functions_are_small():
     long_files = [f"{p.relative_to(SRC)}: {n}" for p in MODULES.values()
                   if (n := len(p.read_text().splitlines())) > MAX_FILE_LINES]
