@@ -13,6 +13,7 @@ Writes runs/tiny-lm/checkpoint-<step>/ (model.safetensors, config.json, trainer_
 from __future__ import annotations
 
 import argparse
+import logging
 
 import torch
 import transformers
@@ -29,6 +30,7 @@ def main() -> None:
     parser.add_argument("--corpus", default=None, help=f"text file or folder (default {CORPUS})")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # the library logs a line per checkpoint
     transformers.utils.logging.disable_progress_bar()  # one "Writing model shards" bar per checkpoint
     torch.set_num_threads(args.threads)
     out = train_tiny_lm(args.out, steps=args.steps, save_at=[int(s) for s in args.save_at.split(",")],

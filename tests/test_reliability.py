@@ -121,7 +121,7 @@ def test_training_killed_mid_epoch_resumes_exactly(reference, tmp_path):
     again = subprocess.run(criticality("--no-progress", *TRAIN, "--out", run), capture_output=True, text=True,
                            env=ENV, timeout=300)
     assert again.returncode == 0, again.stderr
-    assert f"resuming {run} after epoch 2" in again.stdout
+    assert f"resuming {run} after epoch 2" in again.stderr
     assert_same_run(run, reference, [0, 1, 2, 3, 5])
     final = torch.load(run / "state" / "resume.pt", weights_only=True)
     ref = torch.load(reference / "state" / "resume.pt", weights_only=True)

@@ -13,6 +13,7 @@ import dataclasses
 import errno
 import fnmatch
 import json
+import logging
 import math
 import os
 import signal
@@ -212,8 +213,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Terminal(logging.Handler):
+    """The library's messages as the terminal showed them before they were logged: INFO as the bare message,
+    WARNING and above as ``criticality: warning: <msg>``, on the current stderr, from rank 0 only."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if os.environ.get("RANK", "0") != "0":
+            return
+        try:
+            message = record.getMessage()
+            prefix = "criticality: warning: " if record.levelno >= logging.WARNING else ""
+            sys.stderr.write(f"{prefix}{message}\n")
+            sys.stderr.flush()
+        except Exception:  # noqa: BLE001 - logging's own convention: report, never raise
+            self.handleError(record)
+
+
+def install_log_handler() -> None:
+    """Show the ``criticality`` logger's INFO and above on stderr (once, however often ``main`` runs)."""
+    logger = logging.getLogger("criticality")
+    logger.handlers = [h for h in logger.handlers if not isinstance(h, _Terminal)] + [_Terminal()]
+    logger.setLevel(logging.INFO)
+    logger.propagate = False  # a root handler a host program installed would print each line twice
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    install_log_handler()
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         return _dispatch(args)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import time
 from collections.abc import Sequence
@@ -29,6 +30,8 @@ import torch.nn.functional as F
 
 from criticality.errors import CriticalityError
 from criticality.infra.files import write_json, write_text
+
+log = logging.getLogger(__name__)
 
 CORPUS = Path("/usr/share/common-licenses")  # Debian base-files; present on every Debian/Ubuntu system
 SAVE_AT = (0, 10, 20, 50, 100, 200, 400, 600)  # steps with a checkpoint
@@ -108,8 +111,8 @@ def train_tiny_lm(out_dir: str | Path, steps: int = 600, save_at: Sequence[int] 
             history.append({"step": step, **_evaluate(model, eval_ids), "seconds": time.perf_counter() - started})
             _save(model, out / f"checkpoint-{step}", step, steps, history)
             if progress:
-                print(f"step {step:4d}  held-out token error {history[-1]['eval_token_error']:.3f}  "
-                      f"nll {history[-1]['eval_nll']:.3f}  ({history[-1]['seconds']:.0f} s)", flush=True)
+                log.info(f"step {step:4d}  held-out token error {history[-1]['eval_token_error']:.3f}  "
+                         f"nll {history[-1]['eval_nll']:.3f}  ({history[-1]['seconds']:.0f} s)")
         if step == steps:
             break
         starts = torch.randint(0, len(data) - seq_len, (batch_size,), generator=g)

@@ -23,8 +23,8 @@ learning rate needs no rescaling; only rank 0 evaluates and writes.
 
 from __future__ import annotations
 
+import logging
 import math
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,8 @@ from criticality.paper.training.rundir import (
     resolved_config,
 )
 from criticality.paper.training.trainer import Trainer
+
+log = logging.getLogger(__name__)
 
 
 def build_model(config: TrainConfig, dataset: Dataset) -> nn.Module:
@@ -118,7 +120,7 @@ def _begin(config: TrainConfig, run_dir: Path, state: Trainer, ctx: distributed.
         if ctx.is_main:
             record_extension(existing, resolved)
             if done < config.epochs:
-                print(f"resuming {run_dir} after epoch {done}")
+                log.info(f"resuming {run_dir} after epoch {done}")
         return done
     if ctx.is_main:
         write_json(existing, resolved)
@@ -140,8 +142,7 @@ def _check_finite(record: dict[str, Any], config: TrainConfig, run_dir: Path, sa
                                f"too large?); epochs up to {epoch - 1} are kept in {run_dir}. Lower --lr and use a "
                                "new --out, or pass --allow-divergence to keep training anyway")
     if say:
-        print(f"criticality: warning: epoch {epoch}: the training loss is {loss} (diverged); going on because of "
-              "--allow-divergence", file=sys.stderr)
+        log.warning(f"epoch {epoch}: the training loss is {loss} (diverged); going on because of --allow-divergence")
 
 
 EXPLODED = 100  # × the chance-level loss ln(classes): a finite loss this large means the run is diverging
@@ -153,7 +154,7 @@ def _warn_exploding(record: dict[str, Any], config: TrainConfig, classes: int, s
     if not math.isfinite(loss) or loss <= EXPLODED * math.log(max(classes, 2)):
         return False
     if say:
-        print(f"criticality: warning: epoch {record['epoch']}: the training loss is {loss:.3g}, over {EXPLODED}× the "
-              f"chance level ln({classes}); training is diverging (--lr {config.lr} too large?)", file=sys.stderr)
+        log.warning(f"epoch {record['epoch']}: the training loss is {loss:.3g}, over {EXPLODED}× the chance level "
+                    f"ln({classes}); training is diverging (--lr {config.lr} too large?)")
     return True
 
