@@ -32,7 +32,7 @@ from criticality.errors import CriticalityError
 from criticality.infra import distributed
 from criticality.infra.distributed import Context, resolve_device
 from criticality.paper.train import TrainConfig, _Trainer
-from criticality.pipelines.runner import _merge_shards
+from criticality.pipelines.grid import merge_shards as _merge_shards
 from toy import fcn
 
 TIMEOUT_S = 240

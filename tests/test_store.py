@@ -19,7 +19,7 @@ import torch
 from criticality.core import records as examples
 from criticality.core.analysis import make_plan, run_cells
 from criticality.core.stores import CellStore, cell_key
-from criticality.pipelines.runner import _merge_shards
+from criticality.pipelines.grid import merge_shards as _merge_shards
 from toy import fcn
 
 
