@@ -34,7 +34,7 @@ from criticality.infra import distributed
 from criticality.infra.distributed import Context, resolve_device
 from criticality.paper.training.config import TrainConfig
 from criticality.paper.training.trainer import Trainer as _Trainer
-from criticality.pipelines.runner import _merge_shards
+from criticality.pipelines.grid import merge_shards as _merge_shards
 from toy import fcn
 
 TIMEOUT_S = 240

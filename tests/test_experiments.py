@@ -18,7 +18,7 @@ from criticality.cli import main
 from criticality.errors import CriticalityError
 from criticality.paper import experiments
 from criticality.paper.data import DEBIAN_FASHION
-from criticality.pipelines.runner import run_experiment
+from criticality.pipelines.run_experiment import run_experiment
 from fixtures import write_cifar, write_tree
 
 TINY_CONV = dict(epochs=2, max_train=300, max_test=120, device="cpu")

@@ -19,7 +19,7 @@ from criticality.paper import experiments, lm_config
 transformers = pytest.importorskip("transformers")
 lm = pytest.importorskip("criticality.pipelines.lm_experiment")
 from criticality.paper.tiny_lm import tiny_config  # noqa: E402
-from criticality.pipelines.runner import run_experiment  # noqa: E402
+from criticality.pipelines.run_experiment import run_experiment  # noqa: E402
 
 # A toy run: 2 blocks of width 16, an "epoch" of 2 steps, 8 held-out sequences of 32 bytes per cell.
 TOY = dict(steps_per_epoch=2, layers=2, hidden=16, seq_len=32, batch_size=8, eval_sequences=8, device="cpu")

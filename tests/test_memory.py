@@ -12,7 +12,7 @@ from criticality.core import surgery
 from criticality.core.analysis import analyze
 from criticality.core.plan import PlanSpec, make_plan
 from criticality.paper import data as datasets
-from criticality.pipelines.runner import _hold
+from criticality.pipelines.analyze_run import _hold
 from test_trajectory import toy_data, toy_states
 
 

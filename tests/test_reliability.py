@@ -41,7 +41,7 @@ from criticality.errors import CriticalityError
 from criticality.infra.files import atomic_path, atomic_write, sha256_file, write_json
 from criticality.paper.train import train
 from criticality.paper.training.config import TrainConfig
-from criticality.pipelines.runner import analyze_run
+from criticality.pipelines.analyze_run import analyze_run
 
 # Five epochs of a small FCN on digits; checkpoints at 0, 1, 2, 3, 5 (epoch 4 lives only in state/).
 CONFIG = dict(model="fcn-3x64", data="digits", epochs=5, batch_size=8, device="cpu")

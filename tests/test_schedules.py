@@ -16,7 +16,8 @@ from criticality.output import figures as plots
 from criticality.paper import experiments
 from criticality.paper.train import train
 from criticality.paper.training.config import TrainConfig, checkpoint_epochs
-from criticality.pipelines.runner import _note_experiment, analyze_run
+from criticality.pipelines.analyze_run import analyze_run
+from criticality.pipelines.run_experiment import _note_experiment
 
 TINY = dict(model="fcn-1x16", data="digits", device="cpu", batch_size=64)
 
@@ -82,7 +83,7 @@ def test_paper_columns_are_what_analysis_and_figures_show(tmp_path):
 
 def test_frozen_vs_removed_table_end_to_end(tmp_path):
     """Table 1 at toy scale: the frozen run's blocks stay at init; removed = the blocks as identity."""
-    from criticality.pipelines.runner import run_experiment
+    from criticality.pipelines.run_experiment import run_experiment
 
     exp = experiments.get("journal-table1/resnet18-frozen/cifar10")
     run_experiment(exp, scale="quick", data="digits", out=tmp_path, progress=False, epochs=1, max_train=200,

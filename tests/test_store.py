@@ -26,7 +26,7 @@ from criticality.core.plan import PlanSpec, make_plan
 from criticality.core.run import run_cells
 from criticality.core.stores import CellStore, cell_key
 from criticality.errors import CriticalityError
-from criticality.pipelines.runner import _merge_shards
+from criticality.pipelines.grid import merge_shards as _merge_shards
 from toy import fcn
 
 

@@ -296,7 +296,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(f"trained {config.model} on {config.data}: {Path(args.out) / 'checkpoints'}")
         return 0
     if args.command == "analyze":
-        from criticality.pipelines.runner import analyze_run
+        from criticality.pipelines.analyze_run import analyze_run
 
         out = analyze_run(args.run_dir, groups=_groups(args.groups), seeds=args.seeds,
                           joint=[j.split(",") for j in args.joint] if args.joint else None, split=args.split,
@@ -346,7 +346,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace, progress: bool) -> int:
     from criticality.paper.data import default_data
-    from criticality.pipelines.runner import run_experiment
+    from criticality.pipelines.run_experiment import run_experiment
 
     exp = experiments.get(args.experiment)
     overrides = _overrides(args, TrainConfig)

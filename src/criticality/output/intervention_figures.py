@@ -1,7 +1,7 @@
 """Figures of the interventions beyond the paper, drawn from the saved tables; nothing here evaluates a model.
 
-:func:`draw` reads ``RUN/analysis/cells.csv`` (interpolate, noise and skip rows), ``module_criticality.csv``
-and ``proxies.csv`` and writes, for what ran::
+:func:`criticality.output.figures.draw_run` draws them from ``RUN/analysis/cells.csv`` (interpolate, noise
+and skip rows), ``module_criticality.csv`` and ``proxies.csv``, for what ran::
 
     figures/interpolation_error.png   test error vs α, one line per group (α = 0: re-init, α = 1: trained)
     figures/noise_error.png           test error vs σ (mean ± std over draws), one line per group
@@ -12,24 +12,15 @@ and ``proxies.csv`` and writes, for what ran::
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from criticality.output import figures as plots
+from criticality.output.canvas import literal, new_figure
 
 
-def _figure(width: float = 6.0, height: float = 3.6) -> tuple[Figure, object]:
-    fig = Figure(figsize=(width, height), layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig, fig.add_subplot()
-
-
-def _numeric(cells: pd.DataFrame) -> pd.DataFrame:
+def numeric(cells: pd.DataFrame) -> pd.DataFrame:
+    """``cells`` with alpha, sigma, error and delta_error as floats (NaN where absent)."""
     cells = cells.copy()
     for col in ("alpha", "sigma", "error", "delta_error"):  # alpha/sigma: absent from tables of older runs
         cells[col] = pd.to_numeric(cells[col], errors="coerce") if col in cells.columns else np.nan
@@ -47,12 +38,12 @@ def _legend(ax, n: int) -> None:
 
 def interpolation_lines(cells: pd.DataFrame, title: str = "") -> Figure:
     """Test error of ``θ(α) = (1 − α)·θ_source + α·θ_final`` for each group, against α."""
-    cells = _numeric(cells)
+    cells = numeric(cells)
     rows = cells[cells.op == "interpolate"]
-    fig, ax = _figure()
+    fig, ax = new_figure()
     for group, g in rows.groupby("group", sort=False):
         g = g.sort_values("alpha")
-        ax.plot(g.alpha, g.error, marker="o", ms=3, label=plots._literal(group))
+        ax.plot(g.alpha, g.error, marker="o", ms=3, label=literal(group))
     ax.axhline(_final(cells), color="0.3", lw=0.8, ls="--", label="final")
     ax.set_xlabel("α (0 = checkpoint %s, 1 = trained)" % (rows.checkpoint.iloc[0] if len(rows) else 0))
     ax.set_ylabel("test error")
@@ -63,12 +54,12 @@ def interpolation_lines(cells: pd.DataFrame, title: str = "") -> Figure:
 
 def noise_lines(cells: pd.DataFrame, title: str = "") -> Figure:
     """Mean test error over draws (band: ± std) of each group with noise of relative scale σ."""
-    cells = _numeric(cells)
+    cells = numeric(cells)
     rows = cells[(cells.op == "noise") & cells.alpha.isna()]
-    fig, ax = _figure()
+    fig, ax = new_figure()
     for group, g in rows.groupby("group", sort=False):
         stats = g.groupby("sigma").error.agg(["mean", "std"]).fillna(0.0)
-        line, = ax.plot(stats.index, stats["mean"], marker="o", ms=3, label=plots._literal(group))
+        line, = ax.plot(stats.index, stats["mean"], marker="o", ms=3, label=literal(group))
         ax.fill_between(stats.index, stats["mean"] - stats["std"], stats["mean"] + stats["std"],
                         color=line.get_color(), alpha=0.15, lw=0)
     ax.axhline(_final(cells), color="0.3", lw=0.8, ls="--", label="final")
@@ -80,13 +71,13 @@ def noise_lines(cells: pd.DataFrame, title: str = "") -> Figure:
 
 
 def _bars(labels: list[str], values: np.ndarray, ylabel: str, title: str, log: bool = False) -> Figure:
-    fig, ax = _figure(max(4.0, 0.35 * len(labels) + 2.0), 3.6)
+    fig, ax = new_figure(max(4.0, 0.35 * len(labels) + 2.0), 3.6)
     x = np.arange(len(labels))
     ax.bar(x, np.where(np.isfinite(values), values, np.nan), color="#4c72b0")
     for i, v in enumerate(values):  # the value on every bar: zeros vanish on a log scale, inf/nan draw nothing
         ax.annotate(f"{v:.3g}", (i, 1.0), xycoords=("data", "axes fraction"), ha="center", va="top", fontsize=7,
                     color="0.25")
-    ax.set_xticks(x, [plots._literal(s) for s in labels], rotation=60 if len(labels) > 6 else 0,
+    ax.set_xticks(x, [literal(s) for s in labels], rotation=60 if len(labels) > 6 else 0,
                   ha="right" if len(labels) > 6 else "center", fontsize=8)
     if log and np.any(np.isfinite(values) & (values > 0)):
         ax.set_yscale("log")
@@ -98,7 +89,7 @@ def _bars(labels: list[str], values: np.ndarray, ylabel: str, title: str, log: b
 
 
 def skip_bars(cells: pd.DataFrame, title: str = "") -> Figure:
-    rows = _numeric(cells)
+    rows = numeric(cells)
     rows = rows[rows.op == "skip"]
     return _bars(list(rows.group), rows.delta_error.to_numpy(dtype=float), "Δ test error (module → identity)",
                  title or "Skipping one block at a time")
@@ -114,8 +105,8 @@ def criticality_bars(table: pd.DataFrame, summary: dict | None = None, title: st
 
 def proxies_scatter(proxies: pd.DataFrame, cells: pd.DataFrame, correlations: list[dict]) -> Figure:
     """Block Influence of each block against the Δ test error of reinit@0 and of skip for its group."""
-    cells = _numeric(cells)
-    fig, ax = _figure()
+    cells = numeric(cells)
+    fig, ax = new_figure()
     rho = {(r["target"], r["proxy"]): r["spearman"] for r in correlations}
     targets = {"reinit@0": cells[(cells.op == "reinit") & (pd.to_numeric(cells.checkpoint) == 0)],
                "skip": cells[cells.op == "skip"]}
@@ -133,26 +124,3 @@ def proxies_scatter(proxies: pd.DataFrame, cells: pd.DataFrame, correlations: li
     ax.set_title("Does the one-pass proxy rank blocks like the interventions?", fontsize=10)
     ax.legend(fontsize=7, frameon=False)
     return fig
-
-
-def draw(run_dir: str | Path) -> list[Path]:
-    """Every figure of the ops that ran, into ``RUN/figures/``; returns the written paths."""
-    run = Path(run_dir)
-    analysis, out = run / "analysis", run / "figures"
-    cells = plots.read_cells(analysis / "cells.csv")
-    summary = json.loads((analysis / "summary.json").read_text()) if (analysis / "summary.json").is_file() else {}
-    paths: list[Path] = []
-    if (cells.op == "interpolate").any():
-        paths += plots.save(interpolation_lines(cells), out / "interpolation_error")
-    if ((cells.op == "noise") & _numeric(cells).alpha.isna()).any():
-        paths += plots.save(noise_lines(cells), out / "noise_error")
-    if (cells.op == "skip").any():
-        paths += plots.save(skip_bars(cells), out / "skip_error")
-    if (analysis / "module_criticality.csv").is_file():
-        table = pd.read_csv(analysis / "module_criticality.csv", dtype={"group": str})
-        paths += plots.save(criticality_bars(table, summary.get("module_criticality")), out / "module_criticality")
-    if (analysis / "proxies.csv").is_file():
-        table = pd.read_csv(analysis / "proxies.csv", dtype={"group": str, "block": str})
-        correlations = (summary.get("proxies") or {}).get("spearman", [])
-        paths += plots.save(proxies_scatter(table, cells, correlations), out / "proxies")
-    return paths

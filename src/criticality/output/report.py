@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from criticality._version import __version__
-from criticality.errors import CriticalityError
-from criticality.infra.files import write_text
+from criticality.infra.files import read_json, write_text
 from criticality.output import figures as plots
+from criticality.output.tables import read_summary
+from criticality.output.text import metric_label, number, p_value
 
 DATA_NAMES = {
     "fashion-mnist": "Fashion-MNIST",
@@ -65,11 +66,8 @@ figcaption { color: #555; font-size: .92em; }
 def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Write the run's HTML report (default ``RUN/report.html``) and return its path."""
     run = Path(run_dir)
-    summary_path = run / "analysis" / "summary.json"
-    if not summary_path.is_file():
-        raise CriticalityError(f"no analysis summary at {summary_path}; run `criticality analyze` first")
-    summary = json.loads(summary_path.read_text())
-    config = json.loads((run / "config.json").read_text()) if (run / "config.json").is_file() else {}
+    summary = read_summary(run / "analysis")
+    config = read_json(run / "config.json") if (run / "config.json").is_file() else {}
     if not (run / "figures" / "robustness_error.png").is_file():
         plots.draw_run(run)
     out = Path(out) if out is not None else run / "report.html"
@@ -134,16 +132,10 @@ def _assumptions(experiment: dict) -> str:
     return f"<h2>Ours, not the paper's</h2>\n{standin}<p>Settings this experiment had to choose:</p>\n<ul>{lis}</ul>"
 
 
-# How the verdict metric reads in sentences (summary["verdict_metric"]; others are named as they are).
-METRIC_NAMES = {"error": "test error", "token_error": "token error", "nll": "nll (nats per token)",
-                "loss": "test loss", "kl": "KL(final ‖ variant)",
-                "disagreement": "disagreement (1 − agreement with the final model's top-1 prediction)"}
-
-
 def _metric(summary: dict) -> tuple[str, str]:
     """The verdict metric and its name in sentences."""
     metric = summary.get("verdict_metric") or "error"
-    return metric, METRIC_NAMES.get(metric, metric)
+    return metric, metric_label(metric, "sentence")
 
 
 def _axis(summary: dict) -> str:
@@ -188,7 +180,7 @@ def _verdicts(summary: dict) -> str:
     found = summary.get("verdicts") or []
     rand = next((k[len("rerandomize_"):-len("_mean")] for k in (found[0] if found else {})
                  if k.startswith("rerandomize_") and k.endswith("_mean")), "error")
-    rand_name = METRIC_NAMES.get(rand, rand)
+    rand_name = metric_label(rand, "sentence")
     rows = []
     for v in found:
         verdict = str(v.get("verdict", ""))
@@ -224,11 +216,7 @@ bootstrap over test examples, {mcnemar}.</p>
 
 
 def _p(v: Any) -> str:
-    try:
-        x = float(v)
-    except (TypeError, ValueError):
-        return "n/a"
-    return "n/a" if math.isnan(x) else ("&lt;0.001" if x < 0.001 else f"{x:.3f}")
+    return _e(p_value(v))
 
 
 def _count(v: Any) -> str:
@@ -341,13 +329,7 @@ def _plain(v: Any) -> str:
 
 
 def _num(v: Any, signed: bool = False) -> str:
-    try:
-        x = float(v)
-    except (TypeError, ValueError):
-        return _e("n/a" if v is None else v)
-    if not math.isfinite(x):
-        return "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")
-    return f"{x:+.3f}" if signed else f"{x:.3f}"
+    return _e(number(v, signed))
 
 
 def _data_name(name: Any) -> str:

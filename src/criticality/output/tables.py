@@ -7,16 +7,43 @@ from typing import Any
 
 import pandas as pd
 
+from criticality.core.distances import LABELS as DISTANCE_LABELS
 from criticality.errors import CriticalityError
 from criticality.infra.files import atomic_path, read_json, write_json
 
+NORMS = tuple(DISTANCE_LABELS)  # distances.csv's columns: l2, linf (the paper's), l2_rel, linf_rel, cosine (ours)
+_CELL_NA = ["", "nan", "NaN", "<NA>"]
+_CELL_NUMERIC = ["checkpoint", "seed", "error", "loss", "n", "delta_error", "delta_loss", "delta_error_low",
+                 "delta_error_high", "delta_loss_low", "delta_loss_high", "p_value"]
 
-def read_summary(analysis_dir: str | Path) -> dict[str, Any]:
-    """``analysis/summary.json`` as written by :func:`analyze_run`; missing or corrupt is one clear line."""
+
+def read_cells(path: str | Path) -> pd.DataFrame:
+    """``cells.csv`` back into the analysis dtypes (the final row's empty group stays ``""``)."""
+    df = pd.read_csv(path, keep_default_na=False, na_values={c: _CELL_NA for c in _CELL_NUMERIC},
+                     dtype={"group": str, "op": str})
+    for col in ("checkpoint", "seed"):
+        if col in df.columns:
+            df[col] = pd.to_numeric(df[col]).astype("Int64")
+    for col in ("joint", "finite"):
+        if col in df.columns and df[col].dtype != bool:
+            df[col] = df[col].astype(str).str.lower().eq("true")
+    return df
+
+
+def read_distances(path: str | Path) -> pd.DataFrame:
+    """``distances.csv``: group, checkpoint and one column per norm (:data:`NORMS`)."""
+    return pd.read_csv(path, keep_default_na=False, na_values={c: _CELL_NA for c in NORMS}, dtype={"group": str})
+
+
+def read_summary(analysis_dir: str | Path, *, missing_ok: bool = False) -> dict[str, Any]:
+    """``analysis/summary.json`` as written by :func:`analyze_run` (``"NaN"`` strings back to floats);
+    missing (``{}`` with ``missing_ok``) or corrupt is one clear line."""
     path = Path(analysis_dir) / "summary.json"
+    if missing_ok and not path.is_file():
+        return {}
     if not path.is_file():
-        raise CriticalityError(f"no analysis in {path.parent.parent} ({path} is missing); run "
-                               f"`criticality analyze {path.parent.parent}` first")
+        raise CriticalityError(f"no analysis summary at {path}; run `criticality analyze {path.parent.parent}` "
+                               "first")
     try:
         summary = read_json(path)
     except (OSError, ValueError) as e:

@@ -14,7 +14,7 @@ A causal LM is scored per token: ``token_error`` (next token wrong), ``nll`` (na
 ``CHECKPOINTS/analysis``)::
 
     OUT/cells.csv, distances.csv, summary.json, cells.jsonl   the same tables as `criticality analyze`
-    OUT/figures/robustness_token_error.png, …                 heatmaps
+    OUT/figures/robustness_token_error.png, …                 heatmaps (output.figures.draw_run)
     OUT/report.html
 """
 
@@ -29,20 +29,20 @@ import numpy as np
 import torch
 from torch import nn
 
-from criticality.core.analysis import DEFAULT_THRESHOLD, finish
+from criticality.core.analysis import DEFAULT_THRESHOLD, Result
 from criticality.core.plan import PlanSpec, make_plan
-from criticality.core.run import run_cells
 from criticality.core.trajectory import Trajectory, alias_tied, trajectory
 from criticality.errors import CriticalityError
 from criticality.infra.files import write_json, write_text
-from criticality.infra.provenance import provenance
 from criticality.output import figures as plots
 from criticality.output import report
-from criticality.output.tables import write_tables
+from criticality.output.tables import read_summary
+from criticality.pipelines.grid import analyse_plan, one_process
 
-# perplexity = exp(nll) is added to the table by run_cells; agreement (per token, with the final model's
-# top-1) and kl (nats per token) are label-free, as in `criticality analyze`
-METRICS = ("token_error", "nll", "agreement", "kl")
+# The metric names analyze-hf measures (names in core.metrics.METRICS); perplexity = exp(nll) is added to the
+# table by run_cells; agreement (per token, with the final model's top-1) and kl (nats per token) are
+# label-free, as in `criticality analyze`
+DEFAULT_METRIC_NAMES = ("token_error", "nll", "agreement", "kl")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 DEFAULT_SEQ_LEN = 128  # tokens per sequence, capped by the model's max_position_embeddings
 
@@ -196,47 +196,30 @@ def analyze_hf(checkpoints: str | Path, data: str | Path, *, init_checkpoint: st
     tok = tokenizer(folder)
     tensors = read_tokens(Path(data), seq_len, tok=tok, vocab_size=model.config.vocab_size, text_key=text_key)
     out = Path(out) if out else Path(checkpoints) / "analysis"
-    spec = PlanSpec(groups, seeds, metrics=METRICS, engine=engine, batch_size=batch_size, max_examples=max_examples)
+    spec = PlanSpec(groups, seeds, metrics=DEFAULT_METRIC_NAMES, engine=engine, batch_size=batch_size,
+                    max_examples=max_examples)
     plan = make_plan(model, states, spec)
-    rows = run_cells(plan, lm_data(tensors, batch_size), device=device, store=str(out / "cells.jsonl"),
-                     progress=progress)
-    result = finish(plan, rows, threshold=threshold, verdict_metric="token_error",
-                    provenance={**provenance(), "device": str(device)})
     ids = tensors["input_ids"]
-    result.summary.update(
-        chance_error=1 - 1 / model.config.vocab_size,
-        data={"name": Path(data).name, "split": "test", "n_test": int(result.table.n.iloc[0]),
-              "max_examples": max_examples, "sequences": int(ids.shape[0]), "seq_len": int(ids.shape[1]),
-              "tokenizer": "own" if tok is not None else "bytes", "source": str(Path(data).resolve())},
-        checkpoints={"path": str(found.path), "layout": found.layout, "axis": found.axis, "numbers": list(found)})
 
-    write_tables(out, result.table, result.distances, result.summary)
+    def describe(result: Result) -> dict[str, Any]:
+        return dict(
+            chance_error=1 - 1 / model.config.vocab_size,
+            data={"name": Path(data).name, "split": "test", "n_test": int(result.table.n.iloc[0]),
+                  "max_examples": max_examples, "sequences": int(ids.shape[0]), "seq_len": int(ids.shape[1]),
+                  "tokenizer": "own" if tok is not None else "bytes", "source": str(Path(data).resolve())},
+            checkpoints={"path": str(found.path), "layout": found.layout, "axis": found.axis, "numbers": list(found)})
+
+    result = analyse_plan(plan, lm_data(tensors, batch_size), out, one_process(device), threshold=threshold,
+                          verdict_metric="token_error", describe=describe, progress=progress)
     config = {"model": {"name": type(model).__name__, "config": str(folder / "config.json")},
               "data": {"name": Path(data).name}, "checkpoints": str(found.path)}
     write_json(out / "config.json", config)
-    draw(out, result.table, result.distances, title=f"{type(model).__name__} — {Path(data).name}", axis=found.axis,
-         threshold=threshold)
+    plots.draw_run(out, analysis=out)
     write_text(out / "report.html", report.render(config, result.summary, out / "figures"))
     return out
 
 
-def draw(out: Path, table, dist, title: str, axis: str = "step", threshold: float | None = None) -> list[Path]:
-    """Token-error, nll and distance heatmaps into ``out/figures``; ``axis`` names the checkpoints (step or
-    epoch); token-error cells whose interval straddles ``threshold`` are outlined."""
-    paths = plots.save(plots.robustness_heatmap(table, "token_error", vmax=1.0, title=f"Token error — {title}",
-                                                threshold=threshold, axis=axis),
-                       out / "figures" / "robustness_token_error")
-    paths += plots.save(plots.robustness_heatmap(table, "nll", title=f"NLL (nats/token) — {title}", axis=axis),
-                        out / "figures" / "robustness_nll")
-    for norm in plots.NORMS:
-        if norm in dist.columns and len(dist):
-            paths += plots.save(plots.distance_heatmap(dist, norm, title=f"Distance to init ({norm}) — {title}",
-                                                       axis=axis),
-                                out / "figures" / f"distance_{norm}")
-    return paths
-
-
 def summary_line(out: Path) -> dict[str, Any]:
     """The verdicts in ``out/summary.json``, for the CLI's closing line."""
-    summary = json.loads((out / "summary.json").read_text())
+    summary = read_summary(out)
     return {v["group"]: v["verdict"] for v in summary.get("verdicts", [])}

@@ -33,27 +33,28 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 import torch
 
-from criticality.core.analysis import DEFAULT_THRESHOLD, finish
+from criticality.core.analysis import DEFAULT_THRESHOLD, Result
 from criticality.core.plan import PlanSpec, make_plan
-from criticality.core.run import run_cells
 from criticality.core.trajectory import alias_tied, trajectory
 from criticality.errors import CriticalityError
 from criticality.infra.files import atomic_path, write_json, write_text
-from criticality.infra.provenance import provenance
 from criticality.output import figures as plots
-from criticality.output import report
+from criticality.output import intervention_figures, report
 from criticality.output.tables import write_tables
+from criticality.output.text import number
 from criticality.paper.lm_config import LMConfig
 from criticality.paper.tiny_lm import train_tiny_lm
 from criticality.pipelines import analyze_hf as hf
-from criticality.pipelines import extras as extras_ops
+from criticality.pipelines.grid import analyse_plan, one_process
 
 if TYPE_CHECKING:
     from criticality.paper.experiments import Experiment
 
-METRICS = ("token_error", "nll")  # token_error is the verdict metric; perplexity = exp(nll) is added by run_cells
+# The metric names of the sub-layer grid (names in core.metrics.METRICS): token_error is the verdict metric;
+# perplexity = exp(nll) is added by run_cells.
+DEFAULT_METRIC_NAMES = ("token_error", "nll")
 # The per-layer pass also names token_error "error": proxies.correlations and the skip bars read delta_error.
-LAYER_METRICS = {"token_error": "token_error", "nll": "nll", "error": "token_error"}
+LAYER_METRIC_NAMES = {"token_error": "token_error", "nll": "nll", "error": "token_error"}
 BATCH = 64  # sequences per forward pass
 
 
@@ -101,19 +102,21 @@ def analyse(folder: Path, cfg: LMConfig, seeds: int, threshold: float = DEFAULT_
     """Every sub-layer re-randomized (``seeds`` draws) and reset to each column, scored per token on the
     held-out text; returns the analysis :class:`~criticality.analysis.Result` with epochs as checkpoints."""
     model, states, data, n_seq, device = _load(folder, cfg)
-    spec = PlanSpec(sublayer_groups(model), seeds, metrics=METRICS, batch_size=BATCH, max_examples=cfg.eval_sequences)
+    spec = PlanSpec(sublayer_groups(model), seeds, metrics=DEFAULT_METRIC_NAMES, batch_size=BATCH,
+                    max_examples=cfg.eval_sequences)
     plan = make_plan(model, states, spec)
-    rows = run_cells(plan, data, device=device, store=str(folder / "analysis" / "cells.jsonl"), progress=progress)
-    result = finish(plan, rows, threshold=threshold, verdict_metric="token_error",
-                    provenance={**provenance(), "device": str(device)})
-    _accuracy(result.table)
-    result.summary.update(
-        chance_error=1 - 1 / model.config.vocab_size, final_token_accuracy=1.0 - result.summary["final_token_error"],
-        steps_per_epoch=cfg.epoch_steps(),
-        data={"name": "common-licenses" if cfg.corpus is None else Path(cfg.corpus).name, "split": "held-out",
-              "stands_in_for": "lm1b", "n_test": int(result.table.n.iloc[0]), "max_examples": cfg.eval_sequences,
-              "sequences": min(n_seq, cfg.eval_sequences or n_seq), "seq_len": cfg.seq_len, "tokenizer": "bytes"})
-    return result
+
+    def describe(result: Result) -> dict[str, Any]:
+        _accuracy(result.table)
+        return dict(
+            chance_error=1 - 1 / model.config.vocab_size,
+            final_token_accuracy=1.0 - result.summary["final_token_error"], steps_per_epoch=cfg.epoch_steps(),
+            data={"name": "common-licenses" if cfg.corpus is None else Path(cfg.corpus).name, "split": "held-out",
+                  "stands_in_for": "lm1b", "n_test": int(result.table.n.iloc[0]), "max_examples": cfg.eval_sequences,
+                  "sequences": min(n_seq, cfg.eval_sequences or n_seq), "seq_len": cfg.seq_len, "tokenizer": "bytes"})
+
+    return analyse_plan(plan, data, folder / "analysis", one_process(device), threshold=threshold,
+                        verdict_metric="token_error", describe=describe, write=False, progress=progress)
 
 
 def _accuracy(table: pd.DataFrame) -> None:
@@ -123,6 +126,11 @@ def _accuracy(table: pd.DataFrame) -> None:
         table["delta_token_accuracy"] = -table["delta_token_error"]
 
 
+def _accuracy_only(result: Result) -> dict[str, Any]:
+    _accuracy(result.table)
+    return {}
+
+
 def layers(folder: Path, cfg: LMConfig, progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """Per decoder layer: skipped (identity, :mod:`criticality.interventions`) and reset to epoch 0, and its
     Block Influence / angular distance (:mod:`criticality.proxies`) on the held-out text. Writes
@@ -130,15 +138,11 @@ def layers(folder: Path, cfg: LMConfig, progress: bool = True) -> tuple[pd.DataF
     model, states, data, _, device = _load(folder, cfg)
     out = folder / "analysis_layers"
     groups = {f"block{i}": [f"model.layers.{i}"] for i in range(len(model.model.layers))}
-    spec = PlanSpec(groups, 0, reinit_to=[0], metrics=LAYER_METRICS, batch_size=BATCH,
+    spec = PlanSpec(groups, 0, reinit_to=[0], metrics=LAYER_METRIC_NAMES, batch_size=BATCH,
                     max_examples=cfg.eval_sequences, ops=("reinit", "skip"))
     plan = make_plan(model, states, spec, probe=data)
-    rows = run_cells(plan, data, device=device, store=str(out / "cells.jsonl"), progress=progress)
-    result = finish(plan, rows, verdict_metric="token_error", provenance={**provenance(), "device": str(device)})
-    _accuracy(result.table)
-    result.summary.update(extras_ops.run_extras(plan, data, out, result.table, ("proxies",), draws=0,
-                                                   device=device))
-    write_tables(out, result.table, result.distances, result.summary)
+    result = analyse_plan(plan, data, out, one_process(device), verdict_metric="token_error",
+                          describe=_accuracy_only, extras=("proxies",), progress=progress)
     return result.table, pd.read_csv(out / "proxies.csv"), result.summary
 
 
@@ -182,19 +186,15 @@ def findings(table: pd.DataFrame, threshold: float = DEFAULT_THRESHOLD) -> pd.Da
     return pd.DataFrame(rows, columns=["finding", "holds", "evidence"]).assign(threshold=threshold)
 
 
-def draw(out: Path, table: pd.DataFrame, dist: pd.DataFrame, title: str, layer_cells: pd.DataFrame | None = None,
+def draw(out: Path, title: str, layer_cells: pd.DataFrame | None = None,
          layer_proxies: pd.DataFrame | None = None, correlations: list | None = None) -> list[Path]:
-    """Token accuracy (the paper's metric), token error, nll and distance heatmaps into ``out/figures``;
-    with the per-layer tables, the skip bars and the Block Influence scatter too."""
-    from criticality.output import intervention_figures as pi
-
-    paths = plots.save(plots.robustness_heatmap(table, "token_accuracy", title=f"Token accuracy — {title}"),
-                       out / "figures" / "robustness_token_accuracy")
-    paths += hf.draw(out, table, dist, title)
+    """Every figure of ``out/analysis`` (token accuracy, the paper's metric, token error, nll, distances) into
+    ``out/figures``; with the per-layer tables, the skip bars and the Block Influence scatter too."""
+    paths = plots.draw_run(out)
     if layer_cells is not None:
-        paths += plots.save(pi.skip_bars(layer_cells, f"Skipping one decoder layer — {title}"),
+        paths += plots.save(intervention_figures.skip_bars(layer_cells, f"Skipping one decoder layer — {title}"),
                             out / "figures" / "layers_skip")
-        paths += plots.save(pi.proxies_scatter(layer_proxies, layer_cells, correlations or []),
+        paths += plots.save(intervention_figures.proxies_scatter(layer_proxies, layer_cells, correlations or []),
                             out / "figures" / "layers_proxies")
     return paths
 
@@ -221,8 +221,7 @@ def run(exp: Experiment, *, scale: str = "quick", out: str | Path | None = None,
                               "stands_in": exp.stands_in}}
     write_json(out / "analysis" / "config.json", config_)
     correlations = layer_summary.get("proxies", {}).get("spearman", [])
-    draw(out, result.table, result.distances, f"tiny byte Llama, {scale} scale", layer_cells, layer_proxies,
-         correlations)
+    draw(out, f"tiny byte Llama, {scale} scale", layer_cells, layer_proxies, correlations)
     sections = [_findings_html(found), _figures_html(out / "figures"),
                 _layers_html(layer_cells, layer_proxies, correlations)]
     page = report.render(config_, result.summary, out / "figures")
@@ -256,11 +255,12 @@ def _layers_html(cells: pd.DataFrame, proxies: pd.DataFrame, correlations: list)
     """Per decoder layer: Δ token error when skipped and when reset to epoch 0, Block Influence, angle."""
     delta = lambda op: cells[cells.op == op].set_index("group").delta_token_error  # noqa: E731
     skip, at0 = delta("skip"), delta("reinit")
-    rows = "".join(f"<tr><td>{html.escape(str(r.group))}</td><td>{skip.get(r.group, float('nan')):+.3f}</td>"
-                   f"<td>{at0.get(r.group, float('nan')):+.3f}</td><td>{r.bi:.3f}</td><td>{r.angular:.3f}</td></tr>"
-                   for r in proxies.itertuples())
-    rho = "; ".join(f"{c['proxy']} vs {c['target']}: ρ = {c['spearman']:.2f}" if c.get("spearman") is not None
-                    else f"{c['proxy']} vs {c['target']}: ρ undefined" for c in correlations)
+    rows = "".join(f"<tr><td>{html.escape(str(r.group))}</td><td>{number(skip.get(r.group), signed=True)}</td>"
+                   f"<td>{number(at0.get(r.group), signed=True)}</td><td>{number(r.bi)}</td>"
+                   f"<td>{number(r.angular)}</td></tr>" for r in proxies.itertuples())
+    rho = "; ".join(f"{c['proxy']} vs {c['target']}: ρ = {number(c['spearman'], digits=2)}"
+                    if c.get("spearman") is not None else f"{c['proxy']} vs {c['target']}: ρ undefined"
+                    for c in correlations)
     return ("<h2>Per decoder layer: skip and Block Influence</h2>\n<table><tr><th>layer</th><th>Δ skip</th>"
             f"<th>Δ reset to 0</th><th>Block Influence</th><th>angular</th></tr>{rows}</table>\n"
             f"<p class=\"muted\">Spearman over {len(proxies)} layers: {html.escape(rho)}.</p>")

@@ -1,4 +1,4 @@
-"""The steps the CLI composes: analyse a run directory, and run a registered experiment end to end.
+"""``criticality analyze RUN``: analyse a training run directory.
 
 ``analyze_run(RUN)`` rebuilds the model from ``RUN/config.json``, loads the checkpoints and the data,
 runs :func:`criticality.analyze` (resumable through ``RUN/analysis/cells.jsonl``) and writes::
@@ -6,51 +6,43 @@ runs :func:`criticality.analyze` (resumable through ``RUN/analysis/cells.jsonl``
     RUN/analysis/cells.csv        one row per cell (also cells.parquet when pyarrow is installed)
     RUN/analysis/distances.csv    normalized ℓ2 / ℓ∞ / cosine distance to epoch 0, per group and checkpoint
     RUN/analysis/summary.json     verdicts, threshold, chance error, group coverage, data set, provenance
-
-``run_experiment(exp)`` trains each of the experiment's runs (reusing finished ones), analyses them,
-draws the figures (``RUN/figures``) and writes ``RUN/report.html``.
 """
 
 from __future__ import annotations
 
 import ctypes
 import dataclasses
-import fnmatch
+import logging
 import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 import torch
 
 from criticality.core import engine
-from criticality.core.analysis import DEFAULT_THRESHOLD, finish
+from criticality.core.analysis import DEFAULT_THRESHOLD, Result
 from criticality.core.checkpoints import load_checkpoints
 from criticality.core.ops import PAPER_OPS
 from criticality.core.plan import PlanSpec, make_plan
-from criticality.core.run import run_cells
-from criticality.core.stores import cell_key
 from criticality.errors import CriticalityError
 from criticality.infra import distributed, lock
-from criticality.infra.files import atomic_path, write_json
-from criticality.infra.provenance import provenance
-from criticality.output import figures as plots
-from criticality.output import report
-from criticality.output.tables import write_tables
 from criticality.paper import data as datasets
 from criticality.paper import models
-from criticality.paper.experiments import Experiment, run_configs
-from criticality.paper.train import train
 from criticality.paper.training.config import TrainConfig
 from criticality.paper.training.rundir import RUN_FORMAT, read_config
 from criticality.pipelines import extras as extras_ops
+from criticality.pipelines.grid import analyse_plan
 
-# What `criticality analyze` and `run` measure per cell: test error (the verdicts) and loss, and the
-# label-free agreement with the final model's top-1 and KL(final ‖ variant) (issue 12.5). The last two
-# need the final model's logits on each batch: one more forward per chunk of batches, not per cell.
-METRICS = ("error", "loss", "agreement", "kl")
+# The metric names `criticality analyze` and `run` measure per cell (names in core.metrics.METRICS): test
+# error (the verdicts) and loss, and the label-free agreement with the final model's top-1 and
+# KL(final ‖ variant). The last two need the final model's logits on each batch: one more forward per
+# chunk of batches, not per cell.
+DEFAULT_METRIC_NAMES = ("error", "loss", "agreement", "kl")
+
+log = logging.getLogger(__name__)
 
 
 def read_run(run_dir: str | Path) -> dict[str, Any]:
@@ -109,38 +101,28 @@ def _analyze(run_dir: Path, config: dict, cfg: TrainConfig, build: dict, ctx: di
     model = models.build(**build, init=cfg.init)
     checkpoints = load_checkpoints(run_dir)
     calibration = _calibration(dataset, cfg) if buffers == "recalibrate" else None
-    spec = PlanSpec(groups, seeds, joint, reinit_to=_reinit_to(config, checkpoints), metrics=METRICS, engine=engine,
-                    batch_size=batch_size, max_examples=max_examples, buffers=buffers, calibration=calibration,
-                    ops=grid_ops, alphas=alphas or None, sigmas=sigmas or None)
+    spec = PlanSpec(groups, seeds, joint, reinit_to=_reinit_to(config, checkpoints), metrics=DEFAULT_METRIC_NAMES,
+                    engine=engine, batch_size=batch_size, max_examples=max_examples, buffers=buffers,
+                    calibration=calibration, ops=grid_ops, alphas=alphas or None, sigmas=sigmas or None)
     plan = make_plan(model, checkpoints, spec, probe=data)
     _hold(model, checkpoints[plan.final_epoch])  # then the engine saves and swaps only each cell's group
     out = run_dir / ("analysis" if split == "test" else f"analysis_{split}")  # the report reads analysis/
     if ctx.is_main:
         n = min(x for x in (max_examples, _size(split_data)) if x)
         cost = _estimate(model, data, n, batch_size, ctx.device, len(plan.cells) // ctx.world + 1)
-        print(f"analysis: {len(plan.cells)} cells, each one pass over {n} {split} examples{cost}", file=sys.stderr)
-    store = out / ("cells.jsonl" if ctx.world == 1 else f"cells.rank{ctx.rank}-of-{ctx.world}.jsonl")
-    rows = run_cells(plan, data, device=ctx.device, store=str(store),
-                     shard=(ctx.rank, ctx.world) if ctx.world > 1 else None, progress=progress and ctx.is_main)
-    rows = _merge_shards(distributed.gather(rows), plan)
-    if not ctx.is_main:
-        distributed.barrier()  # return once rank 0 has written the tables
-        return out
-    result = finish(plan, rows, threshold=threshold, verdict=verdict, verdict_metric=verdict_metric,
-                    provenance={**provenance(), "world_size": ctx.world, "device": str(ctx.device)})
-    n = int(result.table.n.iloc[0])
+        log.info("analysis: %d cells, each one pass over %d %s examples%s", len(plan.cells), n, split, cost)
     paper_data = config.get("experiment", {}).get("paper_data")
-    result.summary.update(
-        chance_error=1 - 1 / dataset.num_classes,
-        data={"name": dataset.name, "split": split, "n_test": n, "max_examples": max_examples,
-              "stands_in_for": paper_data if paper_data and paper_data != dataset.name else None,
-              "source": dataset.source})
-    if extras:
-        result.summary.update(extras_ops.run_extras(
-            plan, data, out, result.table, extras, draws=seeds, alphas=alphas, sigmas=sigmas, eps=eps,
-            device=ctx.device, store=str(store), progress=progress))
-    write_tables(out, result.table, result.distances, result.summary)
-    distributed.barrier()
+
+    def describe(result: Result) -> dict[str, Any]:
+        return dict(chance_error=1 - 1 / dataset.num_classes,
+                    data={"name": dataset.name, "split": split, "n_test": int(result.table.n.iloc[0]),
+                          "max_examples": max_examples,
+                          "stands_in_for": paper_data if paper_data and paper_data != dataset.name else None,
+                          "source": dataset.source})
+
+    analyse_plan(plan, data, out, ctx, threshold=threshold, verdict=verdict, verdict_metric=verdict_metric,
+                 describe=describe, extras=extras,
+                 extras_options=dict(draws=seeds, alphas=alphas, sigmas=sigmas, eps=eps), progress=progress)
     return out
 
 
@@ -193,32 +175,12 @@ def _calibration(dataset: datasets.Dataset, cfg: TrainConfig):
     return torch.utils.data.DataLoader(subset, batch_size=256, num_workers=cfg.workers)
 
 
-def _merge_shards(shards: list[list[dict]], plan) -> list[dict]:
-    """The shards' rows back in grid order, matched by cell key (rank r evaluated cells r, r + W, …; a rank
-    beyond the number of cells evaluated none). Every cell must come back exactly once."""
-    world = len(shards)
-    if [len(s) for s in shards] != [len(plan.cells[r::world]) for r in range(world)]:
-        raise CriticalityError(f"shards of {[len(s) for s in shards]} rows do not split {len(plan.cells)} cells "
-                               f"over {world} processes")
-    by_key = {cell_key(row): row for shard in shards for row in shard}
-    merged = []
-    for r, cell in enumerate(plan.cells):
-        key = cell_key(cell.as_dict())
-        if key not in by_key or cell_key(shards[r % world][r // world]) != key:
-            raise CriticalityError(f"shard row {cell_key(shards[r % world][r // world])} is out of place "
-                                   f"(expected {key})")
-        merged.append(by_key[key])
-    return merged
-
-
 def _estimate(model: torch.nn.Module, data, n: int, batch_size: int, device: torch.device, cells: int) -> str:
     """", at most about T" for ``cells`` full forward passes over ``n`` examples, timed on one batch of
     tensor data ("" for a loader: fetching a batch to time it would cost a worker start-up). An upper
     bound: the fast engine re-runs only each cell's suffix, and stored cells are not run again."""
     if not (isinstance(data, tuple) and isinstance(data[0], torch.Tensor)):
         return ""
-    import time
-
     x = data[0][:min(batch_size, n)]
     modes = [(m, m.training) for m in model.modules()]
     try:
@@ -244,95 +206,3 @@ def _size(split) -> int:
     return len(split[1]) if isinstance(split, tuple) else len(split)
 
 
-def run_experiment(exp: Experiment, *, scale: str = "quick", data: str | None = None, out: str | Path | None = None,
-                   progress: bool = True, wait: bool = False, **overrides: Any) -> list[Path]:
-    """Train (or resume), analyse, draw and report every run of ``exp``; returns the report paths."""
-    if exp.sweep == "lm":  # the journal's decoder LM: an HF folder and a text corpus (lm_experiment)
-        from criticality.pipelines import lm_experiment
-
-        return lm_experiment.run(exp, scale=scale, out=out, progress=progress, data=data, **overrides)
-    out = Path(out) if out else Path("runs") / exp.key / scale
-    configs = run_configs(exp, scale, data, **overrides)
-    reports, widths, is_main = [], [], True
-    for name, cfg in configs.items():
-        run_dir = out if len(configs) == 1 else out / name
-        train(cfg, run_dir, progress=progress, wait=wait)
-        is_main = distributed.setup(cfg.device).is_main
-        if is_main:
-            _note_experiment(run_dir, exp, scale)
-        distributed.barrier()
-        analyze_run(run_dir, seeds=exp.seeds, joint=[list(j) for j in exp.joint] or None, device=cfg.device,
-                    progress=progress, wait=wait, ops=exp.ops, alphas=exp.alphas, sigmas=exp.sigmas)
-        if not is_main:
-            continue
-        plots.draw_run(run_dir)
-        reports.append(report.write_report(run_dir))
-        if exp.sweep == "width":
-            widths.append(_width_rows(run_dir, cfg))
-    if exp.sweep == "frozen" and is_main:
-        _frozen_table(out, configs)
-    if widths:
-        table = pd.concat(widths, ignore_index=True)
-        with atomic_path(out / "widths.csv") as tmp:
-            table.to_csv(tmp, index=False)
-        title = f"Fig 3, {scale} scale: layers 2..L reset to epoch 0"
-        plots.save(plots.width_bars(table, title=title), out / "figures" / "width_bars")
-    return reports
-
-
-def _frozen_table(out: Path, configs: dict[str, TrainConfig]) -> pd.DataFrame:
-    """Table 1 (journal): test error of the full model, mean ± std of single-block re-inits to epoch 0 over
-    the frozen blocks, the full model with those blocks jointly re-initialized, removed (identity), and
-    the model trained with them frozen. Written to ``out/table1.csv``."""
-    full, frozen = out / "full", out / "frozen"
-    cells = plots.read_cells(full / "analysis" / "cells.csv")
-    patterns = [p.strip() for p in configs["frozen"].freeze.split(",") if p.strip()]
-    at0 = cells[(cells.op == "reinit") & (cells.checkpoint == 0)]
-    single = at0[~at0.joint & at0.group.map(lambda g: any(fnmatch.fnmatchcase(g, p) for p in patterns))]
-    joint = at0[at0.joint]
-    final = lambda run: float(plots.read_cells(run / "analysis" / "cells.csv").query("op == 'final'").error.iloc[0])  # noqa: E731
-    table = pd.DataFrame([
-        {"model": "full", "error": final(full)},
-        {"model": "single block re-initialized (mean ± std)", "error": single.error.mean(), "std": single.error.std()},
-        {"model": "re-initialized jointly", "error": float(joint.error.iloc[0]) if len(joint) else float("nan")},
-        {"model": "removed jointly (identity)", "error": _removed_error(full, patterns)},
-        {"model": "frozen jointly (trained so)", "error": final(frozen)},
-    ])
-    with atomic_path(out / "table1.csv") as tmp:
-        table.to_csv(tmp, index=False)
-    return table
-
-
-def _removed_error(run_dir: Path, patterns: list[str]) -> float:
-    """Test error of the final model with the stages matching ``patterns`` replaced by the identity (the
-    skip intervention, done here by hand until the interventions module's ``skip`` op is used)."""
-    config = read_run(run_dir)
-    cfg, build = TrainConfig(**config["config"]), config["model"]["build"]
-    model = models.build(**build, init=cfg.init)
-    checkpoints = load_checkpoints(run_dir)
-    model.load_state_dict(dict(checkpoints[max(checkpoints)]))
-    for prefix, _ in model.stages():
-        if any(fnmatch.fnmatchcase(prefix, p) for p in patterns):
-            parent, _, child = prefix.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, torch.nn.Identity())
-    dataset = datasets.load(cfg.data, cfg.data_root, max_train=cfg.max_train, max_test=cfg.max_test,
-                            image_size=cfg.image_size)
-    return engine.evaluate(model, dataset.test)["error"]
-
-
-def _note_experiment(run_dir: Path, exp: Experiment, scale: str) -> None:
-    config = read_run(run_dir)
-    config["experiment"] = {"key": exp.key, "figure": exp.figure, "scale": scale, "paper_data": exp.data,
-                            "columns": list(exp.columns) if scale == "paper" else None,
-                            "assumptions": list(exp.assumptions), "stands_in": exp.stands_in or None}
-    write_json(run_dir / "config.json", config)
-
-
-def _width_rows(run_dir: Path, cfg: TrainConfig) -> pd.DataFrame:
-    """Fig 3 rows, one per layer 2..L: Δ test error when that layer alone is reset to epoch 0."""
-    cells = plots.read_cells(run_dir / "analysis" / "cells.csv")
-    at0 = cells[(cells.op == "reinit") & (cells.checkpoint == 0) & ~cells.joint]
-    at0 = at0[at0.group != at0.group.iloc[0]]
-    depth, width = (int(v) for v in cfg.model.removeprefix("fcn-").split("x"))
-    return pd.DataFrame({"depth": depth, "width": width, "group": at0.group.to_numpy(), "seed": cfg.seed,
-                         "delta_error": at0.delta_error.to_numpy(), "error": at0.error.to_numpy()})

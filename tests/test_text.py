@@ -1,6 +1,7 @@
-"""The terminal's verdict table (runner.format_verdicts) from summary.json verdict rows.
+"""Numbers and metric names as the outputs print them (criticality.output.text): the terminal's verdict
+table (format_verdicts) from summary.json verdict rows, the one number format and the metric labels.
 
-Run: ``pytest tests/test_runner.py -q`` (a second).
+Run: ``pytest tests/test_text.py -q`` (a second).
 
 Columns follow the verdict metric; the interval, p and Holm's p are shown; a missing value (JSON null,
 NaN) reads ``n/a``, never ``None`` or ``nan``; the verdict stays the third word of each row.
@@ -8,7 +9,7 @@ NaN) reads ``n/a``, never ``None`` or ``nan``; the verdict stays the third word 
 
 from __future__ import annotations
 
-from criticality.output.text import format_verdicts
+from criticality.output.text import format_verdicts, metric_label, number, p_value
 
 
 def _summary(metric="error", **extra):
@@ -41,3 +42,16 @@ def test_other_verdict_metrics_name_their_columns():
     assert "Δ disagreement @0" in disagreement and "1 − agreement" in disagreement
     assert "final disagreement 0.000" in disagreement
     assert format_verdicts({"verdicts": []}) == "no verdicts"
+
+
+def test_one_number_format():
+    assert [number(v) for v in (0.1234, 1, None, float("nan"), float("inf"), -float("inf"), "x")] == [
+        "0.123", "1.000", "n/a", "nan", "inf", "-inf", "x"]
+    assert number(0.05, signed=True) == "+0.050" and number(0.125, digits=2) == "0.12"
+    assert [p_value(v) for v in (0.0001, 0.25, None, float("nan"))] == ["<0.001", "0.250", "n/a", "n/a"]
+
+
+def test_metric_labels_by_style():
+    assert metric_label("error") == "error" and metric_label("error", "axis") == "test error"
+    assert metric_label("nll", "sentence") == "nll (nats per token)" and metric_label("perplexity") == "perplexity"
+
