@@ -33,6 +33,7 @@ from criticality.core.analysis import DEFAULT_THRESHOLD, Result
 from criticality.core.plan import PlanSpec, make_plan
 from criticality.core.trajectory import Trajectory, alias_tied, trajectory
 from criticality.errors import CriticalityError
+from criticality.infra import distributed
 from criticality.infra.files import write_json, write_text
 from criticality.output import figures as plots
 from criticality.output import report
@@ -183,8 +184,7 @@ def analyze_hf(checkpoints: str | Path, data: str | Path, *, init_checkpoint: st
                engine: str = "fast", text_key: str = "text", out: str | Path | None = None,
                progress: bool = True) -> Path:
     """Analyse an HF checkpoint trajectory on a local data file; writes ``out`` and returns it."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = distributed.auto_device(device)
     found = trajectory(checkpoints, init_checkpoint)
     folder = config_folder(found)
     model = build_model(folder)

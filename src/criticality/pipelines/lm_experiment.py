@@ -37,6 +37,7 @@ from criticality.core.analysis import DEFAULT_THRESHOLD, Result
 from criticality.core.plan import PlanSpec, make_plan
 from criticality.core.trajectory import alias_tied, trajectory
 from criticality.errors import CriticalityError
+from criticality.infra import distributed
 from criticality.infra.files import atomic_path, write_json, write_text
 from criticality.output import figures as plots
 from criticality.output import intervention_figures, report
@@ -86,7 +87,7 @@ def train(cfg: LMConfig, out: Path, progress: bool = True) -> Path:
 
 def _load(folder: Path, cfg: LMConfig):
     """(model, {epoch: lazy state}, evaluation batches, number of held-out sequences, device)."""
-    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = distributed.auto_device(cfg.device)
     found = trajectory(folder)
     model = hf.build_model(hf.config_folder(found))  # drawn from a fixed seed: the store's fingerprint resumes
     spe = cfg.epoch_steps()

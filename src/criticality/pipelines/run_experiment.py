@@ -13,9 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import torch
 
-from criticality.core import engine
+from criticality.core import engine, stubs
 from criticality.core.checkpoints import load_checkpoints
 from criticality.infra import distributed
 from criticality.infra.files import atomic_path, write_json
@@ -89,20 +88,18 @@ def _frozen_table(out: Path, configs: dict[str, TrainConfig]) -> pd.DataFrame:
 
 
 def _removed_error(run_dir: Path, patterns: list[str]) -> float:
-    """Test error of the final model with the stages matching ``patterns`` replaced by the identity (the
-    skip intervention, done here by hand until the interventions module's ``skip`` op is used)."""
+    """Test error of the final model with the stages matching ``patterns`` returning their input (skipped, as
+    the skip operation does: :func:`criticality.core.stubs.skipping`)."""
     config = read_run(run_dir)
     cfg, build = TrainConfig(**config["config"]), config["model"]["build"]
     model = models.build(**build, init=cfg.init)
     checkpoints = load_checkpoints(run_dir)
     model.load_state_dict(dict(checkpoints[max(checkpoints)]))
-    for prefix, _ in model.stages():
-        if any(fnmatch.fnmatchcase(prefix, p) for p in patterns):
-            parent, _, child = prefix.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, torch.nn.Identity())
+    removed = [prefix for prefix, _ in model.stages() if any(fnmatch.fnmatchcase(prefix, p) for p in patterns)]
     dataset = datasets.load(cfg.data, cfg.data_root, max_train=cfg.max_train, max_test=cfg.max_test,
                             image_size=cfg.image_size)
-    return engine.evaluate(model, dataset.test)["error"]
+    with stubs.skipping(model, removed, {}):  # {}: each stage returns a tensor
+        return engine.evaluate(model, dataset.test)["error"]
 
 
 def _note_experiment(run_dir: Path, exp: Experiment, scale: str) -> None:
