@@ -40,6 +40,7 @@ from criticality.core.distances import distances
 from criticality.core.engine import Data, Metric
 from criticality.core.groups import Groups, GroupSpec
 from criticality.core.initializers import InitScheme, draws_summary, scheme_name
+from criticality.core.metrics import DEFAULT_METRICS
 from criticality.core.ops import PAPER_OPS, Cell, Operation
 from criticality.core.plan import Plan, PlanSpec, make_plan
 from criticality.core.records import Examples, Record, per_class
@@ -79,7 +80,7 @@ def analyze(model: nn.Module, checkpoints: Mapping[int, StateDict], data: Data, 
             groups: GroupSpec | Groups | None = None, seeds: int | Sequence[int] = 3,
             joint: Sequence[Sequence[str]] | None = None, final: int | None = None,
             reinit_to: Sequence[int] | None = None, init: InitScheme | None = None,
-            metrics: Sequence[str] | Mapping[str, Metric] = ("error", "loss"), engine: str = "fast",
+            metrics: Sequence[str] | Mapping[str, Metric] = DEFAULT_METRICS, engine: str = "fast",
             batch_size: int = 1000, device: str | torch.device = "cpu", max_examples: int | None = None,
             threshold: float = DEFAULT_THRESHOLD, buffers: str = "reset", store: str | None = None,
             shard: tuple[int, int] | None = None, progress: bool = True,

@@ -19,7 +19,7 @@ from criticality.core.checkpoints import check_compatible
 from criticality.core.engine import Data, Metric, Variant
 from criticality.core.groups import Groups, GroupSpec, default_spec, resolve
 from criticality.core.groups import joint as joint_group
-from criticality.core.initializers import DRAW_SCHEMES, InitScheme, choose, scheme_name
+from criticality.core.initializers import InitScheme, choose, draw_schemes, scheme_name
 from criticality.core.ops import Cell, Operation
 from criticality.core.state import BUFFER_MODES, fingerprint
 from criticality.errors import CriticalityError
@@ -40,7 +40,7 @@ class PlanSpec:
     final: int | None = None  # the trained model's epoch (default: the largest)
     reinit_to: Sequence[int] | None = None  # reinit targets (default: every epoch before the final one)
     init: InitScheme | None = None  # the draw scheme (default: chosen by initializers.choose)
-    metrics: Sequence[str] | Mapping[str, Metric] = ("error", "loss")
+    metrics: Sequence[str] | Mapping[str, Metric] = metrics_mod.DEFAULT_METRICS
     engine: str = "fast"  # or "naive": the plain reference path
     batch_size: int = 1000  # examples per forward pass
     max_examples: int | None = None  # evaluate on the first n examples only
@@ -235,6 +235,6 @@ def _init_scheme(model: nn.Module, init: InitScheme | None, seeds: list[int]) ->
         warnings.warn(f"{type(model).__name__} records no init_scheme: re-randomizing with its modules' own "
                       "reset_parameters (init='torch'); pass init= if training used another scheme "
                       "(init='shuffle' works for any model)", stacklevel=4)
-    if isinstance(init, str) and init not in DRAW_SCHEMES:
-        raise CriticalityError(f"unknown init scheme {init!r}; choose one of {', '.join(DRAW_SCHEMES)} or a callable")
+    if isinstance(init, str) and init not in draw_schemes():
+        raise CriticalityError(f"unknown init scheme {init!r}; choose one of {', '.join(draw_schemes())} or a callable")
     return init

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from criticality.core.analysis import DEFAULT_THRESHOLD, Result
+from criticality.core.metrics import SEQUENCE_METRICS
 from criticality.core.plan import PlanSpec, make_plan
 from criticality.core.trajectory import Trajectory, alias_tied, trajectory
 from criticality.errors import CriticalityError
@@ -43,7 +44,7 @@ from criticality.pipelines.grid import analyse_plan, one_process
 # The metric names analyze-hf measures (names in core.metrics.METRICS); perplexity = exp(nll) is added to the
 # table by run_cells; agreement (per token, with the final model's top-1) and kl (nats per token) are
 # label-free, as in `criticality analyze`
-DEFAULT_METRIC_NAMES = ("token_error", "nll", "agreement", "kl")
+DEFAULT_METRIC_NAMES = SEQUENCE_METRICS
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 DEFAULT_SEQ_LEN = 128  # tokens per sequence, capped by the model's max_position_embeddings
 

@@ -25,6 +25,7 @@ import torch
 from criticality.core import engine
 from criticality.core.analysis import DEFAULT_THRESHOLD, Result
 from criticality.core.checkpoints import load_checkpoints
+from criticality.core.metrics import CLASSIFIER_METRICS
 from criticality.core.ops import PAPER_OPS
 from criticality.core.plan import PlanSpec, make_plan
 from criticality.errors import CriticalityError
@@ -40,7 +41,7 @@ from criticality.pipelines.grid import analyse_plan
 # error (the verdicts) and loss, and the label-free agreement with the final model's top-1 and
 # KL(final ‖ variant). The last two need the final model's logits on each batch: one more forward per
 # chunk of batches, not per cell.
-DEFAULT_METRIC_NAMES = ("error", "loss", "agreement", "kl")
+DEFAULT_METRIC_NAMES = CLASSIFIER_METRICS
 
 log = logging.getLogger(__name__)
 
