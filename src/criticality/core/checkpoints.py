@@ -13,8 +13,6 @@ gives lazy, read-only state dicts (:mod:`criticality.trajectory`): tensors are r
 
 from __future__ import annotations
 
-import json
-import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -23,12 +21,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from criticality.core.trajectory import LazyCheckpoint, run_files
+from criticality.core.trajectory import LazyCheckpoint, TensorFile, epoch_files, run_files, sidecar_sha256
 from criticality.errors import CriticalityError
 from criticality.infra.files import atomic_path, sha256_file, write_json
 
 StateDict = dict[str, torch.Tensor]
-_NAME = re.compile(r"^epoch_(\d{4,})\.safetensors$")
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
@@ -54,30 +51,18 @@ def save_checkpoint(run_dir: str | Path, epoch: int, state: Mapping[str, torch.T
 def list_epochs(run_dir: str | Path) -> list[int]:
     """Epochs with a complete checkpoint (tensor file and sidecar), ascending."""
     directory = checkpoint_dir(run_dir)
-    if not directory.is_dir():
-        return []
-    epochs = []
-    for f in directory.iterdir():
-        match = _NAME.match(f.name)
-        if match and f.with_suffix(".json").is_file():
-            epochs.append(int(match.group(1)))
-    return sorted(epochs)
+    return sorted(epoch_files(directory)) if directory.is_dir() else []
 
 
-def load_checkpoint(run_dir: str | Path, epoch: int, *, verify: bool = True) -> StateDict:
+def load_checkpoint(run_dir: str | Path, epoch: int) -> StateDict:
     """Load one epoch's state dict, checking it against the checksum in its sidecar."""
     path = checkpoint_path(run_dir, epoch)
-    sidecar = path.with_suffix(".json")
-    if not path.is_file() or not sidecar.is_file():
+    if epoch not in list_epochs(run_dir):
         raise CriticalityError(f"no complete checkpoint for epoch {epoch} in {checkpoint_dir(run_dir)}")
-    if verify:
-        try:
-            expected = json.loads(sidecar.read_text())["sha256"]
-        except (ValueError, KeyError) as e:
-            raise CriticalityError(f"checkpoint sidecar {sidecar} is unreadable: {e}") from e
-        if sha256_file(path) != expected:
-            raise CriticalityError(f"checkpoint {path} does not match the sha256 in its sidecar "
-                                   "(truncated or altered); delete it to retrain that epoch")
+    sha256 = sidecar_sha256(path)
+    if not sha256:
+        raise CriticalityError(f"checkpoint sidecar {path.with_suffix('.json')} is unreadable: it holds no sha256")
+    TensorFile(path, sha256).verify()
     try:
         return load_file(str(path))
     except (SafetensorError, OSError) as e:

@@ -259,12 +259,17 @@ def discover(path: Path) -> Trajectory:
 
 
 def run_files(directory: Path) -> dict[int, LazyCheckpoint]:
+    """This project's run directory, lazily: epoch → checkpoint (see :func:`epoch_files`)."""
+    return {epoch: _single(f) for epoch, f in epoch_files(directory).items()}
+
+
+def epoch_files(directory: Path) -> dict[int, Path]:
     """This project's layout: epoch_NNNN.safetensors counts once its sidecar exists (written last)."""
     out = {}
     for f in directory.glob("epoch_*.safetensors"):
         m = re.match(r"^epoch_(\d{4,})$", f.stem)
         if m and f.with_suffix(".json").is_file():
-            out[int(m.group(1))] = _single(f)
+            out[int(m.group(1))] = f
     return out
 
 
@@ -283,11 +288,11 @@ def _numbered_files(directory: Path) -> dict[int, Path]:
 
 
 def _single(path: Path) -> LazyCheckpoint:
-    file = TensorFile(path, _sidecar_sha256(path))
+    file = TensorFile(path, sidecar_sha256(path))
     return LazyCheckpoint({k: file for k in file.keys()}, path.name)
 
 
-def _sidecar_sha256(path: Path) -> str | None:
+def sidecar_sha256(path: Path) -> str | None:
     sidecar = path.with_suffix(".json")
     if path.suffix not in SAFETENSORS or not sidecar.is_file():
         return None
