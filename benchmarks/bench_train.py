@@ -1,4 +1,4 @@
-"""Training throughput and accuracy: FCN 3×256 on Fashion-MNIST, `criticality.train` vs a plain loop;
+"""Training throughput and accuracy: FCN 3×256 on Fashion-MNIST, `criticality.paper.train` vs a plain loop;
 on CUDA also a conv net at paper width with the GPU path (autocast, channels_last, data on the device).
 
 Run: ``.venv/bin/python benchmarks/bench_train.py [--epochs 20] [--out runs/bench-train] [--cuda-only]``
@@ -6,7 +6,7 @@ Prints images/s of our training loop (median over epochs after the first), the s
 PyTorch loop (DataLoader over a TensorDataset, same model, optimizer and batch size) measured in this
 process, their ratio, and the final test error (issue target: ≤ 0.12 after 20 epochs, ≥ 25k images/s).
 The CUDA case (skipped, saying so, without a GPU) trains VGG-11 (plain, width 64) on Fashion-MNIST with
-``criticality.train`` (amp auto = bf16 where supported, channels_last, in-memory data on the GPU) and a
+``criticality.paper.train`` (amp auto = bf16 where supported, channels_last, in-memory data on the GPU) and a
 float32 plain loop fed from CPU tensors, both in this process, and prints both rates and their ratio.
 """
 
@@ -64,7 +64,7 @@ def cuda_case(out: str, epochs: int = 4, max_train: int = 20000) -> None:
     ours = statistics.median(r["images_per_s"] for r in log[2:] or log[1:])
     plain = plain_loop_images_per_s(model_name="vgg11", device="cuda", width=64, max_train=max_train, epochs=epochs)
     print(f"CUDA case on {torch.cuda.get_device_name()}: VGG-11 width 64, {max_train} Fashion-MNIST images")
-    print(f"  criticality.train (amp auto, channels_last, data on GPU, crop+flip): {ours:,.0f} images/s")
+    print(f"  criticality.paper.train (amp auto, channels_last, data on GPU, crop+flip): {ours:,.0f} images/s")
     print(f"  plain float32 loop (CPU tensors, no augmentation): {plain:,.0f} images/s  ratio {ours / plain:.2f}x")
 
 

@@ -343,7 +343,7 @@ def test_internal_error_is_exit_1_with_one_line(run, capsys, monkeypatch):
     def bug(*args, **kwargs):
         raise ZeroDivisionError("a bug")
 
-    monkeypatch.setattr("criticality.pipelines.analyze_run.analyze_run", bug)
+    monkeypatch.setattr("criticality.cli.analyze_run", bug)  # the name the CLI calls
     code, _, err = run_cli(capsys, "analyze", run)
     assert code == 1 and err.startswith("criticality: internal error: ZeroDivisionError: a bug")
     assert len(err.strip().splitlines()) == 1
@@ -379,8 +379,8 @@ def test_report_from_the_cli(run, tmp_path, capsys):
 
 @pytest.mark.parametrize("root", [None, "DIR"])
 def test_quick_scale_uses_the_experiments_own_data_when_given(tmp_path, capsys, monkeypatch, root):
+    from criticality import cli
     from criticality.paper import data
-    from criticality.pipelines import run_experiment as runner
 
     seen = {}
 
@@ -388,7 +388,7 @@ def test_quick_scale_uses_the_experiments_own_data_when_given(tmp_path, capsys, 
         seen.update(kw, key=exp.key)
         return []
 
-    monkeypatch.setattr(runner, "run_experiment", fake_run)
+    monkeypatch.setattr(cli, "run_experiment", fake_run)
     argv = ["run", "fig4/vgg11/cifar10", *(["--data-root", tmp_path] if root else [])]
     code, _, err = run_cli(capsys, *argv)
     assert code == 0, err

@@ -1,6 +1,6 @@
 """criticality: which layers of a trained network matter?
 
-The Python entry point is :func:`analyze` (see :mod:`criticality.analysis`).
+The Python entry point is :func:`analyze` (see :mod:`criticality.core.analysis`).
 """
 
 import criticality.adapters  # noqa: F401  (registers the hf and timm draw schemes with the core)

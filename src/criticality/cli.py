@@ -22,13 +22,36 @@ import types
 import typing
 from pathlib import Path
 
-from criticality.core.analysis import DEFAULT_THRESHOLD
-from criticality.core.groups import check_mapping
+from criticality.core.analysis import DEFAULT_THRESHOLD, LABEL_FREE, VERDICT_RULES
+from criticality.core.groups import SPECS, check_mapping
+from criticality.core.metrics import DEFAULT_METRICS
+from criticality.core.ops import choices as grid_ops
+from criticality.core.plan import ENGINES
+from criticality.core.state import BUFFER_MODES
 from criticality.errors import CriticalityError
 from criticality.infra import distributed
 from criticality.infra.files import loads
+from criticality.infra.log import to_stderr
+from criticality.infra.memory import tune_malloc
+from criticality.output import figures, report
+from criticality.output.tables import read_summary
+from criticality.output.text import format_verdicts
 from criticality.paper import experiments, models
+from criticality.paper.data import default_data
+from criticality.paper.experiments import Sweep
+from criticality.paper.train import train
 from criticality.paper.training.config import TrainConfig
+from criticality.pipelines.analyze_hf import analyze_hf, summary_line
+from criticality.pipelines.analyze_run import analyze_run
+from criticality.pipelines.extras import EXTRA_OPS
+from criticality.pipelines.run_experiment import run_experiment
+
+OPS = (*grid_ops(), *EXTRA_OPS)  # what --ops takes ("final" is always evaluated)
+VERDICT_METRICS = (*DEFAULT_METRICS, *LABEL_FREE)  # the metrics `analyze` measures on a run directory
+DEVICE_HELP = next(f.metadata["help"] for f in dataclasses.fields(TrainConfig) if f.name == "device")
+SPLITS = ("test", "train")
+
+log = logging.getLogger(__name__)
 
 # Disk and permission failures are the user's environment, not a bug: one line, exit status 2.
 ENVIRONMENT_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO)
@@ -99,31 +122,30 @@ def _overrides(args: argparse.Namespace, cls: type) -> dict:
 
 def _analysis_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--groups", default="model",
-                        help="model (the model's own layers) | blocks | sublayers | auto | "
-                             "a JSON file {name: [patterns]}")
+                        help=f"{' | '.join(SPECS)} (model: the model's own layers) | a JSON file {{name: [patterns]}}")
     parser.add_argument("--seeds", type=NON_NEGATIVE, default=3, help="re-randomization draws per group")
     parser.add_argument("--joint", action="append", default=None, metavar="G1,G2,…",
                         help="a joint group: comma-separated group names or globs (repeat for several)")
-    parser.add_argument("--split", choices=("test", "train"), default="test", help="evaluate on this split")
-    parser.add_argument("--engine", choices=("fast", "naive"), default="fast",
-                        help="fast (prefix caching) or the plain reference loop")
+    parser.add_argument("--split", choices=SPLITS, default="test", help="evaluate on this split")
+    parser.add_argument("--engine", choices=ENGINES, default="fast",
+                        help="fast (prefix caching) or naive (the plain reference loop)")
     parser.add_argument("--batch-size", type=POSITIVE, default=1000, help="evaluation batch (examples)")
     parser.add_argument("--max-examples", type=POSITIVE, default=None,
                         help="evaluate on the first N examples only (quick look; recorded in the output)")
     parser.add_argument("--threshold", type=NON_NEGATIVE_FLOAT, default=DEFAULT_THRESHOLD,
                         help="Δ test error at epoch 0 up to which a layer counts as robust")
-    parser.add_argument("--verdict-metric", choices=("error", "loss", "agreement", "kl"), default=None,
+    parser.add_argument("--verdict-metric", choices=VERDICT_METRICS, default=None,
                         help="the metric the verdicts judge, with --threshold in its units (default: error; "
                              "agreement is judged as disagreement = 1 - agreement)")
-    parser.add_argument("--verdict", choices=("interval", "point"), default="interval",
+    parser.add_argument("--verdict", choices=VERDICT_RULES, default="interval",
                         help="interval: critical / robust only when the 95%% paired-bootstrap interval clears the "
                              "threshold, else inconclusive; point: the paper's rule on the Δ alone")
-    parser.add_argument("--buffers", choices=("reset", "keep", "recalibrate"), default="reset",
+    parser.add_argument("--buffers", choices=BUFFER_MODES, default="reset",
                         help="norm-layer running statistics: move with the group (reset), stay as trained (keep), "
                              "or are re-estimated on 2048 training images (recalibrate)")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
     parser.add_argument("--ops", default="reinit,rerandomize", metavar="OP,OP,…",
-                        help="reinit, rerandomize, interpolate, noise, skip, criticality, proxies (comma-separated)")
+                        help=f"{', '.join(OPS)} (comma-separated)")
     parser.add_argument("--alphas", type=_unit_list, default=None, metavar="A,A,…",
                         help="interpolation weights α in [0, 1] (interpolate, criticality)")
     parser.add_argument("--sigmas", type=_unit_list, default=None, metavar="S,S,…",
@@ -149,13 +171,14 @@ def _wait_option(parser: argparse.ArgumentParser) -> None:
 
 
 def _hf_options(parser: argparse.ArgumentParser) -> None:
-    """``analyze-hf``: the logic is criticality.hf.analyze_hf."""
+    """``analyze-hf``: the logic is criticality.pipelines.analyze_hf.analyze_hf."""
     parser.add_argument("checkpoints", metavar="CHECKPOINTS",
                         help="HF Trainer output (checkpoint-<step>/) or a folder of step_N.safetensors files")
     parser.add_argument("--data", required=True, metavar="FILE",
                         help="token ids (.safetensors with input_ids, .npy) or text (.txt, .jsonl) to evaluate on")
     parser.add_argument("--init-checkpoint", metavar="PATH", help="the initialization, when CHECKPOINTS lacks step 0")
-    parser.add_argument("--groups", default="blocks", help="blocks | sublayers | auto | a JSON file {name: [patterns]}")
+    parser.add_argument("--groups", default="blocks",
+                        help=f"{' | '.join(SPECS[1:])} | a JSON file {{name: [patterns]}}")
     parser.add_argument("--seeds", type=NON_NEGATIVE, default=2, help="re-randomization draws per group")
     parser.add_argument("--seq-len", type=POSITIVE, default=None, help="tokens per sequence for text and 1-D ids "
                         "(default: 128, at most the model's max_position_embeddings)")
@@ -163,9 +186,9 @@ def _hf_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-examples", type=POSITIVE, default=None, help="evaluate on the first N sequences only")
     parser.add_argument("--threshold", type=NON_NEGATIVE_FLOAT, default=DEFAULT_THRESHOLD,
                         help="Δ token error at step 0 up to which a group counts as robust")
-    parser.add_argument("--engine", choices=("fast", "naive"), default="fast")
+    parser.add_argument("--engine", choices=ENGINES, default="fast")
     parser.add_argument("--text-key", default="text", help="the field holding the text in .jsonl lines")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
     parser.add_argument("--out", help="output directory (default CHECKPOINTS/analysis)")
 
 
@@ -213,36 +236,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class _Terminal(logging.Handler):
-    """The library's messages as the terminal showed them before they were logged: INFO as the bare message,
-    WARNING and above as ``criticality: warning: <msg>``, on the current stderr, from rank 0 only."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if os.environ.get("RANK", "0") != "0":
-            return
-        try:
-            message = record.getMessage()
-            prefix = "criticality: warning: " if record.levelno >= logging.WARNING else ""
-            sys.stderr.write(f"{prefix}{message}\n")
-            sys.stderr.flush()
-        except Exception:  # noqa: BLE001 - logging's own convention: report, never raise
-            self.handleError(record)
-
-
-def install_log_handler() -> None:
-    """Show the ``criticality`` logger's INFO and above on stderr (once, however often ``main`` runs)."""
-    logger = logging.getLogger("criticality")
-    logger.handlers = [h for h in logger.handlers if not isinstance(h, _Terminal)] + [_Terminal()]
-    logger.setLevel(logging.INFO)
-    logger.propagate = False  # a root handler a host program installed would print each line twice
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    install_log_handler()
+    tune_malloc()  # process-wide allocator setting: the command's to make, not the library's
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
-        return _dispatch(args)
+        with to_stderr():  # the library logs; the terminal shows INFO bare, warnings prefixed
+            return _dispatch(args)
     except CriticalityError as e:
         if args.debug:
             raise
@@ -281,84 +281,77 @@ def _one_line(e: BaseException) -> str:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    progress = not args.no_progress
-    if args.command in (None, "run"):
-        if args.command is None:
-            args = build_parser().parse_args(["run", *(["--debug"] if args.debug else [])])
-        return _run(args, progress)
-    if args.command == "train":
-        from criticality.paper.train import train
+    if args.command is None:  # bare `criticality`: the embedded default experiment
+        args = build_parser().parse_args(["run", *(["--debug"] if args.debug else [])])
+    return COMMANDS[args.command](args, not args.no_progress)
 
-        fields = _overrides(args, TrainConfig)
-        config = TrainConfig(**{**fields, "model": args.model_name or TrainConfig.model})
-        train(config, args.out, progress=progress, wait=args.wait)
-        if distributed.is_main():
-            print(f"trained {config.model} on {config.data}: {Path(args.out) / 'checkpoints'}")
-        return 0
-    if args.command == "analyze":
-        from criticality.pipelines.analyze_run import analyze_run
 
-        out = analyze_run(args.run_dir, groups=_groups(args.groups), seeds=args.seeds,
-                          joint=[j.split(",") for j in args.joint] if args.joint else None, split=args.split,
-                          engine=args.engine, batch_size=args.batch_size, device=args.device,
-                          max_examples=args.max_examples, threshold=args.threshold, buffers=args.buffers,
-                          verdict=args.verdict, verdict_metric=args.verdict_metric, progress=progress,
-                          wait=args.wait, ops=args.ops, alphas=args.alphas, sigmas=args.sigmas, eps=args.eps)
-        if distributed.is_main():
-            _print_verdicts(out)
-            print(f"wrote {out / 'cells.csv'}, {out / 'distances.csv'}, {out / 'summary.json'}")
-            _warn_non_finite(out)
-        return 0
-    if args.command == "analyze-hf":
-        from criticality.pipelines.analyze_hf import analyze_hf, summary_line
+def _train(args: argparse.Namespace, progress: bool) -> int:
+    config = TrainConfig(**{**_overrides(args, TrainConfig), "model": args.model_name or TrainConfig.model})
+    train(config, args.out, progress=progress, wait=args.wait)
+    if distributed.is_main():
+        print(f"trained {config.model} on {config.data}: {Path(args.out) / 'checkpoints'}")
+    return 0
 
-        out = analyze_hf(args.checkpoints, args.data, init_checkpoint=args.init_checkpoint,
-                         groups=_groups(args.groups), seeds=args.seeds, seq_len=args.seq_len,
-                         batch_size=args.batch_size, max_examples=args.max_examples, threshold=args.threshold,
-                         device=args.device, engine=args.engine, text_key=args.text_key, out=args.out,
-                         progress=progress)
-        _print_verdicts(out)  # the same table as after `analyze` (out is the analysis directory)
-        print(f"wrote {out / 'cells.csv'}, {out / 'report.html'}; verdicts (Δ token error at step 0): "
-              + ", ".join(f"{g} {v}" for g, v in summary_line(out).items()))
-        return 0
-    if args.command == "report":
-        from criticality.output import figures as plots
-        from criticality.output import report
-        from criticality.output.tables import read_summary
 
-        read_summary(Path(args.run_dir) / "analysis")  # a missing or corrupt analysis is one line, exit 2
-        plots.draw_run(args.run_dir)
-        print(f"report: {report.write_report(args.run_dir)}")
-        return 0
-    if args.command == "list":
-        pattern = args.pattern or "*"
-        names = [m for m in models.names() if pattern in m or fnmatch.fnmatchcase(m, pattern)] if args.models \
-            else experiments.names(args.pattern)
-        if not names:
-            what, flag = ("model", " --models") if args.models else ("experiment", "")
-            raise CriticalityError(f"no {what} matches {pattern!r}; `criticality list{flag}` shows them all")
-        for name in names:
-            note = "" if args.models else f"  {experiments.REGISTRY[name].description}"
-            print(f"{name}{note}")
-        return 0
-    raise CriticalityError(f"unknown command {args.command!r}")
+def _analyze(args: argparse.Namespace, progress: bool) -> int:
+    out = analyze_run(args.run_dir, groups=_groups(args.groups), seeds=args.seeds,
+                      joint=[j.split(",") for j in args.joint] if args.joint else None, split=args.split,
+                      engine=args.engine, batch_size=args.batch_size, device=args.device,
+                      max_examples=args.max_examples, threshold=args.threshold, buffers=args.buffers,
+                      verdict=args.verdict, verdict_metric=args.verdict_metric, progress=progress,
+                      wait=args.wait, ops=args.ops, alphas=args.alphas, sigmas=args.sigmas, eps=args.eps)
+    if distributed.is_main():
+        _print_verdicts(out)
+        print(f"wrote {out / 'cells.csv'}, {out / 'distances.csv'}, {out / 'summary.json'}")
+        _warn_non_finite(out)
+    return 0
+
+
+def _analyze_hf(args: argparse.Namespace, progress: bool) -> int:
+    out = analyze_hf(args.checkpoints, args.data, init_checkpoint=args.init_checkpoint,
+                     groups=_groups(args.groups), seeds=args.seeds, seq_len=args.seq_len,
+                     batch_size=args.batch_size, max_examples=args.max_examples, threshold=args.threshold,
+                     device=args.device, engine=args.engine, text_key=args.text_key, out=args.out,
+                     progress=progress)
+    _print_verdicts(out)  # the same table as after `analyze` (out is the analysis directory)
+    print(f"wrote {out / 'cells.csv'}, {out / 'report.html'}; verdicts (Δ token error at step 0): "
+          + ", ".join(f"{g} {v}" for g, v in summary_line(out).items()))
+    return 0
+
+
+def _report(args: argparse.Namespace, progress: bool) -> int:
+    read_summary(Path(args.run_dir) / "analysis")  # a missing or corrupt analysis is one line, exit 2
+    figures.draw_run(args.run_dir)
+    print(f"report: {report.write_report(args.run_dir)}")
+    return 0
+
+
+def _list(args: argparse.Namespace, progress: bool) -> int:
+    pattern = args.pattern or "*"
+    names = [m for m in models.names() if pattern in m or fnmatch.fnmatchcase(m, pattern)] if args.models \
+        else experiments.names(args.pattern)
+    if not names:
+        what, flag = ("model", " --models") if args.models else ("experiment", "")
+        raise CriticalityError(f"no {what} matches {pattern!r}; `criticality list{flag}` shows them all")
+    for name in names:
+        note = "" if args.models else f"  {experiments.REGISTRY[name].description}"
+        print(f"{name}{note}")
+    return 0
 
 
 def _run(args: argparse.Namespace, progress: bool) -> int:
-    from criticality.paper.data import default_data
-    from criticality.pipelines.run_experiment import run_experiment
-
     exp = experiments.get(args.experiment)
     overrides = _overrides(args, TrainConfig)
     data = overrides.pop("data", None)
-    if data is None and args.scale == "quick" and exp.sweep != "lm":  # the LM reads a text corpus
+    if data is None and args.scale == "quick" and exp.sweep != Sweep.LM:  # the LM reads a text corpus
         if overrides.get("data_root"):
             data = exp.data  # the user gave the experiment's own data: use it at this scale too
         else:
             data = default_data()  # Fashion-MNIST when installed, else the bundled digits
-            if data != exp.data and distributed.is_main():
-                print(f"quick scale: {data} stands in for {exp.data} (pass --data-root DIR holding {exp.data} to "
-                      "use it, or --scale paper)", file=sys.stderr)
+            if data != exp.data:
+                log.info(f"quick scale: {data} stands in for {exp.data} (pass --data-root DIR holding {exp.data} "
+                         "to use it, or --scale paper)")
     reports = run_experiment(exp, scale=args.scale, data=data, out=args.out, progress=progress, wait=args.wait,
                              **overrides)
     for path in reports:
@@ -368,10 +361,11 @@ def _run(args: argparse.Namespace, progress: bool) -> int:
     return 0
 
 
-def _print_verdicts(analysis_dir: Path) -> None:
-    from criticality.output.tables import read_summary
-    from criticality.output.text import format_verdicts
+COMMANDS = {"run": _run, "train": _train, "analyze": _analyze, "analyze-hf": _analyze_hf, "report": _report,
+            "list": _list}
 
+
+def _print_verdicts(analysis_dir: Path) -> None:
     print(format_verdicts(read_summary(analysis_dir)))
 
 
@@ -382,17 +376,16 @@ def _warn_non_finite(analysis_dir: Path) -> None:
     except (OSError, ValueError, AttributeError):
         return
     if bad:
-        print(f"criticality: warning: {bad} cells have a non-finite error or loss (NaN/inf); they are the rows "
-              f"with finite=False in {analysis_dir / 'cells.csv'}", file=sys.stderr)
+        log.warning(f"{bad} cells have a non-finite error or loss (NaN/inf); they are the rows with finite=False "
+                    f"in {analysis_dir / 'cells.csv'}")
 
 
 def _groups(spec: str) -> str | dict:
-    if spec in ("model", "blocks", "sublayers", "auto"):
+    if spec in SPECS:
         return spec
     path = Path(spec)
     if not path.is_file():
-        raise CriticalityError(f"--groups {spec!r}: use model, blocks, sublayers, auto or a JSON file of "
-                               "{name: [patterns]}")
+        raise CriticalityError(f"--groups {spec!r}: use {', '.join(SPECS)} or a JSON file of {{name: [patterns]}}")
     try:
         mapping = json.loads(path.read_bytes().decode("utf-8"), object_pairs_hook=_no_duplicates)
     except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors

@@ -19,7 +19,7 @@ operation (:mod:`criticality.core.ops`): ``final`` (the trained model), ``reinit
 The steps are :func:`~criticality.core.plan.make_plan` (check and lay out), :func:`~criticality.core.run.run_cells`
 (evaluate, resumably) and :func:`finish` (the tables and the summary).
 Joint groups (``joint=[["fc2", "fc3"]]``) get the same cells under the name ``fc2+fc3``. Every cell keeps
-per-example records (:mod:`criticality.core.records`), from which :mod:`criticality.statistics` gives each
+per-example records (:mod:`criticality.core.records`), from which :mod:`criticality.core.statistics` gives each
 cell's paired interval of Δ against the final model. This module knows nothing of the model zoo, the data
 sets or the CLI.
 """
@@ -67,7 +67,7 @@ class Result:
 
     def examples(self, op: str = "final", **where: Any) -> pd.DataFrame:
         """One cell's per-example records, one row per example in data order (see
-        :meth:`criticality.examples.Examples.frame`); ``where`` picks the cell: ``group=``, ``checkpoint=``,
+        :meth:`criticality.core.records.Examples.frame`); ``where`` picks the cell: ``group=``, ``checkpoint=``,
         ``seed=`` (and any other cell field). ``result.examples()`` is the final model."""
         return self.records.frame(self.records.find(op=op, **where))
 
@@ -96,18 +96,18 @@ def analyze(model: nn.Module, checkpoints: Mapping[int, StateDict], data: Data, 
     per block of its stack (``"blocks"``), else ``"auto"`` (see :mod:`criticality.groups`); the spec used
     is logged (INFO) and recorded as ``summary["groups_spec"]``. ``reinit_to`` defaults to every epoch
     before the final one. ``seeds`` is a count or a list of seeds for the fresh draws, which use ``init``
-    (default: chosen by :func:`criticality.initializers.choose`: ``hf`` for Hugging Face models, ``timm``
+    (default: chosen by :func:`criticality.core.initializers.choose`: ``hf`` for Hugging Face models, ``timm``
     for timm models, ``model.init_scheme``, else the modules' own ``reset_parameters``; ``"shuffle"``
     works for any model). ``engine="naive"`` evaluates every cell with the plain
     reference. ``store`` names a cells.jsonl file that makes the run resumable. ``shard=(rank, world)``
-    evaluates only this rank's share of the cells (see :mod:`criticality.distributed`).
+    evaluates only this rank's share of the cells (see :mod:`criticality.infra.distributed`).
     ``buffers``: a group's norm-layer running statistics move with it (``reset``, default), stay as
     trained (``keep``), or are recomputed for each variant on the ``calibration`` batches (``recalibrate``).
     ``data``: tensors ``(x, y)``, ``x`` alone (unlabelled), or a loader of tuples or of dict batches (HF style);
     ``metrics``: names (``error``, ``loss``, ``token_error``, ``nll``, ``agreement``, ``kl``) or functions, see
-    :mod:`criticality.metrics`; ``output``: where the logits are in the model's output (a key or a function).
+    :mod:`criticality.core.metrics`; ``output``: where the logits are in the model's output (a key or a function).
     ``blocks``: module paths of the model's repeated block stack, in execution order, for the fast engine's
-    prefix reuse (default: found, see :func:`criticality.stacks.find_stack`).
+    prefix reuse (default: found, see :func:`criticality.core.stacks.find_stack`).
     ``verdict="interval"`` calls a group critical / robust only when the 95 % paired-bootstrap interval of
     its Δ ``verdict_metric`` (at re-initialization to epoch 0) clears ``threshold`` (in that metric's units;
     default ``error``, else ``token_error``, else ``agreement`` judged as ``disagreement`` = 1 − agreement,

@@ -3,7 +3,7 @@
 A group is an ordered tuple of state-dict keys (parameters *and* buffers). Ways to form groups:
 
 - ``"model"``: the model's own ``layer_groups()`` (every zoo model declares one);
-- ``"blocks"``: one group per block of the model's repeated stack (:func:`criticality.stacks.find_stack`:
+- ``"blocks"``: one group per block of the model's repeated stack (:func:`criticality.core.stacks.find_stack`:
   ``model.layers.3`` of a Llama, ``transformer.h.3`` of GPT-2, ``blocks.3`` or ``layer2.1`` of timm
   models), and every other module that holds state *around* the stack as one group each: the
   embeddings, the final norm, the head (``model.embed_tokens``, ``model.norm``, ``lm_head``); raw tensors
@@ -245,7 +245,7 @@ _NORM_TO_MLP = re.compile(r"post_attention|after|ln_?2$|norm2$|ffn_(layer_?)?nor
 def sublayer_parts(block: nn.Module) -> list[Part]:
     """A transformer block's sub-layers: each attention child, then the MLP children, with their norms.
 
-    A norm (recognised by :func:`~criticality.stacks.is_norm`, RMSNorm variants included) goes to the part
+    A norm (recognised by :func:`~criticality.core.stacks.is_norm`, RMSNorm variants included) goes to the part
     its name says it feeds (Llama ``input_layernorm`` -> attention, ``post_attention_layernorm`` -> MLP;
     GPT-2 ``ln_1``/``ln_2``; ViT ``layernorm_before``/``_after``; timm ``norm1``/``norm2``), else to the
     next part in registration order (pre-norm). Norms nested inside a part stay there (BERT's post-norms:

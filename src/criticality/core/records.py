@@ -135,7 +135,7 @@ class ExampleStore:
 
 @dataclass
 class Examples:
-    """The records of a grid's cells in memory (what :class:`criticality.analysis.Result` holds)."""
+    """The records of a grid's cells in memory (what :class:`criticality.core.analysis.Result` holds)."""
 
     records: dict[Hashable, Record] = field(default_factory=dict)
     cells: dict[Hashable, dict[str, Any]] = field(default_factory=dict)

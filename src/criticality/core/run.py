@@ -32,7 +32,7 @@ def run_cells(plan: Plan, data: Data, *, device: str | torch.device = "cpu", sto
               shard: tuple[int, int] | None = None, progress: bool = True) -> list[dict[str, Any]]:
     """Evaluate the plan's cells (this shard's share), reusing and extending ``store``; rows in grid order.
 
-    Each row carries its cell's per-example records under ``"records"`` (see :mod:`criticality.examples`).
+    Each row carries its cell's per-example records under ``"records"`` (see :mod:`criticality.core.records`).
     """
     cells = plan.cells if shard is None else plan.cells[shard[0]::shard[1]]
     settings = {**plan.settings(), "data": data_fingerprint(data, plan.max_examples)}

@@ -5,7 +5,7 @@
 
 Where the stack is looked for, first match wins:
 
-1. a declared ``stages()`` method (the zoo models of :mod:`criticality.models`; the chain as declared);
+1. a declared ``stages()`` method (the zoo models of :mod:`criticality.paper.models`; the chain as declared);
 2. a plain ``nn.Sequential`` (not a subclass with its own forward): its children;
 3. a small table of known layouts (:data:`LAYOUTS`: Hugging Face ``model.layers``, ``transformer.h``,
    ``encoder.layer``, …; timm ``blocks``, ``stages.*.blocks``, ``layer1`` … ``layerN``), each a dotted path

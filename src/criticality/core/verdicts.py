@@ -1,9 +1,9 @@
 """The statistics of a grid's table: each cell's paired interval and p against the final model, and
 per group the verdict (critical / robust / inconclusive) from re-initialization to epoch 0.
 
-Inputs are the tidy table of :func:`criticality.analysis.tabulate` and the cells' per-example records
-(:mod:`criticality.examples`), one per table row (None where a cell has none); the numbers come from
-:mod:`criticality.statistics`.
+Inputs are the tidy table of :func:`criticality.core.analysis.tabulate` and the cells' per-example records
+(:mod:`criticality.core.records`), one per table row (None where a cell has none); the numbers come from
+:mod:`criticality.core.statistics`.
 """
 
 from __future__ import annotations

@@ -84,7 +84,7 @@ def search_plan(plan: Plan, data: Data, *, eps: float = DEFAULT_EPS, alphas: Seq
                 sigmas: Sequence[float] = SEARCH_SIGMAS, draws: int = DEFAULT_DRAWS, source: int = 0,
                 search: str = "bisect", device: str | torch.device = "cpu", store: str | None = None,
                 progress: bool = False, final_error: float | None = None) -> ModuleCriticality:
-    """Module criticality of the groups of an analysis :class:`~criticality.analysis.Plan` (``final_error``:
+    """Module criticality of the groups of an analysis :class:`~criticality.core.analysis.Plan` (``final_error``:
     the trained model's, when already evaluated on ``data``)."""
     alphas = check_unit(alphas, "alphas")
     sigmas = check_unit(sigmas, "sigmas", zero=False)

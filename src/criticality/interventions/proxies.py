@@ -45,7 +45,7 @@ TARGETS = ("reinit@0", "skip")  # the cells' Δ error the proxies are ranked aga
 
 
 def blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The model's repeated block stack (:func:`criticality.stacks.find_stack`); an error when it has none."""
+    """The model's repeated block stack (:func:`criticality.core.stacks.find_stack`); an error when it has none."""
     stack = find_stack(model)
     if not stack:
         raise CriticalityError(f"{type(model).__name__}: no block stack found (no stages(), not an nn.Sequential, "

@@ -169,7 +169,7 @@ def distance_heatmap(
     axis: str = "epoch",
 ) -> Figure:
     """Distance of each group's parameters at each checkpoint to checkpoint 0 (Fig 1b, c); ``norm`` is a
-    column of distances.csv (see :mod:`criticality.distances`), named on the colour bar and title; ``axis``
+    column of distances.csv (see :mod:`criticality.core.distances`), named on the colour bar and title; ``axis``
     names what the checkpoints count."""
     grid = distance_grid(distances, norm)
     values = grid.to_numpy(dtype=float)  # (groups, checkpoints)

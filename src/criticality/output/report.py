@@ -2,7 +2,7 @@
 
 Figures are embedded as base64 PNG data URIs and the CSS is inline, so the file opens anywhere, offline,
 with no JavaScript. It reads ``RUN/config.json``, ``RUN/analysis/summary.json`` and ``RUN/figures/*.png``
-(drawn first with :func:`criticality.plots.draw_run` when missing); every value is HTML-escaped.
+(drawn first with :func:`criticality.output.figures.draw_run` when missing); every value is HTML-escaped.
 """
 
 from __future__ import annotations

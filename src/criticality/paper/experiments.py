@@ -10,6 +10,7 @@ An experiment may hold several training runs (Fig 3: widths × seeds), each anal
 from __future__ import annotations
 
 import dataclasses
+import enum
 import fnmatch
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +20,15 @@ from criticality.paper import lm_config
 from criticality.paper.training.config import TrainConfig
 
 SCALES = ("quick", "paper")
+
+
+class Sweep(enum.StrEnum):
+    """What an experiment's several runs are, beyond one training run analysed on its own."""
+
+    WIDTH = "width"  # FCN widths × seeds (Fig 3 bars)
+    FROZEN = "frozen"  # full vs frozen training (Table 1)
+    LM = "lm"  # the journal's Transformer LM (lm_config.LMConfig fields in runs/paper/quick, not TrainConfig's)
+
 # The paper's recipe (JMLR 23(67) Appendix A): SGD + momentum 0.9, batch 128, 100 epochs, lr x0.2 after
 # epochs 30, 60, 90, no weight decay, every epoch saved.
 _RECIPE = dict(momentum=0.9, batch_size=128, epochs=100, schedule="piecewise", milestones="30,60,90", gamma=0.2,
@@ -59,8 +69,8 @@ class Experiment:
     quick: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields at quick scale
     joint: tuple[tuple[str, ...], ...] = ()  # joint groups: member group names or glob patterns
     seeds: int = 3  # re-randomization draws per group
-    sweep: str | None = None  # "width": FCN widths × seeds (Fig 3 bars); "frozen": full vs frozen (Table 1);
-    # "lm": the journal's Transformer LM (lm_config.LMConfig fields in runs/paper/quick, not TrainConfig's)
+    sweep: Sweep | None = None  # None: each run analysed on its own
+    quick_runs: dict[str, dict[str, Any]] | None = None  # replaces ``runs`` at quick scale (smaller sweeps, BN VGG)
     columns: tuple[int, ...] = ()  # re-init checkpoints analysed and drawn at paper scale (the paper's columns)
     stands_in: str = ""  # what stands in for the paper's model/data at the scales this machine runs
     assumptions: tuple[str, ...] = ()  # values the paper does not state: ours, named in the report
@@ -72,7 +82,7 @@ class Experiment:
         """One TrainConfig per run at ``scale``; ``data`` replaces the paper's data set."""
         if scale not in SCALES:
             raise CriticalityError(f"unknown scale {scale!r}; use {' or '.join(SCALES)}")
-        if self.sweep == "lm":  # a text corpus (``corpus``, the CLI's --data-root), not an image data set
+        if self.sweep == Sweep.LM:  # a text corpus (``corpus``, the CLI's --data-root), not an image data set
             if data is not None:
                 raise CriticalityError(f"{self.key} trains on a text corpus, not on {data!r}: leave out --data "
                                        "(--data-root FILE_OR_FOLDER picks the corpus)")
@@ -111,7 +121,7 @@ def _vgg(depth: int) -> Experiment:
                 joint=(upper, ("fc1", "fc2"), (*upper, "fc1", "fc2")))
     # Quick scale trains the BatchNorm variant: a plain VGG at toy size and a few epochs does not leave chance.
     return dataclasses.replace(exp, paper={**exp.paper, "lr": 0.02, "warmup": 2},
-                               quick={**exp.quick, "quick_runs": {"run": {"model": f"vgg{depth}-bn"}}},
+                               quick_runs={"run": {"model": f"vgg{depth}-bn"}},
                                assumptions=(VGG_NOTE, *exp.assumptions[1:]))
 
 
@@ -124,8 +134,8 @@ def _width_sweep() -> Experiment:
     quick_runs = {f"w{w}-s{s}": {"model": f"fcn-3x{w}", "seed": s} for w in (16, 64, 256) for s in range(2)}
     return Experiment("fig3/fcn-width-sweep/mnist", "3", "FCN 3×H and 5×H, H = 16 … 512, 5 seeds: Δ test error "
                       "when each layer but the first is reset to epoch 0, averaged over those layers", "mnist", runs,
-                      paper={**_PAPER_FCN, "checkpoints": "0"}, quick={**_FCN, **_QUICK, "quick_runs": quick_runs},
-                      seeds=1, sweep="width", columns=(0,), assumptions=FCN_ASSUMPTIONS)
+                      paper={**_PAPER_FCN, "checkpoints": "0"}, quick={**_FCN, **_QUICK}, quick_runs=quick_runs,
+                      seeds=1, sweep=Sweep.WIDTH, columns=(0,), assumptions=FCN_ASSUMPTIONS)
 
 
 # The journal version's additions (JMLR 2022), at sizes this CPU trains: keys journal-*/<model>/<paper data>.
@@ -152,7 +162,7 @@ def _frozen_vs_removed() -> Experiment:
                 "(identity) at evaluation, next to the average single-block re-initialization",
                 joint=(("stage*.block2",),))
     runs = {"full": {"model": "resnet18"}, "frozen": {"model": "resnet18", "freeze": "stage*.block2"}}
-    return dataclasses.replace(exp, runs=runs, sweep="frozen",
+    return dataclasses.replace(exp, runs=runs, sweep=Sweep.FROZEN,
                                stands_in="ResNet-18 V2 on the stand-in data for the paper's ResNet-50 on CIFAR-10")
 
 
@@ -169,7 +179,7 @@ def _journal_lm() -> Experiment:
                       "dense layers, norms, head): per-token accuracy after re-randomization and re-initialization",
                       "lm1b", {"run": {}}, paper={"steps_per_epoch": None, "layers": 12, "hidden": 128, "lr": 2e-3,
                                                    "eval_sequences": None},
-                      quick={"steps_per_epoch": 30}, seeds=2, sweep="lm", columns=(0, 1, 2, 5, 10, 15, 20),
+                      quick={"steps_per_epoch": 30}, seeds=2, sweep=Sweep.LM, columns=(0, 1, 2, 5, 10, 15, 20),
                       stands_in=LM_NOTE,
                       assumptions=("AdamW (β 0.9, 0.95), peak lr 3e-3 (2e-3 at paper scale), 5 % warm-up then cosine "
                                    "to 10 %, gradient clipping at 1 (ours; the paper states Adam only)",
@@ -244,8 +254,6 @@ def get(name: str) -> Experiment:
 
 def run_configs(exp: Experiment, scale: str, data: str | None, **overrides: Any) -> dict[str, TrainConfig]:
     """The experiment's runs at ``scale`` (the quick width sweep uses smaller widths)."""
-    quick_runs = exp.quick.get("quick_runs")
-    if scale == "quick" and quick_runs:
-        exp = dataclasses.replace(exp, runs=quick_runs,
-                                  quick={k: v for k, v in exp.quick.items() if k != "quick_runs"})
+    if scale == "quick" and exp.quick_runs:
+        exp = dataclasses.replace(exp, runs=exp.quick_runs)
     return exp.configs(scale, data, **overrides)

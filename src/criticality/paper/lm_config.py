@@ -14,7 +14,7 @@ COLUMNS = (0, 1, 2, 5, 10, 15, 20)  # the paper's checkpoint columns (epochs); t
 
 @dataclass(frozen=True)
 class LMConfig:
-    """One LM run: what :func:`criticality.tiny_lm.train_tiny_lm` trains and how the analysis scores it."""
+    """One LM run: what :func:`criticality.paper.tiny_lm.train_tiny_lm` trains and how the analysis scores it."""
 
     steps_per_epoch: int | None = 30  # None = one pass over the training bytes (batch_size × seq_len per step)
     epochs: int = 20

@@ -25,7 +25,7 @@ Groups, one stage each and named like it:
   the max pools, ``avgpool`` and ``flatten`` are stages without a group.
 - ResNet: ``stem``, ``stage1.block1`` .. ``stage4.blockB``, ``head`` (final BN + ReLU + pool + Linear);
   keys read like ``stage2.block1.conv1.weight`` and ``stage2.block1.shortcut.conv.weight``.
-- ``vit-tiny`` / ``mixer-tiny`` (:mod:`criticality.vit`): one group per sub-layer, one stage per block.
+- ``vit-tiny`` / ``mixer-tiny`` (:mod:`criticality.paper.patch_models`): one group per sub-layer, one stage per block.
 
 :func:`build` also sets ``model.name`` (canonical name), ``model.init_scheme`` (the ``init`` it ran,
 needed to re-randomize from the same scheme) and ``model.build_kwargs`` (resolved ``name``,

@@ -6,7 +6,7 @@
 The paper's ViT-B/16, L/16 and Mixer are ImageNet-21k models; these keep their structure (patch
 embedding, pre-norm residual blocks, a norm + linear head) at 4 blocks and a width of ``width``
 channels. Patches are 4×4 pixels (2×2 for inputs under 16 pixels). Both follow the zoo contract of
-:mod:`criticality.models`:
+:mod:`criticality.paper.models`:
 
 - groups, one per sub-layer (the journal analyses the Transformer LM so): ``embed`` (patch conv, and
   the ViT's class token and position embedding), per block ``blockI.norm1``, ``blockI.attn`` (ViT) /

@@ -10,11 +10,8 @@ runs :func:`criticality.analyze` (resumable through ``RUN/analysis/cells.jsonl``
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import logging
-import os
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -67,7 +64,7 @@ def analyze_run(run_dir: str | Path, *, groups: str | dict = "model", seeds: int
                 alphas: Sequence[float] | None = None, sigmas: Sequence[float] | None = None,
                 eps: float | None = None) -> Path:
     """Analyse a training run directory and write ``RUN/analysis`` (``RUN/analysis_train`` for the training
-    split); returns that directory. Holds the run directory's lock (:mod:`criticality.lock`) meanwhile.
+    split); returns that directory. Holds the run directory's lock (:mod:`criticality.infra.lock`) meanwhile.
     ``ops`` adds interventions (:mod:`criticality.interventions`) and ``criticality`` / ``proxies``, whose
     tables land beside cells.csv (rank 0 only under torchrun)."""
     run_dir = Path(run_dir)
@@ -80,7 +77,6 @@ def analyze_run(run_dir: str | Path, *, groups: str | dict = "model", seeds: int
         raise CriticalityError(f"--split must be test or train, got {split!r}")
     grid_ops, extras = extras_ops.split_ops(ops)
     ctx = distributed.setup(device)
-    _large_blocks_to_the_system()
     with lock.held(run_dir, "criticality analyze", wait=wait):
         return _analyze(run_dir, config, cfg, build, ctx, groups=groups, seeds=seeds, joint=joint, split=split,
                         engine=engine, batch_size=batch_size, max_examples=max_examples, threshold=threshold,
@@ -125,25 +121,6 @@ def _analyze(run_dir: Path, config: dict, cfg: TrainConfig, build: dict, ctx: di
                  describe=describe, extras=extras,
                  extras_options=dict(draws=seeds, alphas=alphas, sigmas=sigmas, eps=eps), progress=progress)
     return out
-
-
-LARGE_BLOCK = 4 << 20  # bytes: allocations this large get their own mapping (glibc's M_MMAP_THRESHOLD)
-
-
-def _large_blocks_to_the_system() -> None:
-    """Let freed tensors of LARGE_BLOCK bytes and more go back to the system at once (glibc only).
-
-    By default glibc raises its mmap threshold to the size of the first large block freed, after which
-    freed layers, draws and activations stay in the heap, fragmented: the peak RSS of an fcn-5x2048 analysis
-    was 6 model sizes instead of 3.5 (benchmarks/bench_memory.py). A fixed threshold keeps the peak at
-    what is alive. Left alone when MALLOC_MMAP_THRESHOLD_ is set or where there is no glibc ``mallopt``.
-    """
-    if os.environ.get("MALLOC_MMAP_THRESHOLD_") is not None or not sys.platform.startswith("linux"):
-        return
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, LARGE_BLOCK)  # -3: M_MMAP_THRESHOLD
-    except (OSError, AttributeError):  # another C library (musl has no mallopt)
-        pass
 
 
 def _hold(model: torch.nn.Module, checkpoint) -> None:

@@ -3,7 +3,7 @@
 The paper (JMLR 23(67), 2022) trains a 12-block decoder-only Transformer (T5-Base's decoder) on LM1B with
 Adam for 20 epochs and shows, per sub-layer, the per-token accuracy after re-randomizing it or resetting it
 to the checkpoints of epochs 0, 1, 2, 5, 10 and 15 (column 20 = the trained model). Here a byte-level
-Llama (:mod:`criticality.tiny_lm`; RMSNorm and a gated MLP, as T5 v1.1) trained on the license texts
+Llama (:mod:`criticality.paper.tiny_lm`; RMSNorm and a gated MLP, as T5 v1.1) trained on the license texts
 Debian ships stands in for it. An "epoch" is a fixed number of optimizer steps (``steps_per_epoch``); at
 paper scale one epoch is one pass over the training bytes (in expectation: windows are drawn at random).
 
@@ -101,7 +101,7 @@ def _load(folder: Path, cfg: LMConfig):
 
 def analyse(folder: Path, cfg: LMConfig, seeds: int, threshold: float = DEFAULT_THRESHOLD, progress: bool = True):
     """Every sub-layer re-randomized (``seeds`` draws) and reset to each column, scored per token on the
-    held-out text; returns the analysis :class:`~criticality.analysis.Result` with epochs as checkpoints."""
+    held-out text; returns the analysis :class:`~criticality.core.analysis.Result` with epochs as checkpoints."""
     model, states, data, n_seq, device = _load(folder, cfg)
     spec = PlanSpec(sublayer_groups(model), seeds, metrics=DEFAULT_METRIC_NAMES, batch_size=BATCH,
                     max_examples=cfg.eval_sequences)
@@ -134,7 +134,7 @@ def _accuracy_only(result: Result) -> dict[str, Any]:
 
 def layers(folder: Path, cfg: LMConfig, progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """Per decoder layer: skipped (identity, :mod:`criticality.interventions`) and reset to epoch 0, and its
-    Block Influence / angular distance (:mod:`criticality.proxies`) on the held-out text. Writes
+    Block Influence / angular distance (:mod:`criticality.interventions.proxies`) on the held-out text. Writes
     ``folder/analysis_layers/`` (cells.csv, proxies.csv, summary.json); returns (cells, proxies, summary)."""
     model, states, data, _, device = _load(folder, cfg)
     out = folder / "analysis_layers"

@@ -23,7 +23,7 @@ from criticality.output import report
 from criticality.output.tables import read_cells
 from criticality.paper import data as datasets
 from criticality.paper import models
-from criticality.paper.experiments import Experiment, run_configs
+from criticality.paper.experiments import Experiment, Sweep, run_configs
 from criticality.paper.train import train
 from criticality.paper.training.config import TrainConfig
 from criticality.pipelines import lm_experiment
@@ -33,7 +33,7 @@ from criticality.pipelines.analyze_run import analyze_run, read_run
 def run_experiment(exp: Experiment, *, scale: str = "quick", data: str | None = None, out: str | Path | None = None,
                    progress: bool = True, wait: bool = False, **overrides: Any) -> list[Path]:
     """Train (or resume), analyse, draw and report every run of ``exp``; returns the report paths."""
-    if exp.sweep == "lm":  # the journal's decoder LM: an HF folder and a text corpus (lm_experiment)
+    if exp.sweep == Sweep.LM:  # the journal's decoder LM: an HF folder and a text corpus (lm_experiment)
         return lm_experiment.run(exp, scale=scale, out=out, progress=progress, data=data, **overrides)
     out = Path(out) if out else Path("runs") / exp.key / scale
     configs = run_configs(exp, scale, data, **overrides)
@@ -51,9 +51,9 @@ def run_experiment(exp: Experiment, *, scale: str = "quick", data: str | None = 
             continue
         plots.draw_run(run_dir)
         reports.append(report.write_report(run_dir))
-        if exp.sweep == "width":
+        if exp.sweep == Sweep.WIDTH:
             widths.append(_width_rows(run_dir, cfg))
-    if exp.sweep == "frozen" and is_main:
+    if exp.sweep == Sweep.FROZEN and is_main:
         _frozen_table(out, configs)
     if widths:
         table = pd.concat(widths, ignore_index=True)
@@ -70,7 +70,7 @@ def _frozen_table(out: Path, configs: dict[str, TrainConfig]) -> pd.DataFrame:
     the model trained with them frozen. Written to ``out/table1.csv``."""
     full, frozen = out / "full", out / "frozen"
     cells = read_cells(full / "analysis" / "cells.csv")
-    patterns = [p.strip() for p in configs["frozen"].freeze.split(",") if p.strip()]
+    patterns = list(configs["frozen"].freeze_patterns)
     at0 = cells[(cells.op == "reinit") & (cells.checkpoint == 0)]
     single = at0[~at0.joint & at0.group.map(lambda g: any(fnmatch.fnmatchcase(g, p) for p in patterns))]
     joint = at0[at0.joint]

@@ -24,7 +24,7 @@ class TrainConfig:
     """One training run. Every field is a CLI option of ``criticality train`` (``--lr`` etc.)."""
 
     model: str = field(default="fcn-3x256", metadata={"help": "registry name, see `criticality list --models`"})
-    data: str = field(default="fashion-mnist", metadata={"help": "digits | fashion-mnist | mnist | cifar10 | imagenet"})
+    data: str = field(default="fashion-mnist", metadata={"help": " | ".join(DATA_NAMES)})
     data_root: str | None = field(default=None, metadata={"help": "directory holding the data set's files"})
     download: bool = field(default=False, metadata={"help": "fetch mnist/fashion-mnist/cifar10 if missing"})
     epochs: int = field(default=20, metadata={"help": "training epochs (full passes over the train set)"})
@@ -42,9 +42,10 @@ class TrainConfig:
     freeze: str = field(default="", metadata={
         "help": "comma-separated glob patterns of layer groups kept at their initialization (not trained)"})
     amp: str = field(default="auto", metadata={
-        "help": "mixed precision: auto (bf16 on CUDA if supported, else fp16 + GradScaler; off on CPU) | "
-                "off | bf16 | fp16"})
-    channels_last: str = field(default="auto", metadata={"help": "auto (conv nets on CUDA) | on | off"})
+        "help": f"mixed precision: {' | '.join(AMP_MODES)} (auto: bf16 on CUDA if supported, else fp16 + "
+                "GradScaler; off on CPU)"})
+    channels_last: str = field(default="auto", metadata={
+        "help": f"{' | '.join(CHANNELS_LAST)} (auto: conv nets on CUDA)"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the training step's model"})
     augment: bool = field(default=False, metadata={"help": "random crop (pad 4) + flip, for 32x32 images"})
     init: str = field(default="torch", metadata={
