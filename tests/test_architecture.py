@@ -101,12 +101,10 @@ def test_the_cycle_finder_finds_a_cycle():
     assert _cycles({"a": {"b"}, "b": set()}) == []
 
 
-@pytest.mark.xfail(strict=True, reason="the one-way refactor is in progress")
 def test_no_import_cycle_counting_imports_inside_functions():
     assert _cycles(_graph()) == []
 
 
-@pytest.mark.xfail(strict=True, reason="the one-way refactor is in progress")
 def test_no_package_import_inside_a_function():
     tucked = []
     for path in MODULES.values():
