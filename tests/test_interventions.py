@@ -245,3 +245,143 @@ def test_an_operation_object_carries_its_own_parameters_and_a_registered_op_join
     assert (zero.error > fast.table[fast.table.op == "final"].error.iloc[0]).all()
     with pytest.raises(CriticalityError, match="unknown op 'zero'"):
         analyze(model, states, data, groups="auto", ops=("zero",), progress=False)
+
+
+# ---- joint skip: several modules return their input at once (issue 27, part 1) ----
+
+def _tiny_llama(layers: int = 4):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=layers,
+                                   num_attention_heads=2, num_key_value_heads=1)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("engine", ["fast", "naive"])
+def test_joint_skip_of_two_llama_layers_equals_the_model_without_them(engine):
+    lm = _tiny_llama(4)
+    ids = torch.randint(0, 50, (3, 7), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(3, 7, dtype=torch.long)
+    mask[1, 5:] = 0
+    data = {"input_ids": ids, "attention_mask": mask, "labels": ids}
+    w = torch.randn(7, 50, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+
+    def projection(logits, targets):  # (N,): a fixed random projection of each example's logits (N, 7, 50)
+        return (logits.double() * w).sum(dim=(1, 2))
+
+    state = lm.state_dict()
+    result = analyze(lm, {0: state, 1: state}, data, groups="blocks", seeds=0, ops=("skip",), engine=engine,
+                     joint=[["model.layers.1", "model.layers.2"]], metrics={"proj": projection}, batch_size=3,
+                     progress=False)
+    name = "model.layers.1+model.layers.2"
+    assert result.summary["skip_modules"][name] == ["model.layers.1", "model.layers.2"]
+    got = result.examples(op="skip", group=name).proj.to_numpy()
+    without = copy.deepcopy(lm)
+    del without.model.layers[2]  # the original layers 1 and 2, deleted by hand
+    del without.model.layers[1]
+    assert len(without.model.layers) == 2
+    with torch.no_grad():
+        want = projection(without(input_ids=ids, attention_mask=mask, use_cache=False).logits, None).numpy()
+        full = projection(lm(input_ids=ids, attention_mask=mask, use_cache=False).logits, None).numpy()
+    np.testing.assert_array_equal(got, want)  # bit-exact
+    assert not np.array_equal(got, full)  # the cell is not the full model
+    np.testing.assert_array_equal(result.examples().proj.to_numpy(), full)
+    row = result.table[(result.table.op == "skip") & (result.table.group == name)].iloc[0]
+    assert bool(row.joint)
+
+
+class _Stack(nn.Module):
+    """stem (36 → 8), four residual blocks, head (8 → 5): the stack is ``blocks.0`` … ``blocks.3``."""
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return x + torch.relu(self.fc(x))
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.stem, self.head = nn.Linear(36, 8), nn.Linear(8, 5)
+        self.blocks = nn.ModuleList([self.Block() for _ in range(4)])
+        with torch.no_grad():
+            for b in self.blocks:  # blocks that matter: removing two of them changes predictions
+                b.fc.weight.mul_(3.0)
+
+    def forward(self, x):
+        h = self.stem(x.flatten(1))
+        for block in self.blocks:
+            h = block(h)
+        return self.head(h)
+
+
+def _hand_without(model: _Stack, removed: set[int], x: torch.Tensor) -> torch.Tensor:
+    """The model rebuilt without the blocks ``removed``: its logits on ``x``."""
+    kept = [copy.deepcopy(b) for i, b in enumerate(model.blocks) if i not in removed]
+    chain = nn.Sequential(nn.Flatten(), copy.deepcopy(model.stem), *kept, copy.deepcopy(model.head)).eval()
+    with torch.no_grad():
+        return chain(x)
+
+
+@pytest.mark.parametrize("engine", ["fast", "naive"])
+def test_skip_runs_give_one_cell_per_run_equal_to_the_model_without_the_run(engine):
+    model = _Stack().eval()
+    x = torch.randn(200, 1, 6, 6, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    y[::7] = (y[::7] + 1) % 5  # final error about 1/7, not 0
+    state = model.state_dict()
+    t = analyze(model, {0: state, 1: state}, (x, y), groups="blocks", seeds=0, ops=("skip",), skip_runs=2,
+                batch_size=64, engine=engine, progress=False).table
+    runs = {f"blocks.{i}+blocks.{i + 1}": {i, i + 1} for i in range(3)}  # every 2 consecutive of 4 blocks
+    skips = t[t.op == "skip"]
+    assert list(skips.group) == [f"blocks.{i}" for i in range(4)] + list(runs)
+    assert skips.set_index("group").joint.to_dict() == {**{f"blocks.{i}": False for i in range(4)},
+                                                       **dict.fromkeys(runs, True)}
+    errors = []
+    for name, removed in runs.items():
+        logits = _hand_without(model, removed, x)
+        want = (logits.argmax(1) != y).double().mean().item()
+        loss = nn.functional.cross_entropy(logits, y).item()
+        row = skips[skips.group == name].iloc[0]
+        assert row.error == want
+        assert row.loss == pytest.approx(loss, abs=1e-5)
+        errors.append(want)
+    assert min(errors) > t[t.op == "final"].error.item() and len(set(errors)) == 3  # each run matters, differently
+
+
+def test_joint_skip_and_runs_are_refused_with_the_members_reasons():
+    model = _Stack().eval()
+    x = torch.randn(20, 1, 6, 6)
+    y = torch.zeros(20, dtype=torch.long)
+    state = model.state_dict()
+    kw = dict(seeds=0, ops=("skip",), progress=False)
+    result = analyze(model, {0: state, 1: state}, (x, y), groups="blocks",
+                     joint=[["stem", "blocks.0"], ["blocks.1", "blocks.3"]], **kw)
+    refused = result.summary["skip_refused"]
+    assert refused["stem+blocks.0"] == "member 'stem': module 'stem' maps shape (36,) to (8,): the identity " \
+                                       "cannot replace it"
+    assert result.summary["skip_modules"]["blocks.1+blocks.3"] == ["blocks.1", "blocks.3"]
+    skips = result.table[result.table.op == "skip"]
+    assert "stem+blocks.0" not in set(skips.group) and "blocks.1+blocks.3" in set(skips.group)
+    # a run through a block that changes shape: refused with that block's reason
+    runs = analyze(model, {0: state, 1: state}, (x, y), groups="blocks", skip_runs=3,
+                   blocks=["stem", "blocks.0", "blocks.1", "blocks.2", "blocks.3"], **kw)
+    assert runs.summary["skip_refused"]["stem+blocks.0+blocks.1"] == \
+        "block 'stem' maps shape (36,) to (8,): the identity cannot replace it"
+    assert {"blocks.0+blocks.1+blocks.2", "blocks.1+blocks.2+blocks.3"} <= set(runs.summary["skip_modules"])
+    for bad in (0, -1, 2.5):
+        with pytest.raises(CriticalityError, match="skip_runs must be a positive"):
+            analyze(model, {0: state, 1: state}, (x, y), groups="blocks", skip_runs=bad, **kw)
+    with pytest.raises(CriticalityError, match="at least 5 blocks"):
+        analyze(model, {0: state, 1: state}, (x, y), groups="blocks", skip_runs=5, **kw)
+
+
+def test_block_runs_are_every_window_of_k():
+    blocks = ["a", "b", "c", "d"]
+    for k in range(1, 5):
+        want = {"+".join(blocks[i:i + k]): tuple(blocks[i:i + k]) for i in range(4 - k + 1)}
+        assert interventions.skip.block_runs(blocks, k) == want
+    assert interventions.skip.block_runs(blocks, None) == {}

@@ -88,7 +88,7 @@ def analyze(model: nn.Module, checkpoints: Mapping[int, StateDict], data: Data, 
             output: batches.Output = None, blocks: Sequence[str] | None = None, verdict: str = "interval",
             verdict_metric: str | None = None, stats_seed: int = 0,
             ops: Sequence[str | Operation] = PAPER_OPS, alphas: Sequence[float] | None = None,
-            sigmas: Sequence[float] | None = None, source: int = 0) -> Result:
+            sigmas: Sequence[float] | None = None, source: int = 0, skip_runs: int | None = None) -> Result:
     """Measure re-initialization and re-randomization robustness of every group of ``model``.
 
     ``checkpoints`` maps epoch → state dict; the final model is the largest epoch unless ``final`` names
@@ -117,9 +117,10 @@ def analyze(model: nn.Module, checkpoints: Mapping[int, StateDict], data: Data, 
     ``interpolate`` over ``alphas`` from checkpoint ``source``, ``noise`` over ``sigmas`` × ``seeds`` and
     ``skip``; ``alphas`` and ``sigmas`` default to those operations' own). An operation may also be given
     as an object with its own parameters: ``ops=["reinit", Interpolate(alphas=(0, 0.5), source=1)]``.
+    ``skip_runs=k`` gives ``skip`` one more cell per run of k consecutive blocks (named ``a+b`` as joint groups).
     """
     spec = PlanSpec(groups, seeds, joint, final, reinit_to, init, metrics, engine, batch_size, max_examples, buffers,
-                    calibration, output, blocks, ops, alphas, sigmas, source)
+                    calibration, output, blocks, ops, alphas, sigmas, source, skip_runs)
     plan = make_plan(model, checkpoints, spec, probe=data)
     verdict_metric = choose_metric(list(plan.metrics), verdict_metric)  # refused now, not after every cell
     rows = run_cells(plan, data, device=device, store=store, shard=shard, progress=progress)

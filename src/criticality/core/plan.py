@@ -52,11 +52,12 @@ class PlanSpec:
     alphas: Sequence[float] | None = None  # interpolate's weights (None: the operation's default)
     sigmas: Sequence[float] | None = None  # noise's relative scales (None: the operation's default)
     source: int = 0  # interpolate's and noise's source epoch
+    skip_runs: int | None = None  # skip's runs of k consecutive blocks, each one more joint cell (None: none)
 
     def options(self) -> dict[str, Any]:
         """The values operations take their parameters from (:meth:`Operation.configure`); None: their default."""
         values = {"reinit_to": self.reinit_to, "seeds": self.seeds, "alphas": self.alphas, "sigmas": self.sigmas,
-                  "source": self.source}
+                  "source": self.source, "skip_runs": self.skip_runs}
         return {k: v for k, v in values.items() if v is not None}
 
 

@@ -7,6 +7,12 @@ The module is not removed: its ``forward`` is overridden for the cell (as nnsigh
 one module (a residual block, a transformer layer, a linear layer with a square weight) that maps its input to
 an output of the same shape, checked on one probe batch; other groups get no skip cells and :class:`SkipPlan`
 says why.
+
+A joint group (``joint=[["model.layers.1", "model.layers.2"]]``) whose keys are not one module's skips each of
+its member groups' modules at once; it is refused when any member is, with that member's reason.
+``skip_runs=k`` adds one cell per run of ``k`` consecutive blocks of the model's stack
+(:func:`criticality.core.stacks.find_stack`, or the plan's ``blocks``), named by the blocks' module paths
+joined with ``+`` as a joint group is (Gromov et al. drop such runs); these cells follow the grid's last group.
 """
 
 from __future__ import annotations
@@ -23,50 +29,94 @@ from criticality.core.batches import Output, call, iter_batches
 from criticality.core.hooks import eval_mode, hooks
 from criticality.core.ops import Cell, Operation, register
 from criticality.core.plan import Plan
+from criticality.core.stacks import find_stack
 from criticality.core.stubs import Shape, first_input, shape_of
 from criticality.errors import CriticalityError
 
 
 @dataclass(frozen=True)
 class SkipPlan:
-    """Which groups can be skipped: group → module path, the module's return structure, and refusals."""
+    """Which groups can be skipped: group → module path (or several, for joint groups and runs of blocks), the
+    modules' return structures, and refusals."""
 
-    paths: dict[str, str] = field(default_factory=dict)
+    paths: dict[str, str] = field(default_factory=dict)  # a group that is one module → its path
     outputs: dict[str, Shape] = field(default_factory=dict)  # path → return structure (see core.stubs.Shape)
     refused: dict[str, str] = field(default_factory=dict)  # group → why it gets no skip cells
+    joint: dict[str, tuple[str, ...]] = field(default_factory=dict)  # joint group or run → its modules' paths
+
+    def modules(self, group: str) -> tuple[str, ...]:
+        """The paths of the modules a skip cell of ``group`` replaces by the identity (() if none)."""
+        if group in self.paths:
+            return (self.paths[group],)
+        return self.joint.get(group, ())
 
 
 @register
 @dataclass(frozen=True)
 class Skip(Operation):
-    """One cell per group whose module can return its input (found on a probe batch when bound)."""
+    """One cell per group whose module(s) can return their input (found on a probe batch when bound), and with
+    ``skip_runs=k`` one per run of k consecutive blocks."""
 
     name: ClassVar[str] = "skip"
+    skip_runs: int | None = None  # k: every run of k consecutive blocks of the stack as one more cell
     found: SkipPlan = field(default_factory=SkipPlan)
+    runs: tuple[str, ...] = ()  # the runs' cell names, once bound
+    last: str = ""  # the grid's last group, after whose cells the runs' cells come
 
     def bind(self, plan: Plan, probe: Any) -> Skip:
-        members = {**plan.groups.members, **plan.joint}
-        found = plan_skips_on(plan.model, members, probe, plan.batch_size, plan.output)
-        return dataclasses.replace(self, found=found)
+        runs = block_runs(plan.blocks or [p for p, _ in find_stack(plan.model)], self.skip_runs)
+        runs = {name: paths for name, paths in runs.items() if name not in plan.joint}  # already a joint group
+        if runs and plan.buffers == "recalibrate":
+            raise CriticalityError("skip_runs cannot be combined with buffers='recalibrate' (a run is not a group "
+                                   "whose norm statistics could be recomputed); use joint groups instead")
+        joint = {name: members_of(plan.groups.members, keys) for name, keys in plan.joint.items()}
+        found = plan_skips_on(plan.model, plan.groups.members, probe, plan.batch_size, plan.output,
+                              joint=joint, runs=runs)
+        names = [*plan.groups.names, *plan.joint]
+        return dataclasses.replace(self, found=found, runs=tuple(runs), last=names[-1] if names else "")
 
     def size(self) -> int:
         return 1
 
     def cells(self, group: str, joint: bool) -> list[Cell]:
-        return [Cell("skip", group, joint=joint)] if group in self.found.paths else []
+        own = [Cell("skip", group, joint=joint)] if self.found.modules(group) else []
+        runs = [Cell("skip", r, joint=True) for r in self.runs if r in self.found.joint] if group == self.last else []
+        return own + runs
 
     def skip(self, plan: Plan, cell: Cell) -> tuple[str, ...]:
-        if cell.group not in self.found.paths:
+        paths = self.found.modules(cell.group)
+        if not paths:
             raise CriticalityError(f"group {cell.group!r} cannot be skipped: "
                                    f"{self.found.refused.get(cell.group, 'the plan has no skip operation')}")
-        return (self.found.paths[cell.group],)
+        return paths
 
     def summary(self, plan: Plan) -> dict[str, Any]:
-        return {"skip_modules": dict(self.found.paths), "skip_refused": dict(self.found.refused)}
+        modules = {**self.found.paths, **{g: list(p) for g, p in self.found.joint.items()}}
+        return {"skip_modules": modules, "skip_refused": dict(self.found.refused)}
+
+
+def block_runs(blocks: Sequence[str], k: int | None) -> dict[str, tuple[str, ...]]:
+    """Every run of ``k`` consecutive ``blocks`` (module paths, in execution order): name ``a+b`` → paths."""
+    if k is None:
+        return {}
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise CriticalityError(f"skip_runs must be a positive number of consecutive blocks, got {k!r}")
+    if len(blocks) < k:
+        raise CriticalityError(f"skip_runs={k} needs a stack of at least {k} blocks; found {len(blocks)}"
+                               + (f" ({', '.join(blocks)})" if blocks else "; pass blocks=[...]"))
+    runs = [tuple(blocks[i:i + k]) for i in range(len(blocks) - k + 1)]
+    return {"+".join(run): run for run in runs}
+
+
+def members_of(groups: Mapping[str, Sequence[str]], keys: Collection[str]) -> tuple[str, ...]:
+    """The groups whose keys together are ``keys`` (a joint group's members; groups share no key)."""
+    wanted = set(keys)
+    return tuple(g for g, own in groups.items() if own and set(own) <= wanted)
 
 
 def plan_skips_on(model: nn.Module, groups: Mapping[str, Sequence[str]], data: Any, batch_size: int,
-                  output: Output = None) -> SkipPlan:
+                  output: Output = None, *, joint: Mapping[str, Sequence[str]] | None = None,
+                  runs: Mapping[str, Sequence[str]] | None = None) -> SkipPlan:
     """:func:`plan_skips` on the first (at most 2) examples of the evaluation ``data``."""
     if data is None:
         raise CriticalityError("the skip op needs data to check each module's input and output shapes")
@@ -76,7 +126,7 @@ def plan_skips_on(model: nn.Module, groups: Mapping[str, Sequence[str]], data: A
     device = next(iter(model.state_dict().values()), torch.empty(0)).device
     inputs = first[0]
     inputs = {k: v.to(device) for k, v in inputs.items()} if isinstance(inputs, Mapping) else inputs.to(device)
-    return plan_skips(model, groups, inputs, output)
+    return plan_skips(model, groups, inputs, output, joint=joint, runs=runs)
 
 
 def module_of(model: nn.Module, keys: Collection[str], name: str | None = None) -> str | None:
@@ -95,30 +145,55 @@ def module_of(model: nn.Module, keys: Collection[str], name: str | None = None) 
     return min(hits, key=lambda p: p.count("."), default=None)
 
 
-def plan_skips(model: nn.Module, groups: Mapping[str, Sequence[str]], probe: Any, output: Output = None) -> SkipPlan:
+def plan_skips(model: nn.Module, groups: Mapping[str, Sequence[str]], probe: Any, output: Output = None, *,
+               joint: Mapping[str, Sequence[str]] | None = None,
+               runs: Mapping[str, Sequence[str]] | None = None) -> SkipPlan:
     """Find each group's module and check on ``probe`` (a batch of inputs) that it maps a shape to itself
-    (``output``: where the logits are in the model's output, see :func:`criticality.core.batches.call`)."""
+    (``output``: where the logits are in the model's output, see :func:`criticality.core.batches.call`).
+
+    ``joint``: joint group → its member groups (names in ``groups``). When the joint group's keys are one
+    module's (a layer's sub-layers together) that module is skipped, else every member's module at once; the
+    joint group is refused when a member is, with the member's reason. ``runs``: name → module paths skipped
+    together (runs of blocks), refused when one of them cannot be skipped."""
+    joint, runs = dict(joint or {}), dict(runs or {})
     paths, refused = {}, {}
-    for group, keys in groups.items():
+    for group, keys in {**groups, **{g: [k for m in ms for k in groups[m]] for g, ms in joint.items()}}.items():
         path = module_of(model, keys, group)
-        if path is None:
-            refused[group] = "its keys are not the state of one module (several modules, or part of one)"
-        else:
+        if path is not None:
             paths[group] = path
-    seen = _probe_io(model, sorted(set(paths.values())), probe, output)
+        elif group not in joint:
+            refused[group] = "its keys are not the state of one module (several modules, or part of one)"
+    several = {g: ms for g, ms in joint.items() if g not in paths}
+    probed = {*paths.values(), *(p for ps in runs.values() for p in ps)}
+    seen = _probe_io(model, sorted(probed), probe, output)
     outputs = {}
     for group, path in list(paths.items()):
-        io = seen.get(path)
-        why = _skip_refusal(io)
+        why = _skip_refusal(seen.get(path))
         if why:
             refused[group] = f"module {path!r} {why}"
             del paths[group]
         else:
-            outputs[path] = io["outputs"]
-    if not paths:
+            outputs[path] = seen[path]["outputs"]
+    together = {}
+    for name, members in several.items():
+        whys = [f"member {m!r}: {refused[m]}" for m in members if m not in paths]
+        if len(members) < 2:
+            whys = whys or ["its keys are not those of two or more groups"]
+        if whys:
+            refused[name] = "; ".join(whys)
+        else:
+            together[name] = tuple(paths[m] for m in members)
+    for name, blocks in runs.items():
+        whys = [f"block {p!r} {why}" for p in blocks if (why := _skip_refusal(seen.get(p)))]
+        if whys:
+            refused[name] = "; ".join(whys)
+        else:
+            together[name] = tuple(blocks)
+            outputs.update({p: seen[p]["outputs"] for p in blocks})
+    if not paths and not together:
         reasons = "; ".join(f"{g}: {r}" for g, r in refused.items())
         raise CriticalityError(f"no group can be skipped ({reasons})")
-    return SkipPlan(paths, outputs, refused)
+    return SkipPlan(paths, outputs, refused, together)
 
 
 def _skip_refusal(io: dict | None) -> str | None:
