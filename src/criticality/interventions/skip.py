@@ -64,7 +64,8 @@ class Skip(Operation):
     last: str = ""  # the grid's last group, after whose cells the runs' cells come
 
     def bind(self, plan: Plan, probe: Any) -> Skip:
-        runs = block_runs(plan.blocks or [p for p, _ in find_stack(plan.model)], self.skip_runs)
+        blocks = (plan.blocks or [p for p, _ in find_stack(plan.model)]) if self.skip_runs is not None else []
+        runs = block_runs(blocks, self.skip_runs)
         runs = {name: paths for name, paths in runs.items() if name not in plan.joint}  # already a joint group
         if runs and plan.buffers == "recalibrate":
             raise CriticalityError("skip_runs cannot be combined with buffers='recalibrate' (a run is not a group "
