@@ -92,7 +92,7 @@ def skip_bars(cells: pd.DataFrame, title: str = "") -> Figure:
     rows = numeric(cells)
     rows = rows[rows.op == "skip"]
     return _bars(list(rows.group), rows.delta_error.to_numpy(dtype=float), "Δ test error (module → identity)",
-                 title or "Skipping one block at a time")
+                 title or "Skipping modules: one group (or joint group, or run of blocks) at a time")
 
 
 def criticality_bars(table: pd.DataFrame, summary: dict | None = None, title: str = "") -> Figure:
