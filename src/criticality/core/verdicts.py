@@ -91,7 +91,8 @@ def intervals(records: list[Record | None], final_row: int, metric: str, seed: i
 def settle(delta: float, low: float, high: float, n: int, threshold: float,
            pair: tuple[Record | None, Record | None], metric: str) -> float:
     """Examples that would settle an inconclusive verdict: from the score interval when the cell's and the final
-    model's ``metric`` records (``pair``) are 0/1, else the bootstrap's 1/√n rule."""
+    model's ``metric`` records (``pair``) are 0/1, else the bootstrap's 1/√n rule. ``n`` and the answer count
+    the records' units: examples, or sequences for sequence models (never tokens)."""
     cell, final = pair
     if cell is not None and final is not None and metric in cell and metric in final \
             and _binary(cell[metric]) and _binary(final[metric]) and len(cell[metric][0]) == len(final[metric][0]):
