@@ -4,15 +4,21 @@ Run: ``.venv/bin/pytest tests/test_verdicts.py -q`` (a few seconds).
 
 Records are made by hand so that each group's outcome is known: a group that changes nothing (robust, p = 1),
 one that breaks a third of the examples (critical), one whose Δ sits on the threshold (inconclusive), and a
-sequence-style metric (values summed over tokens, counts per sequence) judged with its own threshold.
+sequence-style metric (values summed over tokens, counts per sequence) judged with its own threshold. Error
+(0/1 per example) gets Tango's score interval from the discordant counts, other metrics the bootstrap; and
+``analyze(..., max_examples=10)`` on a group that changes nothing is not robust.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+import scipy.stats
+import torch
 from matplotlib.patches import Rectangle
+from torch import nn
 
+import criticality
 from criticality.core import statistics
 from criticality.core.analysis import tabulate
 from criticality.core.verdicts import straddling, verdicts
@@ -49,7 +55,10 @@ def test_three_outcomes_holm_and_settling():
     table = tabulate(rows, ["error", "nll"], records)
     v = verdicts(table, 0.02, records).set_index("group")
     assert v.loc["same", "verdict"] == "robust" and v.loc["same", "p_value"] == 1.0
-    assert (v.loc["same", "delta_error_low"], v.loc["same", "delta_error_high"]) == (0.0, 0.0)
+    # no discordant example among N: Tango's score interval ±z²/(N + z²), not the bootstrap's [0, 0]
+    z2 = scipy.stats.norm.ppf(0.975) ** 2
+    assert v.loc["same", "delta_error_low"] == pytest.approx(-z2 / (N + z2), abs=1e-12)
+    assert v.loc["same", "delta_error_high"] == pytest.approx(z2 / (N + z2), abs=1e-12)
     assert v.loc["broken", "verdict"] == "critical" and v.loc["broken", "p_value"] < 1e-6
     assert v.loc["edge", "verdict"] == "inconclusive" and v.loc["edge", "examples_to_settle"] > N
     np.testing.assert_allclose(v.p_holm, statistics.holm(v.p_value))
@@ -80,3 +89,39 @@ def test_heatmap_outlines_inconclusive_cells():
     assert len(dashed) == 1
     plain = plots.robustness_heatmap(table, "error")
     assert not [p for p in plain.axes[0].patches if isinstance(p, Rectangle) and p.get_linestyle() == "--"]
+
+
+def test_error_gets_the_score_interval_and_other_metrics_the_bootstrap():
+    rows, records = _rows()
+    table = tabulate(rows, ["error", "nll"], records, seed=5)
+    final = records[0]["error"][0]
+    for i, rec in enumerate(records[1:], start=1):  # b, c counted here by hand, then the documented function
+        wrong = rec["error"][0]
+        b, c = int(((wrong == 1) & (final == 0)).sum()), int(((wrong == 0) & (final == 1)).sum())
+        expected = statistics.score_intervals([b], [c], [N])[0]
+        assert (table.delta_error_low[i], table.delta_error_high[i]) == tuple(expected)
+        boot = statistics.paired_intervals(rec["nll"][0][None], records[0]["nll"][0], records[0]["nll"][1], rng=5)[0]
+        assert (table.delta_nll_low[i], table.delta_nll_high[i]) == tuple(boot)
+    assert (table.delta_error_low[0], table.delta_error_high[0]) == (0.0, 0.0)  # the final row: Δ ≡ 0
+    v = verdicts(table, 0.02, records).set_index("group")
+    b, c = statistics.discordant(records[7]["error"][0], final)  # the "edge" group's re-init cell
+    assert v.loc["edge", "examples_to_settle"] == statistics.score_examples_to_settle(b, c, N, 0.02)
+
+
+def test_ten_examples_with_nothing_changed_are_not_robust():
+    """The issue's case end to end: ``max_examples=10``, a group identical at epoch 0 and at the end."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    end = {**start, "2.weight": start["2.weight"] + 0.5 * torch.randn_like(start["2.weight"])}
+    x = torch.randn(40, 4)
+    model.load_state_dict(end)
+    with torch.no_grad():
+        y = model(x).argmax(1)  # labels: the final model's own predictions
+    result = criticality.analyze(model, {0: start, 1: end}, (x, y), seeds=1, max_examples=10, progress=False)
+    row = result.verdicts.set_index("group").loc["0"]  # the first layer: the same weights at epoch 0 and 1
+    assert row.delta_error == 0.0 and row.p_value == 1.0
+    z2 = scipy.stats.norm.ppf(0.975) ** 2
+    assert row.delta_error_high == pytest.approx(z2 / (10 + z2), abs=1e-12)  # 0.278, not 0
+    assert row.verdict == "inconclusive" and row.point_verdict == "robust"
+    assert row.examples_to_settle == 189  # z²(1 − t)/t at t = 0.02, rounded up

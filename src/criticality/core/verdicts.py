@@ -58,13 +58,25 @@ _ELEMENTS_AT_ONCE = 1 << 23  # cells × examples bootstrapped together (64 MiB o
 
 
 def intervals(records: list[Record | None], final_row: int, metric: str, seed: int) -> np.ndarray:
-    """``(rows, 2)`` paired intervals of Δ metric against the final row; NaN without records."""
+    """``(rows, 2)`` paired intervals of Δ metric against the final row; NaN without records.
+
+    0/1 records (error; agreement for a classifier) get Tango's score interval from their discordant counts
+    (:func:`~criticality.core.statistics.score_intervals`: exact, no resampling, honest when nothing
+    changed); any other metric the paired bootstrap seeded by ``seed``. The final row itself is [0, 0]:
+    its Δ is zero by construction, not an estimate.
+    """
     out = np.full((len(records), 2), np.nan)
     final = records[final_row]
     if final is None or metric not in final:
         return out
     f_values, f_counts = final[metric]
     have = [i for i, r in enumerate(records) if r is not None and metric in r and len(r[metric][0]) == len(f_values)]
+    if _binary(final[metric]):
+        binary = [i for i in have if _binary(records[i][metric])]
+        have = sorted(set(have) - set(binary))
+        if binary:
+            b, c = np.array([statistics.discordant(records[i][metric][0], f_values) for i in binary]).T  # (K,)
+            out[binary] = statistics.score_intervals(b, c, len(f_values))
     step = max(1, _ELEMENTS_AT_ONCE // max(1, len(f_values)))  # the same resamples in every step
     for at in range(0, len(have), step):
         rows = have[at:at + step]
@@ -72,7 +84,21 @@ def intervals(records: list[Record | None], final_row: int, metric: str, seed: i
         same = all(np.array_equal(records[i][metric][1], f_counts) for i in rows)  # the usual case
         counts = f_counts if same else np.stack([records[i][metric][1] for i in rows])  # (N,) or (K, N)
         out[rows] = statistics.paired_intervals(values, f_values, counts, None if same else f_counts, rng=seed)
+    out[final_row] = 0.0
     return out
+
+
+def settle(delta: float, low: float, high: float, n: int, threshold: float,
+           pair: tuple[Record | None, Record | None], metric: str) -> float:
+    """Examples that would settle an inconclusive verdict: from the score interval when the cell's and the final
+    model's ``metric`` records (``pair``) are 0/1, else the bootstrap's 1/√n rule. ``n`` and the answer count
+    the records' units: examples, or sequences for sequence models (never tokens)."""
+    cell, final = pair
+    if cell is not None and final is not None and metric in cell and metric in final \
+            and _binary(cell[metric]) and _binary(final[metric]) and len(cell[metric][0]) == len(final[metric][0]):
+        b, c = statistics.discordant(cell[metric][0], final[metric][0])
+        return statistics.score_examples_to_settle(b, c, len(final[metric][0]), threshold)
+    return statistics.examples_to_settle(delta, low, high, n, threshold)
 
 
 def p_values(records: list[Record | None], final_row: int, metric: str) -> np.ndarray:
@@ -113,6 +139,7 @@ def verdicts(table: pd.DataFrame, threshold: float = DEFAULT_THRESHOLD,
                                "verdicts compare against the initialization")
     records = list(records) if records is not None else [None] * len(table)
     rand_metric = "error" if "error" in table.columns else metric  # the re-randomized columns' metric
+    final_at = int(table.index[table.op == "final"][0]) if (table.op == "final").any() else None
     out, draws = [], []  # draws: per group, the records of its re-randomization cells
     for group, cells in table[table.op != "final"].groupby("group", sort=False):
         at0 = cells[(cells.op == "reinit") & (cells.checkpoint == 0)].iloc[0]
@@ -123,7 +150,8 @@ def verdicts(table: pd.DataFrame, threshold: float = DEFAULT_THRESHOLD,
                "threshold": threshold, "point_verdict": statistics.point_verdict(delta, threshold)}
         if metric != "error" and "delta_error" in at0:
             row |= {c: float(at0.get(c, np.nan)) for c in ("delta_error", "delta_error_low", "delta_error_high")}
-        row["examples_to_settle"] = statistics.examples_to_settle(delta, low, high, int(at0.n), threshold)
+        row["examples_to_settle"] = settle(delta, low, high, int(at0.n), threshold,
+                                           (records[at0.name], None if final_at is None else records[final_at]), metric)
         errors = rand[rand_metric] if rand_metric in rand else pd.Series(dtype=float)
         row |= {f"rerandomize_{rand_metric}_mean": float(errors.mean()) if len(errors) else float("nan"),
                 f"rerandomize_{rand_metric}_std": float(errors.std(ddof=0)) if len(errors) else float("nan")}
