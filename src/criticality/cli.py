@@ -138,7 +138,7 @@ def _analysis_options(parser: argparse.ArgumentParser) -> None:
                         help="the metric the verdicts judge, with --threshold in its units (default: error; "
                              "agreement is judged as disagreement = 1 - agreement)")
     parser.add_argument("--verdict", choices=VERDICT_RULES, default="interval",
-                        help="interval: critical / robust only when the 95%% paired-bootstrap interval clears the "
+                        help="interval: critical / robust only when the 95%% paired interval clears the "
                              "threshold, else inconclusive; point: the paper's rule on the Δ alone")
     parser.add_argument("--buffers", choices=BUFFER_MODES, default="reset",
                         help="norm-layer running statistics: move with the group (reset), stay as trained (keep), "

@@ -108,8 +108,8 @@ def analyze(model: nn.Module, checkpoints: Mapping[int, StateDict], data: Data, 
     :mod:`criticality.core.metrics`; ``output``: where the logits are in the model's output (a key or a function).
     ``blocks``: module paths of the model's repeated block stack, in execution order, for the fast engine's
     prefix reuse (default: found, see :func:`criticality.core.stacks.find_stack`).
-    ``verdict="interval"`` calls a group critical / robust only when the 95 % paired-bootstrap interval of
-    its Δ ``verdict_metric`` (at re-initialization to epoch 0) clears ``threshold`` (in that metric's units;
+    ``verdict="interval"`` calls a group critical / robust only when the 95 % paired interval of its Δ
+    ``verdict_metric`` (at re-initialization to epoch 0) clears ``threshold`` (in that metric's units;
     default ``error``, else ``token_error``, else ``agreement`` judged as ``disagreement`` = 1 − agreement,
     the fraction of examples whose top-1 prediction changed; else the first metric), inconclusive otherwise;
     ``"point"`` is the paper's rule on Δ alone. ``stats_seed`` seeds the bootstrap.
@@ -157,6 +157,8 @@ def finish(plan: Plan, rows: list[dict[str, Any]], *, threshold: float = DEFAULT
         "verdict_rule": verdict,
         "verdict_metric": verdict_metric,
         "bootstrap": {"resamples": statistics.RESAMPLES, "level": statistics.LEVEL, "seed": stats_seed},
+        "intervals": "0/1 metrics (error; agreement of a classifier): Tango's score interval for paired proportions; "
+                     "other metrics: paired percentile bootstrap",
         # NaN (no interval, settled verdict) becomes null: JSON without NaN, and summaries compare equal.
         "verdicts": verdict_table.astype(object).where(verdict_table.notna(), None).to_dict(orient="records"),
         "groups_spec": plan.groups.spec,
@@ -182,7 +184,8 @@ def tabulate(rows: Sequence[Mapping[str, Any]], metric_names: Sequence[str],
     """Rows → the tidy table, with ``delta_<metric>`` against the final model and a ``finite`` flag.
 
     With ``records`` (one per row, None where missing) every cell also gets ``delta_<metric>_low/high``
-    (95 % paired-bootstrap interval, the same resamples for every cell, seeded by ``seed``) and
+    (95 % paired interval: Tango's score interval for 0/1 records such as error, a paired bootstrap with the same
+    resamples for every cell, seeded by ``seed``, for the others; see :mod:`criticality.core.verdicts`) and
     ``p_value`` (exact McNemar on ``p_metric``'s discordant examples when its records are 0/1; NaN else).
     ``interval_metrics`` limits the intervals to those metrics (default: all). ``finite`` checks
     ``finite_metrics`` (default: all): metrics measured against the final model's own predictions

@@ -55,7 +55,7 @@ def format_verdicts(summary: dict[str, Any]) -> str:
         final = 1 - summary["final_agreement"]  # 0: the final model agrees with itself
     final_note = f"; final {label} {_cell(final)}" if final is not None else ""
     judged = " (1 − agreement with the final model's top-1)" if metric == "disagreement" else ""
-    rule = "paired-bootstrap interval" if summary.get("verdict_rule", "interval") == "interval" else "point estimate"
+    rule = "95% paired interval" if summary.get("verdict_rule", "interval") == "interval" else "point estimate"
     note = (f"(verdicts on Δ {label}{judged} after re-initializing to checkpoint 0, {rule}: "
             f"≤ {_cell(summary.get('threshold'))} is robust{final_note})")
     return "\n".join([*lines, note])
