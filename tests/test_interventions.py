@@ -401,3 +401,33 @@ def test_a_joint_group_that_is_one_module_skips_that_module():
     assert plan.modules("+".join(whole)) == ("model.layers.1",)  # both sub-layers together are layer 1
     assert plan.refused["+".join(split)] == "; ".join(
         f"member {m!r}: its keys are not the state of one module (several modules, or part of one)" for m in split)
+
+
+def test_cli_skip_runs_removes_consecutive_blocks_together(tmp_path):
+    """`--skip-runs 2` reaches the grid from the CLI; the run fc2+fc3 equals the trained model rebuilt with both
+    layers replaced by the identity and evaluated by hand."""
+    from safetensors.torch import load_file
+
+    from criticality.cli import main
+    from criticality.paper import data as datasets
+    from criticality.paper import models
+
+    run = tmp_path / "run"
+    assert main(["--no-progress", "train", "fcn-3x16", "--data", "digits", "--epochs", "2", "--device", "cpu",
+                 "--max-train", "400", "--max-test", "200", "--out", str(run)]) == 0
+    assert main(["--no-progress", "analyze", str(run), "--ops", "reinit,skip", "--skip-runs", "2", "--seeds", "0",
+                 "--device", "cpu"]) == 0
+    summary = json.loads((run / "analysis" / "summary.json").read_text())
+    assert summary["skip_modules"]["fc2+fc3"] == ["fc2", "fc3"]
+    assert "fc1+fc2" in summary["skip_refused"] and "fc2+fc3" not in {v["group"] for v in summary["verdicts"]}
+    cells = pd.read_csv(run / "analysis" / "cells.csv")
+    got = cells[(cells.op == "skip") & (cells.group == "fc2+fc3")].error
+    config = json.loads((run / "config.json").read_text())
+    model = models.build(**config["model"]["build"])
+    final = max(int(p.stem.split("_")[1]) for p in (run / "checkpoints").glob("epoch_*.safetensors"))
+    model.load_state_dict(load_file(str(run / "checkpoints" / f"epoch_{final:04d}.safetensors")))
+    model.fc2, model.fc3 = nn.Identity(), nn.Identity()
+    x, y = datasets.load("digits", max_train=400, max_test=200).test
+    with torch.no_grad():
+        wrong = int((model.eval()(x).argmax(1) != y).sum())
+    assert len(got) == 1 and got.iloc[0] == wrong / len(y)  # k/n, exactly as the table stores it

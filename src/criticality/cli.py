@@ -150,6 +150,8 @@ def _analysis_options(parser: argparse.ArgumentParser) -> None:
                         help="interpolation weights α in [0, 1] (interpolate, criticality)")
     parser.add_argument("--sigmas", type=_unit_list, default=None, metavar="S,S,…",
                         help="noise scales σ in [0, 1], relative to each group's movement RMS (noise, criticality)")
+    parser.add_argument("--skip-runs", type=POSITIVE, default=None, metavar="K",
+                        help="skip: also every run of K consecutive blocks of the model's stack, removed together")
     parser.add_argument("--eps", type=NON_NEGATIVE_FLOAT, default=None,
                         help="module criticality: tolerated rise of test error over the final model (default 0.02)")
     _wait_option(parser)
@@ -300,7 +302,8 @@ def _analyze(args: argparse.Namespace, progress: bool) -> int:
                       engine=args.engine, batch_size=args.batch_size, device=args.device,
                       max_examples=args.max_examples, threshold=args.threshold, buffers=args.buffers,
                       verdict=args.verdict, verdict_metric=args.verdict_metric, progress=progress,
-                      wait=args.wait, ops=args.ops, alphas=args.alphas, sigmas=args.sigmas, eps=args.eps)
+                      wait=args.wait, ops=args.ops, alphas=args.alphas, sigmas=args.sigmas, eps=args.eps,
+                      skip_runs=args.skip_runs)
     if distributed.is_main():
         _print_verdicts(out)
         print(f"wrote {out / 'cells.csv'}, {out / 'distances.csv'}, {out / 'summary.json'}")

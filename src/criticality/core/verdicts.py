@@ -142,6 +142,8 @@ def verdicts(table: pd.DataFrame, threshold: float = DEFAULT_THRESHOLD,
     final_at = int(table.index[table.op == "final"][0]) if (table.op == "final").any() else None
     out, draws = [], []  # draws: per group, the records of its re-randomization cells
     for group, cells in table[table.op != "final"].groupby("group", sort=False):
+        if not ((cells.op == "reinit") & (cells.checkpoint == 0)).any():
+            continue  # not a group of the grid (a run of blocks skipped together): nothing to judge
         at0 = cells[(cells.op == "reinit") & (cells.checkpoint == 0)].iloc[0]
         rand = cells[cells.op == "rerandomize"]
         delta, low, high = (float(at0.get(f"delta_{metric}{s}", np.nan)) for s in ("", "_low", "_high"))
