@@ -20,10 +20,10 @@ from safetensors.torch import save_file
 
 from criticality import cli
 from criticality.errors import CriticalityError
+from criticality.paper import tiny_lm
+from criticality.pipelines import analyze_hf as hf
 
 transformers = pytest.importorskip("transformers")
-hf = pytest.importorskip("criticality.pipelines.analyze_hf")
-tiny_lm = pytest.importorskip("criticality.paper.tiny_lm")
 
 TEXT = "All layers are not created equal; some are robust, some are critical.\n" * 12
 

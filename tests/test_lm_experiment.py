@@ -15,9 +15,9 @@ import pytest
 from criticality.cli import main
 from criticality.errors import CriticalityError
 from criticality.paper import experiments, lm_config
+from criticality.pipelines import lm_experiment as lm
 
 transformers = pytest.importorskip("transformers")
-lm = pytest.importorskip("criticality.pipelines.lm_experiment")
 from criticality.paper.tiny_lm import tiny_config  # noqa: E402
 from criticality.pipelines.run_experiment import run_experiment  # noqa: E402
 
