@@ -315,3 +315,28 @@ def test_warns_when_the_init_scheme_is_a_guess():
     model, states = trajectory("fcn")
     with pytest.warns(UserWarning, match="records no init_scheme"):
         analyze(model, states, make_data(), groups="auto", seeds=1, progress=False)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"threshold": float("nan")}, "threshold must be a finite number"),
+    ({"threshold": "0.1"}, "threshold must be a finite number"),
+    ({"threshold": float("inf")}, "threshold must be a finite number"),
+    ({"stats_seed": -1}, "stats_seed must be a non-negative integer"),
+    ({"stats_seed": 1.5}, "stats_seed must be a non-negative integer"),
+    ({"init": 123}, "init must be a scheme name"),
+    ({"verdict": "vote"}, "unknown verdict rule"),
+])
+def test_bad_judging_arguments_are_one_line_errors_before_any_cell(kwargs, message, monkeypatch):
+    model, states = trajectory("fcn")
+    monkeypatch.setattr("criticality.core.run._evaluate", lambda *a, **k: pytest.fail("a cell ran"))
+    with pytest.raises(CriticalityError, match=message):
+        analyze(model, states, make_data(), groups="auto", seeds=1, progress=False, **kwargs)
+
+
+def test_a_store_that_is_a_directory_is_a_one_line_error(tmp_path):
+    model, states = trajectory("fcn")
+    with pytest.raises(CriticalityError, match="is a directory"):
+        analyze(model, states, make_data(), groups="auto", seeds=1, progress=False, store=str(tmp_path))
+    result = analyze(model, states, make_data(), groups="auto", seeds=1, progress=False, threshold=np.float32(0.02),
+                     stats_seed=np.int64(3))  # numpy scalars are numbers too
+    assert result.summary["threshold"] == pytest.approx(0.02) and result.summary["bootstrap"]["seed"] == 3

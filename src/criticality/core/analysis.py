@@ -26,6 +26,8 @@ sets or the CLI.
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -119,6 +121,7 @@ def analyze(model: nn.Module, checkpoints: Mapping[int, StateDict], data: Data, 
     as an object with its own parameters: ``ops=["reinit", Interpolate(alphas=(0, 0.5), source=1)]``.
     ``skip_runs=k`` gives ``skip`` one more cell per run of k consecutive blocks (named ``a+b`` as joint groups).
     """
+    _check_judging(threshold, stats_seed, verdict)  # refused before any work, not after every cell
     spec = PlanSpec(groups, seeds, joint, final, reinit_to, init, metrics, engine, batch_size, max_examples, buffers,
                     calibration, output, blocks, ops, alphas, sigmas, source, skip_runs)
     plan = make_plan(model, checkpoints, spec, probe=data)
@@ -126,6 +129,15 @@ def analyze(model: nn.Module, checkpoints: Mapping[int, StateDict], data: Data, 
     rows = run_cells(plan, data, device=device, store=store, shard=shard, progress=progress)
     return finish(plan, rows, threshold=threshold, provenance=provenance, verdict=verdict,
                   verdict_metric=verdict_metric, stats_seed=stats_seed)
+
+
+def _check_judging(threshold: Any, stats_seed: Any, verdict: Any) -> None:
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not math.isfinite(threshold):
+        raise CriticalityError(f"threshold must be a finite number (in the verdict metric's units), got {threshold!r}")
+    if isinstance(stats_seed, bool) or not isinstance(stats_seed, numbers.Integral) or stats_seed < 0:
+        raise CriticalityError(f"stats_seed must be a non-negative integer, got {stats_seed!r}")
+    if verdict not in VERDICT_RULES:
+        raise CriticalityError(f"unknown verdict rule {verdict!r}; choose one of {', '.join(VERDICT_RULES)}")
 
 
 def finish(plan: Plan, rows: list[dict[str, Any]], *, threshold: float = DEFAULT_THRESHOLD,
@@ -153,10 +165,10 @@ def finish(plan: Plan, rows: list[dict[str, Any]], *, threshold: float = DEFAULT
     summary = {
         "final_epoch": plan.final_epoch,
         **{f"final_{m}": float(final[m]) for m in plan.metrics},
-        "threshold": threshold,
+        "threshold": float(threshold),
         "verdict_rule": verdict,
         "verdict_metric": verdict_metric,
-        "bootstrap": {"resamples": statistics.RESAMPLES, "level": statistics.LEVEL, "seed": stats_seed},
+        "bootstrap": {"resamples": statistics.RESAMPLES, "level": statistics.LEVEL, "seed": int(stats_seed)},
         "intervals": "0/1 metrics (error; agreement of a classifier): Tango's score interval for paired proportions; "
                      "other metrics: paired percentile bootstrap",
         # NaN (no interval, settled verdict) becomes null: JSON without NaN, and summaries compare equal.

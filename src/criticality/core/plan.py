@@ -231,6 +231,9 @@ def _seeds(seeds: int | Sequence[int]) -> list[int]:
 
 
 def _init_scheme(model: nn.Module, init: InitScheme | None, seeds: list[int]) -> InitScheme:
+    if init is not None and not isinstance(init, str) and not callable(init):
+        raise CriticalityError(f"init must be a scheme name ({', '.join(draw_schemes())}) or a callable that "
+                               f"initializes a model, got {type(init).__name__} {init!r}")
     init, guessed = choose(model, init)
     if guessed and seeds:
         warnings.warn(f"{type(model).__name__} records no init_scheme: re-randomizing with its modules' own "

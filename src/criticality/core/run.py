@@ -8,6 +8,7 @@ import hashlib
 import logging
 import math
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -36,6 +37,8 @@ def run_cells(plan: Plan, data: Data, *, device: str | torch.device = "cpu", sto
     """
     cells = plan.cells if shard is None else plan.cells[shard[0]::shard[1]]
     settings = {**plan.settings(), "data": data_fingerprint(data, plan.max_examples)}
+    if store and Path(store).is_dir():
+        raise CriticalityError(f"store {store} is a directory; give the path of a cells.jsonl file (created if absent)")
     saved = CellStore(store, settings) if store else None
     kept = ExampleStore(examples_path(store), settings) if store else None  # per-example records
     keys = [cell_key(c.as_dict()) for c in cells]
