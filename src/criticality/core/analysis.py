@@ -144,8 +144,7 @@ def finish(plan: Plan, rows: list[dict[str, Any]], *, threshold: float = DEFAULT
            provenance: Mapping[str, Any] | None = None, verdict: str = "interval",
            verdict_metric: str | None = None, stats_seed: int = 0) -> Result:
     """Turn evaluated rows into the :class:`Result`: deltas with intervals, distances, verdicts, summary."""
-    if verdict not in VERDICT_RULES:
-        raise CriticalityError(f"unknown verdict rule {verdict!r}; choose one of {', '.join(VERDICT_RULES)}")
+    _check_judging(threshold, stats_seed, verdict)
     # error when measured, else token_error, else agreement (judged as disagreement), else the first metric
     measured = choose_metric(list(plan.metrics), verdict_metric)
     records = [r.get("records") for r in rows]

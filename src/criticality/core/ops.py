@@ -89,6 +89,10 @@ class Operation:
     def cells(self, group: str, joint: bool) -> list[Cell]:
         return []
 
+    def extra_cells(self) -> list[Cell]:
+        """Cells that belong to no single group (a run of blocks skipped together), after every group's."""
+        return []
+
     def state(self, plan: Plan, cell: Cell) -> StateDict:
         """The full state dict the cell evaluates: an :class:`~criticality.core.surgery.Overlay` of new tensors
         over the final checkpoint, which is read for no other key."""
@@ -179,7 +183,8 @@ class Reinit(Operation):
         return [Cell("reinit", group, checkpoint=e, joint=joint) for e in self.reinit_to]
 
     def state(self, plan: Plan, cell: Cell) -> StateDict:
-        return surgery.replace(plan.final_state, plan.checkpoints[cell.checkpoint], group_keys(plan, cell))
+        return surgery.reinit(plan.final_state, plan.checkpoints[cell.checkpoint], plan.keys(cell.group),
+                              buffers=plan.buffers, buffer_keys=buffer_keys(plan.model))
 
     def moved_keys(self, plan: Plan, cell: Cell) -> tuple[str, ...]:
         return tuple(group_keys(plan, cell))
@@ -201,7 +206,8 @@ class Rerandomize(Operation):
 
     def state(self, plan: Plan, cell: Cell) -> StateDict:
         fresh = fresh_draw(plan, cell.group, cell.seed)  # ours alone: its tensors are taken, not copied
-        return surgery.replace(plan.final_state, fresh, group_keys(plan, cell), copy=False)
+        return surgery.rerandomize(plan.final_state, fresh, plan.keys(cell.group), buffers=plan.buffers,
+                                   buffer_keys=buffer_keys(plan.model), copy=False)
 
     def moved_keys(self, plan: Plan, cell: Cell) -> tuple[str, ...]:
         return tuple(group_keys(plan, cell))

@@ -147,11 +147,14 @@ class Plan:
 
 
 def grid(plan: Plan) -> list[Cell]:
-    """Every cell, in table order: the final model, then per group its cells operation by operation."""
+    """Every cell, in table order: the final model, then per group its cells operation by operation, then the
+    operations' cells of no single group."""
     cells = [Cell("final", checkpoint=plan.final_epoch)]
     for name in [*plan.groups.names, *plan.joint]:
         for op in plan.ops.values():
             cells += op.cells(name, name in plan.joint)
+    for op in plan.ops.values():
+        cells += op.extra_cells()
     return cells
 
 
@@ -182,10 +185,13 @@ def make_plan(model: nn.Module, checkpoints: Mapping[int, StateDict], spec: Plan
     plan.ops = {"final": ops.OPERATIONS["final"]()} | {op.name: op.bind(plan, probe) for op in chosen}
     n_groups = len(resolved.names) + len(joints)
     per_group = sum(op.size() for op in plan.ops.values())
-    if 1 + n_groups * per_group > MAX_CELLS:
-        raise CriticalityError(f"the grid has {1 + n_groups * per_group:,} cells ({n_groups} groups × {per_group} "
-                               f"cells + 1), each a full pass over the evaluation data; at most {MAX_CELLS:,} are "
-                               "run (fewer seeds, checkpoints, alphas or sigmas)")
+    extra = sum(len(op.extra_cells()) for op in plan.ops.values())
+    n_cells = 1 + n_groups * per_group + extra
+    if n_cells > MAX_CELLS:
+        runs = f" + {extra} runs" if extra else ""
+        raise CriticalityError(f"the grid has {n_cells:,} cells ({n_groups} groups × {per_group} cells + 1{runs}), "
+                               f"each a full pass over the evaluation data; at most {MAX_CELLS:,} are run (fewer "
+                               "seeds, checkpoints, alphas or sigmas)")
     plan.cells = grid(plan)
     return plan
 

@@ -22,7 +22,7 @@ output shape differs from its input shape gets NaN and a ``note``.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from criticality.core.batches import call, iter_batches
+from criticality.core.batches import attention_mask, call, iter_batches, to_device
 from criticality.core.hooks import eval_mode, hooks
 from criticality.core.stacks import find_stack
 from criticality.core.stubs import first_input
@@ -112,20 +112,14 @@ def block_proxies(model: nn.Module, data: Any, *, groups: Any = None,
         return record
 
     with hooks([(m, hook(p)) for p, m in stack], with_kwargs=True), eval_mode(model), torch.inference_mode():
-        for inputs in _inputs(data, batch_size, max_examples):
-            inputs = {k: v.to(device) for k, v in inputs.items()} if isinstance(inputs, Mapping) else inputs.to(device)
-            state["mask"] = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
+        for batch in iter_batches(data, batch_size, max_examples):
+            inputs, _ = to_device(batch, device)
+            state["mask"] = attention_mask(inputs)
             call(model, inputs)
     rows = [{"block": path, "index": i, **tallies[path].row()} for i, (path, _) in enumerate(stack)]
     table = pd.DataFrame(rows)
     table.insert(1, "group", _groups_of(model, [p for p, _ in stack], groups))
     return table
-
-
-def _inputs(data: Any, batch_size: int, limit: int | None):
-    """The model inputs of each evaluation batch (labels dropped)."""
-    for batch in iter_batches(data, batch_size, limit):
-        yield batch[0]
 
 
 def _groups_of(model: nn.Module, paths: Sequence[str], groups: Any) -> list[str | None]:

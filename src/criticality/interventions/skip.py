@@ -12,7 +12,7 @@ A joint group (``joint=[["model.layers.1", "model.layers.2"]]``) whose keys are 
 its member groups' modules at once; it is refused when any member is, with that member's reason.
 ``skip_runs=k`` adds one cell per run of ``k`` consecutive blocks of the model's stack
 (:func:`criticality.core.stacks.find_stack`, or the plan's ``blocks``), named by the blocks' module paths
-joined with ``+`` as a joint group is (Gromov et al. drop such runs); these cells follow the grid's last group.
+joined with ``+`` as a joint group is (Gromov et al. drop such runs); these cells come after every group's.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from criticality.core.batches import Output, call, iter_batches
+from criticality.core.batches import Output, call, iter_batches, to_device
 from criticality.core.hooks import eval_mode, hooks
 from criticality.core.ops import Cell, Operation, register
 from criticality.core.plan import Plan
@@ -61,7 +61,6 @@ class Skip(Operation):
     skip_runs: int | None = None  # k: every run of k consecutive blocks of the stack as one more cell
     found: SkipPlan = field(default_factory=SkipPlan)
     runs: tuple[str, ...] = ()  # the runs' cell names, once bound
-    last: str = ""  # the grid's last group, after whose cells the runs' cells come
 
     def bind(self, plan: Plan, probe: Any) -> Skip:
         blocks = (plan.blocks or [p for p, _ in find_stack(plan.model)]) if self.skip_runs is not None else []
@@ -73,16 +72,16 @@ class Skip(Operation):
         joint = {name: members_of(plan.groups.members, keys) for name, keys in plan.joint.items()}
         found = plan_skips_on(plan.model, plan.groups.members, probe, plan.batch_size, plan.output,
                               joint=joint, runs=runs)
-        names = [*plan.groups.names, *plan.joint]
-        return dataclasses.replace(self, found=found, runs=tuple(runs), last=names[-1] if names else "")
+        return dataclasses.replace(self, found=found, runs=tuple(runs))
 
     def size(self) -> int:
         return 1
 
     def cells(self, group: str, joint: bool) -> list[Cell]:
-        own = [Cell("skip", group, joint=joint)] if self.found.modules(group) else []
-        runs = [Cell("skip", r, joint=True) for r in self.runs if r in self.found.joint] if group == self.last else []
-        return own + runs
+        return [Cell("skip", group, joint=joint)] if self.found.modules(group) else []
+
+    def extra_cells(self) -> list[Cell]:
+        return [Cell("skip", r, joint=True) for r in self.runs if r in self.found.joint]
 
     def skip(self, plan: Plan, cell: Cell) -> tuple[str, ...]:
         paths = self.found.modules(cell.group)
@@ -125,8 +124,7 @@ def plan_skips_on(model: nn.Module, groups: Mapping[str, Sequence[str]], data: A
     if first is None:
         raise CriticalityError("no data to evaluate on")
     device = next(iter(model.state_dict().values()), torch.empty(0)).device
-    inputs = first[0]
-    inputs = {k: v.to(device) for k, v in inputs.items()} if isinstance(inputs, Mapping) else inputs.to(device)
+    inputs, _ = to_device(first, device)
     return plan_skips(model, groups, inputs, output, joint=joint, runs=runs)
 
 
