@@ -44,6 +44,7 @@ from criticality.paper.training.config import TrainConfig
 from criticality.pipelines.analyze_hf import analyze_hf, summary_line
 from criticality.pipelines.analyze_run import analyze_run
 from criticality.pipelines.extras import EXTRA_OPS
+from criticality.pipelines.prune import PruneConfig, prune_folder
 from criticality.pipelines.run_experiment import run_experiment
 
 OPS = (*grid_ops(), *EXTRA_OPS)  # what --ops takes ("final" is always evaluated)
@@ -229,6 +230,12 @@ def build_parser() -> argparse.ArgumentParser:
     _hf_options(sub.add_parser("analyze-hf", help="measure every layer of a Hugging Face checkpoint trajectory "
                                                   "(HF Trainer folder or step_N.safetensors files) on a local file"))
 
+    prune = sub.add_parser("prune", help="remove blocks one at a time (greedy or by a proxy): the curve with "
+                                         "intervals, pruning.csv, and the pruned model with --save")
+    prune.add_argument("model", metavar="MODEL", help="HF checkpoint folder (config.json + weights) or Trainer output")
+    prune.add_argument("--data", required=True, metavar="FILE", help="token ids or text, as analyze-hf reads them")
+    _add_config_options(prune, PruneConfig)
+
     rep = sub.add_parser("report", help="draw the figures and write RUN_DIR/report.html")
     rep.add_argument("run_dir", metavar="RUN_DIR")
 
@@ -323,6 +330,14 @@ def _analyze_hf(args: argparse.Namespace, progress: bool) -> int:
     return 0
 
 
+def _prune(args: argparse.Namespace, progress: bool) -> int:
+    out, curve = prune_folder(args.model, args.data, PruneConfig(**_overrides(args, PruneConfig)), progress=progress)
+    print("\n".join([*curve.lines(), curve.statement]))
+    print(f"wrote {out / 'pruning.csv'}, {out / 'figures' / 'pruning.png'}"
+          + (f"; pruned model in {args.save} (from_pretrained loads it)" if args.save else ""))
+    return 0
+
+
 def _report(args: argparse.Namespace, progress: bool) -> int:
     read_summary(Path(args.run_dir) / "analysis")  # a missing or corrupt analysis is one line, exit 2
     figures.draw_run(args.run_dir)
@@ -364,8 +379,8 @@ def _run(args: argparse.Namespace, progress: bool) -> int:
     return 0
 
 
-COMMANDS = {"run": _run, "train": _train, "analyze": _analyze, "analyze-hf": _analyze_hf, "report": _report,
-            "list": _list}
+COMMANDS = {"run": _run, "train": _train, "analyze": _analyze, "analyze-hf": _analyze_hf, "prune": _prune,
+            "report": _report, "list": _list}
 
 
 def _print_verdicts(analysis_dir: Path) -> None:

@@ -14,7 +14,7 @@ the source folder's tokenizer files are copied, and ``pruned.json`` records whic
 and by original index, and which original layer each kept one was. Its logits equal those of the full
 model with the removed blocks skipped (tested). Refused: stacks that are not one ``nn.ModuleList`` of
 ``num_hidden_layers`` layers (encoder-decoder models), and GPT-2 with ``scale_attn_by_inverse_layer_idx``
-(its attention depends on the layer's index, so renumbering changes it).
+unless only its last layers go (its attention depends on the layer's index, so renumbering changes it).
 
 Other models are not rebuilt (their forward may address blocks by name): ``model.safetensors`` holds the
 state of the kept modules under their original keys and ``pruned.json`` the removed paths;
@@ -70,17 +70,18 @@ def without_blocks(model: nn.Module, state: StateDict, removed: Sequence[str]) -
         raise CriticalityError(f"{type(model).__name__} is not a Hugging Face model; use save_pruned, which "
                                "writes its state dict and the removed paths")
     config = model.config
-    if getattr(config, "scale_attn_by_inverse_layer_idx", False):
-        raise CriticalityError("the model scales attention by 1/(layer index + 1) (scale_attn_by_inverse_layer_idx)"
-                               ": renumbering the layers would change what the kept ones compute")
     parent, container, gone = _stack_of(model, removed)
     n = len(container)
     if getattr(config, "num_hidden_layers", None) != n:
         raise CriticalityError(f"{parent!r} holds {n} layers but config.num_hidden_layers is "
                                f"{getattr(config, 'num_hidden_layers', None)}: not the model's one layer stack")
+    kept = [i for i in range(n) if i not in gone]
+    if getattr(config, "scale_attn_by_inverse_layer_idx", False) and kept != list(range(len(kept))):
+        raise CriticalityError("the model scales attention by 1/(layer index + 1) (scale_attn_by_inverse_layer_idx)"
+                               ": renumbering the layers would change what the kept ones compute (only the last "
+                               "layers can be removed from it)")
     pruned = copy.deepcopy(model)
     pruned.load_state_dict(dict(state))
-    kept = [i for i in range(n) if i not in gone]
     layers = pruned.get_submodule(parent) if parent else pruned
     new = nn.ModuleList([layers[i] for i in kept])
     for new_idx, block in enumerate(new):

@@ -55,7 +55,7 @@ from criticality.core.metrics import DEFAULT_METRICS, SEQUENCE_METRICS
 from criticality.core.ops import Cell
 from criticality.core.plan import PlanSpec, make_plan
 from criticality.core.run import run_cells
-from criticality.core.trajectory import alias_tied, trajectory
+from criticality.core.trajectory import alias_tied, checkpoint_at, discover
 from criticality.core.verdicts import judged, verdict_metric
 from criticality.errors import CriticalityError
 from criticality.infra import distributed
@@ -100,6 +100,15 @@ class Curve:
     threshold: float
     statement: str
     summary: dict[str, Any]
+
+    def lines(self) -> list[str]:
+        """One line per step: the block removed and Δ with its interval (what the CLI prints)."""
+        out = []
+        for row in self.table.itertuples():
+            what = f"removed {row.removed} (index {row.removed_index})" if row.step else "full model"
+            out.append(f"step {row.step}: {what}: {self.metric} {getattr(row, self.metric):.4g}, Δ {row.delta:+.4g} "
+                       f"[{row.delta_low:+.4g}, {row.delta_high:+.4g}]")
+        return out
 
 
 def prune_curve(model: nn.Module, state: StateDict, data: Any, *, remove: int, by: str = "skip",
@@ -297,10 +306,9 @@ def prune_folder(model_dir: str | Path, data: str | Path, config: PruneConfig = 
     if config.unit not in UNITS:
         raise CriticalityError(f"--unit {config.unit!r}: only whole blocks are pruned ({', '.join(UNITS)})")
     device = distributed.auto_device(config.device)
-    found = trajectory(model_dir)
-    folder = config_folder(found)
+    folder, checkpoint = _final_checkpoint(Path(model_dir))
     model = build_model(folder)
-    state = alias_tied(found[max(found)], model)
+    state = alias_tied(checkpoint, model)
     limit = getattr(model.config, "max_position_embeddings", None) or 128
     seq_len = config.seq_len or min(128, limit)
     if seq_len > limit:
@@ -316,3 +324,12 @@ def prune_folder(model_dir: str | Path, data: str | Path, config: PruneConfig = 
     if config.save:
         export.save_pruned(model, state, curve.removed, config.save, source=folder)
     return out, curve
+
+
+def _final_checkpoint(path: Path) -> tuple[Path, Mapping[str, torch.Tensor]]:
+    """(the folder of its config.json, the weights): ``path`` itself when it is one saved model (config.json and
+    weights), else the last checkpoint of the trajectory under it (HF Trainer output, step_N files)."""
+    if (path / "config.json").is_file() and (any(path.glob("*.safetensors")) or any(path.glob("*.bin"))):
+        return path, checkpoint_at(path)
+    found = discover(path)
+    return config_folder(found), found[max(found)]
