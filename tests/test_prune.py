@@ -84,6 +84,10 @@ def test_greedy_curve_equals_a_brute_force_greedy_loop():
         best = min(scores, key=lambda p: (scores[p], paths.index(p)))
         removed.append(best)
         losses.append(scores[best])
+        full = _loss_without(model, x, y, [])
+        step = curve.scores[curve.scores.step == len(removed)].set_index("block")
+        np.testing.assert_allclose(step.delta[list(scores)], np.array(list(scores.values())) - full, rtol=1e-4,
+                                   atol=1e-6)
     assert curve.removed == removed
     t = curve.table
     assert t.step.tolist() == [0, 1, 2, 3] and t.candidates.tolist() == [0, 5, 4, 3]

@@ -21,7 +21,8 @@ skip cell against the full model on the same examples, so Δ gets a paired 95 % 
 path and 0-based index in the original stack), ``removed_paths`` / ``removed_indices`` (all removed so far,
 ``;``-separated, in removal order), ``blocks_left``, ``candidates`` (cells evaluated to choose this step), every
 metric's value, ``delta`` / ``delta_low`` / ``delta_high`` / ``p_value`` of the judged metric, and the removed
-block's ``bi`` / ``angular`` on the full model.
+block's ``bi`` / ``angular`` on the full model. ``pruning_scores.csv`` (greedy only): every candidate of every
+step, ``step``, ``block``, ``index``, ``delta`` with its interval: what each choice was made from.
 
 The statement reads the curve against ``threshold`` (in the judged metric's units): the number of steps whose
 interval lies entirely at or below it (every step up to there), and the first step whose interval lies
@@ -100,6 +101,7 @@ class Curve:
     threshold: float
     statement: str
     summary: dict[str, Any]
+    scores: pd.DataFrame = field(default_factory=pd.DataFrame)  # greedy: every candidate's Δ at every step
 
     def lines(self) -> list[str]:
         """One line per step: the block removed and Δ with its interval (what the CLI prints)."""
@@ -139,7 +141,8 @@ def prune_curve(model: nn.Module, state: StateDict, data: Any, *, remove: int, b
     summary = {"by": by, "metric": ctx.judged, "threshold": float(threshold), "blocks": stack, "removed": removed,
                "statement": statement, **counts,
                "proxies": proxy[["block", "index", "bi", "angular"]].to_dict(orient="records")}
-    return Curve(table, removed, stack, ctx.judged, float(threshold), statement, summary)
+    scores = pd.DataFrame([row for s in steps for row in s.get("scores", [])])
+    return Curve(table, removed, stack, ctx.judged, float(threshold), statement, summary, scores)
 
 
 def _check(by: str, remove: Any, n_blocks: int, threshold: float) -> None:
@@ -229,9 +232,17 @@ def _greedy(ctx: _Context, remove: int) -> list[dict[str, Any]]:
                                    f" ({'; '.join(sorted(set(refused.values())))})")
         deltas = cells[f"delta_{ctx.judged}"].to_numpy(dtype=float)
         best = cells.iloc[int(np.argmin(np.where(np.isnan(deltas), np.inf, deltas)))]  # first of equals: earliest
-        chosen = left[[_name(ctx, [*removed, b]) for b in left].index(best.group)]
+        names = [_name(ctx, [*removed, b]) for b in left]
+        chosen = left[names.index(best.group)]
+        scores = []  # every candidate of this step: what the choice was made from
+        for _, c in cells.iterrows():
+            block = left[names.index(c.group)]
+            m = ctx.judged
+            scores.append({"step": step, "block": block, "index": ctx.stack.index(block), "delta": c[f"delta_{m}"],
+                           "delta_low": c[f"delta_{m}_low"], "delta_high": c[f"delta_{m}_high"]})
         removed.append(chosen)
-        steps.append({"step": step, "cell": best, "candidates": len(cells), "removed": list(removed)})
+        steps.append({"step": step, "cell": best, "candidates": len(cells), "removed": list(removed),
+                      "scores": scores})
     return steps
 
 
@@ -288,11 +299,15 @@ def state_curve(table: pd.DataFrame, metric: str, threshold: float, n_blocks: in
 
 
 def write_curve(curve: Curve, out: str | Path, config: Mapping[str, Any] | None = None) -> Path:
-    """``out/pruning.csv``, ``out/pruning.json`` (summary) and ``out/figures/pruning.{png,svg}``."""
+    """``out/pruning.csv``, ``out/pruning_scores.csv`` (greedy: every candidate's Δ at every step),
+    ``out/pruning.json`` (summary) and ``out/figures/pruning.{png,svg}``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / "pruning.csv") as tmp:
         curve.table.to_csv(tmp, index=False)
+    if not curve.scores.empty:
+        with atomic_path(out / "pruning_scores.csv") as tmp:
+            curve.scores.to_csv(tmp, index=False)
     write_json(out / "pruning.json", {**curve.summary, "config": dict(config or {})})
     draw_pruning(curve.table, out / "figures" / "pruning", metric=curve.metric, threshold=curve.threshold)
     return out
