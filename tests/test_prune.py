@@ -251,3 +251,48 @@ def test_write_curve_and_bad_cli_options(tmp_path, capsys):
     assert pd.read_csv(tmp_path / "pruning.csv").removed.iloc[1] == curve.removed[0]
     assert main(["prune", str(tmp_path), "--data", str(tmp_path / "x.npy"), "--unit", "sublayer"]) == 2
     assert "only whole blocks" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("engine", ["fast", "naive"])
+def test_swap_of_adjacent_blocks_equals_a_hand_built_swapped_model(engine):
+    model, x, y = _toy()
+    sd = model.state_dict()
+    result = analyze(model, {0: sd, 1: sd}, (x, y), seeds=0, ops=("swap",), engine=engine, progress=False)
+    t = result.table
+    assert t[t.op == "swap"].group.tolist() == [f"blocks.{i}+blocks.{i + 1}" for i in range(4)]
+    assert result.summary["swap_pairs"]["blocks.1+blocks.2"] == ["blocks.1", "blocks.2"]
+    assert (t[t.op == "swap"].loss != t[t.op == "final"].loss.item()).all()  # the order of blocks matters here
+    for i in range(4):
+        hand = copy.deepcopy(model)
+        hand.blocks[i], hand.blocks[i + 1] = hand.blocks[i + 1], hand.blocks[i]  # the modules themselves, reordered
+        want = evaluate(hand, (x, y))
+        got = t[(t.op == "swap") & (t.group == f"blocks.{i}+blocks.{i + 1}")]
+        assert got.loss.item() == pytest.approx(want["loss"], rel=1e-6) and got.error.item() == want["error"]
+    assert torch.equal(model.state_dict()["blocks.1.fc.weight"], sd["blocks.1.fc.weight"])  # input untouched
+
+
+def test_swap_of_llama_layers_and_refusals():
+    lm = _llama(3)
+    ids = torch.randint(0, 50, (3, 8), generator=torch.Generator().manual_seed(3))
+    sd = lm.state_dict()
+    result = analyze(lm, {0: sd, 1: sd}, (ids, ids), seeds=0, ops=("swap",), metrics=("nll",), progress=False)
+    got = result.table.set_index("group").nll["model.layers.1+model.layers.2"]
+    hand = copy.deepcopy(lm)
+    layers = hand.model.layers
+    layers[1], layers[2] = layers[2], layers[1]
+    assert got == pytest.approx(evaluate(hand, (ids, ids), metrics=("nll",))["nll"], rel=1e-6)
+
+    class Uneven(Toy):
+        def __init__(self):
+            super().__init__(depth=3)
+            self.blocks[2].fc = nn.Linear(8, 8, bias=False)
+
+    uneven = Uneven().eval()
+    usd = uneven.state_dict()
+    summary = analyze(uneven, {0: usd, 1: usd}, (x := torch.randn(8, 4), torch.zeros(8, dtype=torch.long)),
+                      seeds=0, ops=("swap",), progress=False).summary
+    assert list(summary["swap_pairs"]) == ["blocks.0+blocks.1"]
+    assert "different entries (fc.bias" in summary["swap_refused"]["blocks.1+blocks.2"]
+    with pytest.raises(CriticalityError, match="no adjacent blocks can be swapped"):
+        analyze(uneven, {0: usd, 1: usd}, (x, torch.zeros(8, dtype=torch.long)), seeds=0, ops=("swap",),
+                blocks=["blocks.1", "blocks.2"], progress=False)

@@ -4,8 +4,9 @@
 - ``interpolate`` (:mod:`.interpolate`, column ``alpha``): the group between a source checkpoint and the final model.
 - ``noise`` (:mod:`.noise`, columns ``sigma``, ``seed``): Gaussian noise scaled by the group's training movement.
 - ``skip`` (:mod:`.skip`): the group's module returns its input.
+- ``swap`` (:mod:`.swap`): two adjacent blocks exchange their weights (one cell per pair).
 
-Importing this package registers the three. Beside them: :mod:`.module_criticality` (the smallest
+Importing this package registers the four. Beside them: :mod:`.module_criticality` (the smallest
 interpolation-plus-noise a group tolerates) and :mod:`.proxies` (representation proxies of block importance).
 The functions on state dicts are pure (new tensors for the changed entries, the caller's for the rest).
 """
@@ -21,7 +22,8 @@ from criticality.interventions.noise import (
     parameter_keys,
 )
 from criticality.interventions.skip import Skip, SkipPlan, module_of, plan_skips, plan_skips_on
+from criticality.interventions.swap import Swap
 
-__all__ = ["DEFAULT_ALPHAS", "DEFAULT_SIGMAS", "NOISE_CONVENTION", "Interpolate", "Noise", "Skip", "SkipPlan",
+__all__ = ["DEFAULT_ALPHAS", "DEFAULT_SIGMAS", "NOISE_CONVENTION", "Interpolate", "Noise", "Skip", "SkipPlan", "Swap",
            "add_noise", "check_unit", "module_of", "noise_generator", "noise_scale", "parameter_keys", "plan_skips",
            "plan_skips_on"]
