@@ -2,7 +2,8 @@
 one-shot curve follows the proxy ranking, joint skip of two Llama layers equals the model rebuilt without
 them, and the exported model reloads with ``from_pretrained``, generates and matches the skip cell.
 
-Run: ``PYTHONPATH=src pytest tests/test_prune.py -q`` (about 20 s on 2 cores).
+Also: the swap operation against hand-reordered models, and ``criticality prune`` on an HF folder and on a
+run directory. Run: ``PYTHONPATH=src pytest tests/test_prune.py -q`` (about 1 to 2 min on 2 busy cores).
 """
 
 from __future__ import annotations
@@ -25,6 +26,10 @@ from criticality.core.evaluate import evaluate
 from criticality.core.stubs import skipping
 from criticality.errors import CriticalityError
 from criticality.interventions import proxies
+from criticality.paper import data as datasets
+from criticality.paper import models
+from criticality.paper.train import train
+from criticality.paper.training.config import TrainConfig
 from criticality.pipelines.prune import prune_curve, state_curve, write_curve
 
 transformers.utils.logging.disable_progress_bar()
@@ -296,3 +301,18 @@ def test_swap_of_llama_layers_and_refusals():
     with pytest.raises(CriticalityError, match="no adjacent blocks can be swapped"):
         analyze(uneven, {0: usd, 1: usd}, (x, torch.zeros(8, dtype=torch.long)), seeds=0, ops=("swap",),
                 blocks=["blocks.1", "blocks.2"], progress=False)
+
+
+def test_cli_prune_of_a_run_directory_saves_a_state_dict_and_the_removed_paths(tmp_path, capsys):
+    run = train(TrainConfig(model="fcn-2x16", data="digits", epochs=1, batch_size=64, device="cpu"),
+                tmp_path / "run", progress=False)
+    assert main(["prune", str(run), "--remove", "1", "--save", str(tmp_path / "small"), "--no-progress"]) == 0
+    assert "step 1: removed" in capsys.readouterr().out
+    table = pd.read_csv(run / "pruning" / "pruning.csv")
+    assert table.removed.iloc[1] == "fc2"  # the only block that maps a shape to itself
+    config = json.loads((run / "config.json").read_text())
+    small = export.load_pruned(models.build(**config["model"]["build"]), tmp_path / "small")
+    x, y = datasets.load("digits").test
+    assert evaluate(small, (x, y))["error"] == pytest.approx(table.error.iloc[1])
+    assert main(["prune", str(run), "--data", "x.txt", "--remove", "1"]) == 2
+    assert "drop --data" in capsys.readouterr().err

@@ -232,8 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     prune = sub.add_parser("prune", help="remove blocks one at a time (greedy or by a proxy): the curve with "
                                          "intervals, pruning.csv, and the pruned model with --save")
-    prune.add_argument("model", metavar="MODEL", help="HF checkpoint folder (config.json + weights) or Trainer output")
-    prune.add_argument("--data", required=True, metavar="FILE", help="token ids or text, as analyze-hf reads them")
+    prune.add_argument("model", metavar="MODEL_OR_RUN",
+                       help="HF model folder (config.json + weights) or Trainer output, or a run directory")
+    prune.add_argument("--data", metavar="FILE", help="HF models: token ids or text, as analyze-hf reads them")
     _add_config_options(prune, PruneConfig)
 
     rep = sub.add_parser("report", help="draw the figures and write RUN_DIR/report.html")
@@ -334,7 +335,7 @@ def _prune(args: argparse.Namespace, progress: bool) -> int:
     out, curve = prune_folder(args.model, args.data, PruneConfig(**_overrides(args, PruneConfig)), progress=progress)
     print("\n".join([*curve.lines(), curve.statement]))
     print(f"wrote {out / 'pruning.csv'}, {out / 'figures' / 'pruning.png'}"
-          + (f"; pruned model in {args.save} (from_pretrained loads it)" if args.save else ""))
+          + (f"; pruned model in {args.save} (what went: pruned.json)" if args.save else ""))
     return 0
 
 

@@ -50,12 +50,14 @@ from torch import nn
 
 from criticality.adapters import export
 from criticality.core.analysis import DEFAULT_THRESHOLD, tabulate
+from criticality.core.checkpoints import load_checkpoints
 from criticality.core.groups import Groups, resolve
 from criticality.core.groups import joint as joint_group
-from criticality.core.metrics import DEFAULT_METRICS, SEQUENCE_METRICS
+from criticality.core.metrics import CLASSIFIER_METRICS, DEFAULT_METRICS, SEQUENCE_METRICS
 from criticality.core.ops import Cell
 from criticality.core.plan import PlanSpec, make_plan
 from criticality.core.run import run_cells
+from criticality.core.stacks import holds_state
 from criticality.core.trajectory import alias_tied, checkpoint_at, discover
 from criticality.core.verdicts import judged, verdict_metric
 from criticality.errors import CriticalityError
@@ -64,7 +66,11 @@ from criticality.infra.files import atomic_path, write_json
 from criticality.interventions import proxies
 from criticality.interventions.skip import module_of
 from criticality.output.pruning_figure import draw_pruning
+from criticality.paper import data as datasets
+from criticality.paper import models
+from criticality.paper.training.config import TrainConfig
 from criticality.pipelines.analyze_hf import build_model, config_folder, lm_data, read_tokens, tokenizer
+from criticality.pipelines.analyze_run import read_run
 
 BY = ("skip", *proxies.PROXIES)  # greedy by the measured metric, or one shot by a proxy
 UNITS = ("block",)  # sub-layers (attention / MLP alone) are not pruned yet
@@ -121,22 +127,26 @@ def prune_curve(model: nn.Module, state: StateDict, data: Any, *, remove: int, b
     """Remove ``remove`` blocks of ``model`` (with the weights ``state``) one step at a time (see the module
     docstring); ``metric`` (one of ``metrics``) chooses the greedy steps and is judged against ``threshold``."""
     stack = list(blocks) if blocks is not None else [p for p, _ in proxies.blocks(model)]
-    _check(by, remove, len(stack), threshold)
+    units = [p for p in stack if holds_state(model.get_submodule(p))]  # a Flatten between blocks is no unit
+    _check(by, remove, len(units), threshold)
     metric = verdict_metric(list(metrics), metric)
-    groups = _block_groups(model, stack)
+    groups = _block_groups(model, units)
     final = copy_with(model, state, device)
     proxy = proxies.block_proxies(final, data, stack=[(p, final.get_submodule(p)) for p in stack],
                                   batch_size=batch_size, device=device, max_examples=max_examples)
     del final
     ctx = _Context(model, {0: state, 1: state}, groups, data, list(metrics), metric, batch_size, max_examples,
-                   device, output, stack, stats_seed, progress)
+                   device, output, stack, units, blocks, stats_seed, progress)
     if by == "skip":
         steps = _greedy(ctx, remove)
     else:
-        ranked = [p for p in proxy.sort_values([by, "index"], na_position="last").block if p in groups.names]
+        ranked = [p for p in proxy.dropna(subset=[by]).sort_values([by, "index"]).block if p in groups.names]
+        if len(ranked) < remove:
+            raise CriticalityError(f"only {len(ranked)} blocks have a {by} score (a block that changes the shape "
+                                   f"of its input has none); cannot remove {remove} by it")
         steps = _one_shot(ctx, ranked[:remove])
-    table = _table(steps, stack, proxy, list(metrics), ctx.judged)
-    statement, counts = state_curve(table, ctx.judged, threshold, len(stack))
+    table = _table(steps, stack, units, proxy, list(metrics), ctx.judged)
+    statement, counts = state_curve(table, ctx.judged, threshold, len(units))
     removed = [r for r in table.removed if r]
     summary = {"by": by, "metric": ctx.judged, "threshold": float(threshold), "blocks": stack, "removed": removed,
                "statement": statement, **counts,
@@ -186,7 +196,9 @@ class _Context:
     max_examples: int | None
     device: Any
     output: Any
-    stack: list[str]
+    stack: list[str]  # the block stack, for indices
+    units: list[str]  # its blocks that hold state: what can be removed
+    blocks: Sequence[str] | None  # the caller's stack for the engine's prefix reuse (None: found)
     stats_seed: int
     progress: bool
 
@@ -198,7 +210,7 @@ class _Context:
         """The full model and one skip cell per set of blocks removed together: (table, refusals by set)."""
         joint = [list(s) for s in sets if len(s) > 1]
         spec = PlanSpec(self.groups, seeds=0, joint=joint or None, metrics=self.metrics, batch_size=self.batch_size,
-                        max_examples=self.max_examples, output=self.output, blocks=self.stack, ops=("skip",))
+                        max_examples=self.max_examples, output=self.output, blocks=self.blocks, ops=("skip",))
         plan = make_plan(self.model, self.checkpoints, spec, probe=self.data)
         found = plan.ops["skip"].found
         cells, refused = [Cell("final", checkpoint=plan.final_epoch)], {}
@@ -222,7 +234,7 @@ def _greedy(ctx: _Context, remove: int) -> list[dict[str, Any]]:
     removed: list[str] = []
     steps = []
     for step in range(1, remove + 1):
-        left = [b for b in ctx.stack if b not in removed]
+        left = [b for b in ctx.units if b not in removed]
         table, refused = ctx.evaluate([[*removed, b] for b in left])
         if step == 1:
             steps.append({"step": 0, "cell": table.iloc[0], "candidates": 0})
@@ -263,8 +275,8 @@ def _name(ctx: _Context, members: Sequence[str]) -> str:
     return members[0] if len(members) == 1 else joint_group(ctx.groups, list(members))[0]
 
 
-def _table(steps: list[dict[str, Any]], stack: list[str], proxy: pd.DataFrame, metrics: list[str],
-           judged_metric: str) -> pd.DataFrame:
+def _table(steps: list[dict[str, Any]], stack: list[str], units: list[str], proxy: pd.DataFrame,
+           metrics: list[str], judged_metric: str) -> pd.DataFrame:
     by_block = proxy.set_index("block")
     rows = []
     for s in steps:
@@ -273,7 +285,7 @@ def _table(steps: list[dict[str, Any]], stack: list[str], proxy: pd.DataFrame, m
         rows.append({
             "step": s["step"], "removed": last, "removed_index": stack.index(last) if last else -1,
             "removed_paths": ";".join(removed), "removed_indices": ";".join(str(stack.index(p)) for p in removed),
-            "blocks_left": len(stack) - len(removed), "candidates": s["candidates"],
+            "blocks_left": len(units) - len(removed), "candidates": s["candidates"],
             **{m: float(cell[m]) for m in [*metrics, judged_metric] if m in cell},
             "delta": float(cell[f"delta_{judged_metric}"]), "delta_low": float(cell[f"delta_{judged_metric}_low"]),
             "delta_high": float(cell[f"delta_{judged_metric}_high"]), "p_value": float(cell["p_value"]),
@@ -313,32 +325,59 @@ def write_curve(curve: Curve, out: str | Path, config: Mapping[str, Any] | None 
     return out
 
 
-def prune_folder(model_dir: str | Path, data: str | Path, config: PruneConfig = PruneConfig(), *,
+def prune_folder(model_dir: str | Path, data: str | Path | None = None, config: PruneConfig = PruneConfig(), *,
                  progress: bool = True) -> tuple[Path, Curve]:
     """``criticality prune``: the final checkpoint of an HF folder (one checkpoint, or a Trainer output) on a
-    local data file (as ``analyze-hf`` reads it); writes the curve to ``config.out`` and, with ``config.save``,
-    the pruned model. Returns (the output folder, the curve)."""
+    local ``data`` file (as ``analyze-hf`` reads it), or of a training run directory on its own test split;
+    writes the curve to ``config.out`` (default ``MODEL/pruning``) and, with ``config.save``, the pruned model.
+    Returns (the output folder, the curve)."""
     if config.unit not in UNITS:
         raise CriticalityError(f"--unit {config.unit!r}: only whole blocks are pruned ({', '.join(UNITS)})")
     device = distributed.auto_device(config.device)
-    folder, checkpoint = _final_checkpoint(Path(model_dir))
+    path = Path(model_dir)
+    if (path / "checkpoints").is_dir() and (path / "config.json").is_file():
+        model, state, evaluation, metrics, source = _from_run(path, config, data)
+    else:
+        model, state, evaluation, metrics, source = _from_hf(path, config, data)
+    curve = prune_curve(model, state, evaluation, remove=config.remove, by=config.by, metric=config.metric,
+                        metrics=metrics, threshold=config.threshold, batch_size=config.batch_size,
+                        max_examples=config.max_examples, device=device, progress=progress)
+    out = Path(config.out) if config.out else path / "pruning"
+    write_curve(curve, out, {**asdict(config), "model": str(model_dir), "data": str(data) if data else None})
+    if config.save:
+        export.save_pruned(model, state, curve.removed, config.save, source=source)
+    return out, curve
+
+
+def _from_hf(path: Path, config: PruneConfig, data: str | Path | None) -> tuple:
+    if data is None:
+        raise CriticalityError(f"{path} is a Hugging Face model: pass --data FILE (token ids or text) to evaluate on")
+    folder, checkpoint = _final_checkpoint(path)
     model = build_model(folder)
     state = alias_tied(checkpoint, model)
     limit = getattr(model.config, "max_position_embeddings", None) or 128
     seq_len = config.seq_len or min(128, limit)
     if seq_len > limit:
         raise CriticalityError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings ({limit})")
-    tok = tokenizer(folder)
-    tensors = read_tokens(Path(data), seq_len, tok=tok, vocab_size=model.config.vocab_size)
-    curve = prune_curve(model, state, lm_data(tensors, config.batch_size), remove=config.remove, by=config.by,
-                        metric=config.metric, metrics=SEQUENCE_METRICS, threshold=config.threshold,
-                        batch_size=config.batch_size, max_examples=config.max_examples, device=device,
-                        progress=progress)
-    out = Path(config.out) if config.out else Path(model_dir) / "pruning"
-    write_curve(curve, out, {**asdict(config), "model": str(model_dir), "data": str(data)})
-    if config.save:
-        export.save_pruned(model, state, curve.removed, config.save, source=folder)
-    return out, curve
+    tensors = read_tokens(Path(data), seq_len, tok=tokenizer(folder), vocab_size=model.config.vocab_size)
+    return model, state, lm_data(tensors, config.batch_size), SEQUENCE_METRICS, folder
+
+
+def _from_run(path: Path, config: PruneConfig, data: str | Path | None) -> tuple:
+    """A run directory of ``criticality train``: its model, final checkpoint and test split."""
+    if data is not None:
+        raise CriticalityError(f"{path} is a run directory: it is evaluated on its own test split; drop --data")
+    run = read_run(path)
+    try:
+        cfg, build = TrainConfig(**run["config"]), run["model"]["build"]
+    except (KeyError, TypeError) as e:
+        raise CriticalityError(f"{path / 'config.json'} is incomplete or has unknown fields ({e})") from e
+    dataset = datasets.load(cfg.data, cfg.data_root, max_train=cfg.max_train, max_test=cfg.max_test,
+                            image_size=cfg.image_size)
+    test = dataset.test if isinstance(dataset.test, tuple) else torch.utils.data.DataLoader(
+        dataset.test, batch_size=config.batch_size, num_workers=cfg.workers)
+    checkpoints = load_checkpoints(path)
+    return models.build(**build, init=cfg.init), checkpoints[max(checkpoints)], test, CLASSIFIER_METRICS, None
 
 
 def _final_checkpoint(path: Path) -> tuple[Path, Mapping[str, torch.Tensor]]:
