@@ -84,18 +84,20 @@ class PruneConfig:
     remove: int = field(default=1, metadata={"help": "blocks to remove, one step each"})
     by: str = field(default="skip", metadata={"help": "skip: greedy, re-scored by the metric after each removal "
                                                       "(SLEB); bi | angular: one shot, lowest proxy first"})
-    unit: str = field(default="block", metadata={"help": "what is removed (block)"})
+    unit: str = field(default="block", metadata={"help": "what is removed: block (sub-layers are not supported yet)"})
     metric: str | None = field(default=None, metadata={
-        "help": "the metric that chooses and is judged (token_error, nll, …; default token_error / error)"})
+        "help": "the metric that chooses and is judged: token_error, nll, agreement, kl (HF); error, loss, … (run "
+                "directory); None: token_error / error"})
     threshold: float = field(default=DEFAULT_THRESHOLD, metadata={"help": "tolerated Δ metric, in its units"})
-    seq_len: int | None = field(default=None, metadata={"help": "tokens per sequence (default 128, at most "
-                                                                "the model's max_position_embeddings)"})
-    batch_size: int = field(default=16, metadata={"help": "evaluation batch (sequences)"})
+    seq_len: int | None = field(default=None, metadata={"help": "tokens per sequence (None: 128, at most the "
+                                                                "model's max_position_embeddings)"})
+    batch_size: int = field(default=16, metadata={"help": "evaluation batch (sequences, or examples)"})
     max_examples: int | None = field(default=None, metadata={"help": "evaluate on the first N sequences only"})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N or auto"})
-    out: str | None = field(default=None, metadata={"help": "output directory (default MODEL/pruning)"})
+    out: str | None = field(default=None, metadata={"help": "output directory (None: MODEL_OR_RUN/pruning)"})
     save: str | None = field(default=None, metadata={
-        "help": "write the pruned model here (from_pretrained loads it; non-HF: state dict + removed paths)"})
+        "help": "write the pruned model here (HF: from_pretrained loads it; else a state dict and the removed "
+                "paths)"})
 
 
 @dataclass
