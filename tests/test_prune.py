@@ -79,9 +79,10 @@ def _loss_without(model, x, y, removed):
         return float(F.cross_entropy(m(x), y))
 
 
-def test_greedy_curve_equals_a_brute_force_greedy_loop():
+@pytest.mark.parametrize("engine", ["fast", "naive"])
+def test_greedy_curve_equals_a_brute_force_greedy_loop(engine):
     model, x, y = _toy()
-    curve = prune_curve(model, model.state_dict(), (x, y), remove=3, metric="loss", batch_size=16)
+    curve = prune_curve(model, model.state_dict(), (x, y), remove=3, metric="loss", batch_size=16, engine=engine)
     removed, losses = [], []
     paths = [f"blocks.{i}" for i in range(5)]
     for _ in range(3):

@@ -125,9 +125,10 @@ def prune_curve(model: nn.Module, state: StateDict, data: Any, *, remove: int, b
                 metric: str | None = None, metrics: Sequence[str] = DEFAULT_METRICS,
                 threshold: float = DEFAULT_THRESHOLD, blocks: Sequence[str] | None = None, batch_size: int = 1000,
                 max_examples: int | None = None, device: str | torch.device = "cpu", output: Any = None,
-                stats_seed: int = 0, progress: bool = False) -> Curve:
+                engine: str = "fast", stats_seed: int = 0, progress: bool = False) -> Curve:
     """Remove ``remove`` blocks of ``model`` (with the weights ``state``) one step at a time (see the module
-    docstring); ``metric`` (one of ``metrics``) chooses the greedy steps and is judged against ``threshold``."""
+    docstring); ``metric`` (one of ``metrics``) chooses the greedy steps and is judged against ``threshold``.
+    ``engine="naive"`` evaluates every cell with the plain reference instead of the prefix-reusing engine."""
     stack = list(blocks) if blocks is not None else [p for p, _ in proxies.blocks(model)]
     units = [p for p in stack if holds_state(model.get_submodule(p))]  # a Flatten between blocks is no unit
     _check(by, remove, len(units), threshold)
@@ -138,7 +139,7 @@ def prune_curve(model: nn.Module, state: StateDict, data: Any, *, remove: int, b
                                   batch_size=batch_size, device=device, max_examples=max_examples)
     del final
     ctx = _Context(model, {0: state, 1: state}, groups, data, list(metrics), metric, batch_size, max_examples,
-                   device, output, stack, units, blocks, stats_seed, progress)
+                   device, output, stack, units, blocks, engine, stats_seed, progress)
     if by == "skip":
         steps = _greedy(ctx, remove)
     else:
@@ -201,6 +202,7 @@ class _Context:
     stack: list[str]  # the block stack, for indices
     units: list[str]  # its blocks that hold state: what can be removed
     blocks: Sequence[str] | None  # the caller's stack for the engine's prefix reuse (None: found)
+    engine: str  # fast or naive
     stats_seed: int
     progress: bool
 
@@ -212,7 +214,8 @@ class _Context:
         """The full model and one skip cell per set of blocks removed together: (table, refusals by set)."""
         joint = [list(s) for s in sets if len(s) > 1]
         spec = PlanSpec(self.groups, seeds=0, joint=joint or None, metrics=self.metrics, batch_size=self.batch_size,
-                        max_examples=self.max_examples, output=self.output, blocks=self.blocks, ops=("skip",))
+                        max_examples=self.max_examples, output=self.output, blocks=self.blocks, ops=("skip",),
+                        engine=self.engine)
         plan = make_plan(self.model, self.checkpoints, spec, probe=self.data)
         found = plan.ops["skip"].found
         cells, refused = [Cell("final", checkpoint=plan.final_epoch)], {}
