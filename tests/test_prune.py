@@ -317,3 +317,27 @@ def test_cli_prune_of_a_run_directory_saves_a_state_dict_and_the_removed_paths(t
     assert evaluate(small, (x, y))["error"] == pytest.approx(table.error.iloc[1])
     assert main(["prune", str(run), "--data", "x.txt", "--remove", "1"]) == 2
     assert "drop --data" in capsys.readouterr().err
+
+
+def test_exported_model_keeps_each_layers_attention_type(tmp_path):
+    """Qwen3 with alternating sliding-window layers: ``layer_types`` loses the removed layer's entry, so each
+    kept layer keeps its own attention (a stale list would give layer 1 the removed layer's type)."""
+    cfg = transformers.Qwen3Config(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=4,
+                                   num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                                   max_position_embeddings=32, sliding_window=4, use_sliding_window=True,
+                                   layer_types=["sliding_attention", "full_attention"] * 2,
+                                   bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    torch.manual_seed(0)
+    qwen = transformers.Qwen3ForCausalLM(cfg).eval()
+    ids = torch.randint(0, 50, (2, 12), generator=torch.Generator().manual_seed(4))
+    export.save_pruned(qwen, qwen.state_dict(), ["model.layers.1"], tmp_path / "q")
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "q").eval()
+    assert back.config.layer_types == ["sliding_attention", "sliding_attention", "full_attention"]
+    assert json.loads((tmp_path / "q" / "pruned.json").read_text())["per_layer_config"] == ["layer_types"]
+    with torch.no_grad(), skipping(qwen, ["model.layers.1"], {}):
+        torch.testing.assert_close(back(ids).logits, qwen(ids).logits, rtol=1e-5, atol=1e-5)
+    prompt = ids[:, :3]  # 3 + 12 tokens: past the sliding window of 4, through the cache
+    with_cache = back.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False)
+    without = back.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False,
+                            use_cache=False)
+    assert torch.equal(with_cache, without)
