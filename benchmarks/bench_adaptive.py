@@ -93,7 +93,8 @@ def describe(row: dict) -> str:
     return "\n".join([
         f"{row['model']}: {row['cells']} cells x {row['examples']:,} examples, threshold {row['threshold']}",
         f"  example-forwards: full {row['forwards_full']:,}, adaptive {row['forwards_adaptive']:,} -> "
-        f"{row['forwards_ratio']:.2f}x fewer (target {FORWARDS_TARGET}x: {met(row['forwards_ratio'] >= FORWARDS_TARGET)})",
+        f"{row['forwards_ratio']:.2f}x fewer "
+        f"(target {FORWARDS_TARGET}x: {met(row['forwards_ratio'] >= FORWARDS_TARGET)})",
         f"  wall: full {row['full_s']:.2f} s, adaptive {row['adaptive_s']:.2f} s -> {row['wall_ratio']:.2f}x "
         f"(target {WALL_TARGET}x: {met(row['wall_ratio'] >= WALL_TARGET)}); runs {row['full_runs_s']} / "
         f"{row['adaptive_runs_s']}",
@@ -102,7 +103,7 @@ def describe(row: dict) -> str:
         f"{row['agree_where_full_conclusive']}, inconclusive on {row['adaptive_inconclusive_where_full_conclusive']}; "
         f"adaptive conclusive where full is not: {row['adaptive_conclusive_where_full_inconclusive']}; "
         f"critical<->robust flips: {row['flips']}",
-        f"  group verdicts (full -> adaptive): " + ", ".join(
+        "  group verdicts (full -> adaptive): " + ", ".join(
             f"{g}: {v} -> {row['group_verdicts_adaptive'].get(g)}" for g, v in row["group_verdicts_full"].items())])
 
 
