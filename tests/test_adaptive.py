@@ -16,6 +16,7 @@ Run: ``.venv/bin/pytest tests/test_adaptive.py -q`` (about half a minute).
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -25,9 +26,13 @@ import torch
 from torch import nn
 
 import criticality
+from criticality import cli
 from criticality.core import adaptive, sequences, statistics
 from criticality.core.adaptive import Judge, decide, schedule
 from criticality.errors import CriticalityError
+from criticality.output import heatmaps, report
+from criticality.paper.train import train
+from criticality.paper.training.config import TrainConfig
 
 ALPHA = 0.05
 
@@ -241,3 +246,30 @@ def test_adaptive_refusals():
     with pytest.raises(CriticalityError, match="0/1 value per example"):
         criticality.analyze(model, states, (x, y), seeds=0, init="torch", progress=False, adaptive=True,
                             verdict_metric="loss")
+
+
+def test_heatmap_marks_and_report_sentence(runs):
+    (x, _), r = runs
+    on = r["on"]
+    fig = heatmaps.robustness_heatmap(on.table, threshold=0.02)
+    texts = [t.get_text() for t in fig.axes[0].texts]
+    stopped = on.table[(on.table.n < len(x)) & (on.table.op == "reinit")]
+    assert sum(t.endswith("†") for t in texts) >= len(stopped) > 0
+    assert "adaptive evaluation stopped the cell early" in fig._supxlabel.get_text()
+    plain = heatmaps.robustness_heatmap(r["plain"].table, threshold=0.02)
+    assert not any("†" in t.get_text() for t in plain.axes[0].texts)
+    sentence = report._adaptive(on.summary)
+    assert "Adaptive evaluation" in sentence and f"{on.summary['adaptive_evaluation']['stopped_early']:,}" in sentence
+    assert report._adaptive(r["plain"].summary) == ""
+
+
+def test_cli_analyze_adaptive(tmp_path, capsys):
+    run = train(TrainConfig(model="fcn-2x16", data="digits", epochs=2, batch_size=64, device="cpu"),
+                tmp_path / "run", progress=False)
+    code = cli.main(["--no-progress", "analyze", str(run), "--device", "cpu", "--seeds", "1", "--adaptive"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    summary = json.loads((run / "analysis" / "summary.json").read_text())
+    assert summary["adaptive"] is True and summary["adaptive_evaluation"]["judged_cells"] == 9
+    cells = pd.read_csv(run / "analysis" / "cells.csv")
+    assert cells.n.iloc[0] == summary["adaptive_evaluation"]["examples"] and "verdict" in out

@@ -35,6 +35,7 @@ from criticality.core.metrics import CellResult
 from criticality.core.ops import Cell
 from criticality.core.plan import Plan
 from criticality.core.records import Record, as_record
+from criticality.core.verdicts import verdict_metric
 from criticality.errors import CriticalityError
 
 ALPHA = 1 - statistics.LEVEL  # the chance that any early verdict of the grid is wrong, at most
@@ -60,6 +61,16 @@ class Judge:
     def level(self) -> float:
         """Each cell's sequence level: α split evenly over the judged cells."""
         return self.alpha / max(1, self.cells)
+
+
+def judge_for(plan: Plan, metric: str | None, threshold: float, seed: int = 0) -> Judge | None:
+    """The stopping rule of an adaptive plan (None when it is not adaptive): every cell but the final one is
+    judged on ``metric`` (resolved as the verdicts resolve it; agreement by its drop) against ``threshold``."""
+    if not plan.adaptive:
+        return None
+    metric = verdict_metric(list(plan.metrics), metric)
+    return Judge(metric, float(threshold), cells=len(plan.cells) - 1, seed=int(seed),
+                 sign=-1 if metric == "agreement" else 1)
 
 
 def order(n: int, seed: int) -> np.ndarray:

@@ -131,18 +131,10 @@ def analyze(model: nn.Module, checkpoints: Mapping[int, StateDict], data: Data, 
                     calibration, output, blocks, ops, alphas, sigmas, source, skip_runs, adaptive=bool(adaptive))
     plan = make_plan(model, checkpoints, spec, probe=data)
     verdict_metric = choose_metric(list(plan.metrics), verdict_metric)  # refused now, not after every cell
-    judge = _judge(plan, verdict_metric, threshold, stats_seed)
+    judge = adaptive_mod.judge_for(plan, verdict_metric, threshold, stats_seed)
     rows = run_cells(plan, data, device=device, store=store, shard=shard, progress=progress, judge=judge)
     return finish(plan, rows, threshold=threshold, provenance=provenance, verdict=verdict,
                   verdict_metric=verdict_metric, stats_seed=stats_seed)
-
-
-def _judge(plan: Plan, metric: str, threshold: float, seed: int) -> adaptive_mod.Judge | None:
-    """The adaptive stopping rule for the plan (None when not adaptive): every cell but the final one is judged."""
-    if not plan.adaptive:
-        return None
-    return adaptive_mod.Judge(metric, float(threshold), cells=len(plan.cells) - 1, seed=int(seed),
-                              sign=-1 if metric == "agreement" else 1)
 
 
 def _check_judging(threshold: Any, stats_seed: Any, verdict: Any) -> None:
@@ -206,7 +198,7 @@ def finish(plan: Plan, rows: list[dict[str, Any]], *, threshold: float = DEFAULT
 
 
 def _adaptive_summary(plan: Plan, table: pd.DataFrame, metric: str, threshold: float, seed: int) -> dict[str, Any]:
-    judge = _judge(plan, metric, threshold, seed)
+    judge = adaptive_mod.judge_for(plan, metric, threshold, seed)
     full = int(table.loc[table.op == "final", "n"].iloc[0])
     return {"adaptive": True, "adaptive_evaluation": {
         "order_seed": judge.seed, "alpha": judge.alpha, "judged_cells": judge.cells, "per_cell_alpha": judge.level,
