@@ -78,8 +78,10 @@ def order(n: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).permutation(n)
 
 
-def schedule(n: int, first: int = FIRST_CHUNK, growth: float = GROWTH) -> list[int]:
-    """The examples seen after each chunk: ``first``, then growing by ``growth``, ending at ``n``."""
+def schedule(n: int, first: int | None = None, growth: float | None = None) -> list[int]:
+    """The examples seen after each chunk: ``first`` (default FIRST_CHUNK), then growing by ``growth`` (default
+    GROWTH), ending at ``n``."""
+    first, growth = first or FIRST_CHUNK, growth or GROWTH
     ends, seen = [], 0
     while seen < n:
         seen = min(n, max(first, math.ceil(seen * growth)))
