@@ -13,8 +13,9 @@ engine, once in full (``analyze(...)``) and once adaptively (``analyze(..., adap
 ``repeats`` times and the best wall time of each counts (other processes share the machine).
 
 Printed: example-forwards (Σ over cells of the examples each was evaluated on; the full grid's is cells × N)
-and their ratio, the wall times and their ratio, against the targets (≥ 3× fewer example-forwards, ≥ 2× less
-wall time); then the verdicts. Every cell gets a verdict from its interval against the threshold (the adaptive
+and their ratio, the wall times of the whole ``analyze`` and their ratio, against the targets (≥ 3× fewer
+example-forwards, ≥ 2× less wall time), and the evaluation alone (``run_cells``, without the tables' statistics,
+one run each); then the verdicts. Every cell gets a verdict from its interval against the threshold (the adaptive
 run's stopped cells from their confidence sequence); a *flip* is a cell that one run calls critical and the
 other robust. The script exits 1 on any flip against the full evaluation's conclusive verdicts; a missed speed
 target is reported, not fatal.
@@ -35,7 +36,10 @@ import pandas as pd
 import torch
 
 from criticality.core import statistics
+from criticality.core.adaptive import judge_for
 from criticality.core.analysis import analyze
+from criticality.core.plan import PlanSpec, make_plan
+from criticality.core.run import run_cells
 from criticality.paper import data, models
 
 FORWARDS_TARGET, WALL_TARGET = 3.0, 2.0  # full / adaptive
@@ -74,6 +78,8 @@ def run(case: bench_engine.Case, ds: data.Dataset, repeats: int, threshold: floa
             results[name] = analyze(model, states, (x_test, y_test), seeds=case.seeds, batch_size=bench_engine.BATCH,
                                     threshold=threshold, adaptive=name == "adaptive", progress=False)
             times[name].append(time.perf_counter() - start)
+    evaluation = {name: _evaluation_s(model, states, (x_test, y_test), case, threshold, name == "adaptive")
+                  for name in ("full", "adaptive")}
     full, adaptive = results["full"], results["adaptive"]
     forwards_full, forwards_adaptive = int(full.table.n.sum()), int(adaptive.table.n.sum())
     group_full = full.verdicts.set_index("group").verdict
@@ -83,9 +89,19 @@ def run(case: bench_engine.Case, ds: data.Dataset, repeats: int, threshold: floa
             "forwards_ratio": forwards_full / forwards_adaptive, "full_s": min(times["full"]),
             "adaptive_s": min(times["adaptive"]), "wall_ratio": min(times["full"]) / min(times["adaptive"]),
             "full_runs_s": times["full"], "adaptive_runs_s": times["adaptive"],
+            "full_evaluation_s": evaluation["full"], "adaptive_evaluation_s": evaluation["adaptive"],
             "stopped_early": adaptive.summary["adaptive_evaluation"]["stopped_early"],
             "group_verdicts_full": group_full.to_dict(), "group_verdicts_adaptive": group_adaptive.to_dict(),
             **compare(full.table, adaptive.table, threshold)}
+
+
+def _evaluation_s(model, states, test, case: bench_engine.Case, threshold: float, adaptive: bool) -> float:
+    """Wall seconds of the evaluation alone (``run_cells``: no tables, intervals or verdicts)."""
+    plan = make_plan(model, states, PlanSpec(seeds=case.seeds, batch_size=bench_engine.BATCH, adaptive=adaptive),
+                     probe=test)
+    start = time.perf_counter()
+    run_cells(plan, test, progress=False, judge=judge_for(plan, None, threshold))
+    return time.perf_counter() - start
 
 
 def describe(row: dict) -> str:
@@ -98,6 +114,8 @@ def describe(row: dict) -> str:
         f"  wall: full {row['full_s']:.2f} s, adaptive {row['adaptive_s']:.2f} s -> {row['wall_ratio']:.2f}x "
         f"(target {WALL_TARGET}x: {met(row['wall_ratio'] >= WALL_TARGET)}); runs {row['full_runs_s']} / "
         f"{row['adaptive_runs_s']}",
+        f"  evaluation alone (run_cells, one run each): full {row['full_evaluation_s']:.2f} s, adaptive "
+        f"{row['adaptive_evaluation_s']:.2f} s -> {row['full_evaluation_s'] / row['adaptive_evaluation_s']:.2f}x",
         f"  cells stopped early: {row['stopped_early']} of {row['cells'] - 1}",
         f"  cell verdicts: full conclusive {row['full_conclusive']} of {row['cells_judged']}, adaptive agrees on "
         f"{row['agree_where_full_conclusive']}, inconclusive on {row['adaptive_inconclusive_where_full_conclusive']}; "
