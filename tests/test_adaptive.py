@@ -222,9 +222,24 @@ def test_stopped_cells_are_paired_on_their_own_examples(runs):
         assert row.delta_error == pytest.approx(delta.mean(), abs=1e-12)
         assert (row.delta_error_low, row.delta_error_high) == pytest.approx(
             sequences.confidence_sequence(delta, judge.level), abs=1e-12)
-        assert decide(delta, judge) is not None and np.isnan(row.p_value)
+        assert decide(delta, judge) == statistics.verdict(row.delta_error_low, row.delta_error_high, 0.02)
+        assert np.isnan(row.p_value)
     targets = on.examples().target.to_numpy()
     assert np.array_equal(targets, runs[0][1].numpy()[adaptive.order(len(x), 0)])
+
+
+def test_label_free_verdicts_judge_disagreement():
+    model, states, (x, _) = _trained(2000)
+    kw = dict(seeds=1, init="torch", progress=False, metrics=("agreement",), threshold=0.05)
+    full, on = (criticality.analyze(model, states, x, adaptive=a, **kw) for a in (False, True))
+    assert on.summary["verdict_metric"] == "disagreement" and (on.table.n < len(x)).any()
+    f, a = full.verdicts.set_index("group").verdict, on.verdicts.set_index("group").verdict
+    conclusive = f[f != "inconclusive"].index
+    assert len(conclusive) and (a[conclusive] == f[conclusive]).all()
+    stopped = on.table[(on.table.n < len(x)) & (on.table.op != "final")]
+    # the sequence was on disagreement = −Δ agreement: its ends, flipped back, clear the threshold
+    assert all(statistics.verdict(-hi, -lo, 0.05) != "inconclusive"
+               for lo, hi in zip(stopped.delta_agreement_low, stopped.delta_agreement_high, strict=True))
 
 
 def test_adaptive_store_resumes(tmp_path):
