@@ -228,6 +228,17 @@ def test_stopped_cells_are_paired_on_their_own_examples(runs):
     assert np.array_equal(targets, runs[0][1].numpy()[adaptive.order(len(x), 0)])
 
 
+def test_adaptive_fast_equals_the_plain_reference():
+    model, states, data = _trained(1200)
+    kw = dict(seeds=1, init="torch", progress=False, adaptive=True)
+    fast, naive = (criticality.analyze(model, states, data, engine=e, **kw) for e in ("fast", "naive"))
+    assert fast.table.n.tolist() == naive.table.n.tolist() and (fast.table.n < 1200).any()
+    assert np.array_equal(fast.table.error.to_numpy(), naive.table.error.to_numpy())
+    assert np.allclose(fast.table.loss.to_numpy(), naive.table.loss.to_numpy(), rtol=0, atol=1e-6)
+    assert np.array_equal(fast.table.delta_error_low.to_numpy(), naive.table.delta_error_low.to_numpy(),
+                          equal_nan=True)
+
+
 def test_label_free_verdicts_judge_disagreement():
     model, states, (x, _) = _trained(2000)
     kw = dict(seeds=1, init="torch", progress=False, metrics=("agreement",), threshold=0.05)

@@ -30,7 +30,7 @@ import pandas as pd
 import torch
 
 from criticality.core import batches, sequences, statistics
-from criticality.core.engine import Data, Engine
+from criticality.core.engine import Data, Engine, evaluate_naive
 from criticality.core.metrics import CellResult
 from criticality.core.ops import Cell
 from criticality.core.plan import Plan
@@ -124,8 +124,7 @@ def run_adaptive(plan: Plan, cells: Sequence[Cell], data: Data, judge: Judge, de
     for end in schedule(n):
         if not open_cells:
             return
-        engine.data = _take(ordered, slice(start, end))  # this chunk's examples (engine.data: read per pass)
-        for cell, result in engine.evaluate([plan.variant(c) for c in open_cells]):
+        for cell, result in _chunk(plan, engine, open_cells, _take(ordered, slice(start, end)), device):
             parts[cell].append(result)
         start = end
         for cell in list(open_cells):
@@ -138,6 +137,21 @@ def run_adaptive(plan: Plan, cells: Sequence[Cell], data: Data, judge: Judge, de
                 open_cells.remove(cell)
                 del parts[cell]
                 yield cell, merged
+
+
+def _chunk(plan: Plan, engine: Engine, cells: list[Cell], chunk: tuple[Any, Any], device: Any
+           ) -> Iterator[tuple[Cell, CellResult]]:
+    """The open cells' results on one chunk: through the engine (``engine.data`` is read at each pass), or one by
+    one with the plain reference when the plan asks for ``engine="naive"``."""
+    if plan.engine != "naive":
+        engine.data = chunk
+        yield from engine.evaluate([plan.variant(c) for c in cells])
+        return
+    final = plan.checkpoints[plan.final_epoch]
+    for cell in cells:
+        yield cell, evaluate_naive(plan.model, plan.state(cell), chunk, metrics=plan.metrics,
+                                   batch_size=plan.batch_size, device=device, output=plan.output,
+                                   skip=plan.variant(cell).skip, reference_state=final)
 
 
 def _ordered(data: Data, limit: int | None, seed: int) -> tuple[Any, Any]:
