@@ -112,9 +112,10 @@ def run_adaptive(plan: Plan, cells: Sequence[Cell], data: Data, judge: Judge, de
     ordered = _ordered(data, plan.max_examples, judge.seed)
     n = batches.batch_len(ordered[0])
     final_cell = Cell("final", checkpoint=plan.final_epoch)
-    engine = Engine(plan.model, plan.checkpoints[plan.final_epoch], ordered, metrics=plan.metrics,
-                    batch_size=plan.batch_size, device=device, output=plan.output, blocks=_blocks(plan))
-    (_, final), = list(engine.evaluate([plan.variant(final_cell)]))
+    engine = None if plan.engine == "naive" else Engine(
+        plan.model, plan.checkpoints[plan.final_epoch], ordered, metrics=plan.metrics, batch_size=plan.batch_size,
+        device=device, output=plan.output, blocks=_blocks(plan))
+    (_, final), = list(_chunk(plan, engine, [final_cell], ordered, device))  # every example
     reference = _binary(as_record(final.records), judge.metric)
     if final_cell in cells:
         yield final_cell, final
@@ -139,11 +140,11 @@ def run_adaptive(plan: Plan, cells: Sequence[Cell], data: Data, judge: Judge, de
                 yield cell, merged
 
 
-def _chunk(plan: Plan, engine: Engine, cells: list[Cell], chunk: tuple[Any, Any], device: Any
+def _chunk(plan: Plan, engine: Engine | None, cells: list[Cell], chunk: tuple[Any, Any], device: Any
            ) -> Iterator[tuple[Cell, CellResult]]:
     """The open cells' results on one chunk: through the engine (``engine.data`` is read at each pass), or one by
     one with the plain reference when the plan asks for ``engine="naive"``."""
-    if plan.engine != "naive":
+    if engine is not None:
         engine.data = chunk
         yield from engine.evaluate([plan.variant(c) for c in cells])
         return
