@@ -37,6 +37,15 @@ from criticality.paper.training.config import TrainConfig
 ALPHA = 0.05
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Toy models: one thread is faster than two fighting over a shared machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def reference_bets(x: np.ndarray, alpha: float) -> np.ndarray:
     """WSR's predictable plug-in bets, one example at a time."""
     out, total, squares = [], 0.0, 0.0
@@ -153,7 +162,7 @@ def test_adaptive_decides_clear_cases_early():
 # ----------------------------------------------------------------------------- end to end
 
 
-def _trained(n: int = 3000):
+def _trained(n: int = 2000):
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(n, 12, generator=gen)
     y = (x @ torch.randn(12, 4, generator=gen) + 0.7 * torch.randn(n, 4, generator=gen)).argmax(1)
