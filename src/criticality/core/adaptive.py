@@ -38,7 +38,7 @@ from criticality.core.records import Record, as_record
 from criticality.core.verdicts import verdict_metric
 from criticality.errors import CriticalityError
 
-ALPHA = 1 - statistics.LEVEL  # the chance that any early verdict of the grid is wrong, at most
+ALPHA = round(1 - statistics.LEVEL, 12)  # 0.05: the chance that any early verdict of the grid is wrong, at most
 FIRST_CHUNK = 256  # examples in the first chunk
 GROWTH = 1.5  # each chunk this many times the examples seen so far, at least (so at most ~log_1.5(N) looks)
 LOW, HIGH = "adaptive_low", "adaptive_high"  # the columns of a stopped cell's sequence (Δ of the verdict metric)
