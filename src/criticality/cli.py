@@ -141,6 +141,9 @@ def _analysis_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--verdict", choices=VERDICT_RULES, default="interval",
                         help="interval: critical / robust only when the 95%% paired interval clears the "
                              "threshold, else inconclusive; point: the paper's rule on the Δ alone")
+    parser.add_argument("--adaptive", action="store_true",
+                        help="stop each cell once an anytime-valid confidence sequence of its Δ clears the "
+                             "threshold (examples in a seeded random order; see docs/statistics.md)")
     parser.add_argument("--buffers", choices=BUFFER_MODES, default="reset",
                         help="norm-layer running statistics: move with the group (reset), stay as trained (keep), "
                              "or are re-estimated on 2048 training images (recalibrate)")
@@ -311,7 +314,7 @@ def _analyze(args: argparse.Namespace, progress: bool) -> int:
                       max_examples=args.max_examples, threshold=args.threshold, buffers=args.buffers,
                       verdict=args.verdict, verdict_metric=args.verdict_metric, progress=progress,
                       wait=args.wait, ops=args.ops, alphas=args.alphas, sigmas=args.sigmas, eps=args.eps,
-                      skip_runs=args.skip_runs)
+                      skip_runs=args.skip_runs, adaptive=args.adaptive)
     if distributed.is_main():
         _print_verdicts(out)
         print(f"wrote {out / 'cells.csv'}, {out / 'distances.csv'}, {out / 'summary.json'}")

@@ -37,6 +37,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from criticality.core import adaptive as adaptive_mod
 from criticality.core import batches, statistics
 from criticality.core.distances import distances
 from criticality.core.engine import Data, Metric
@@ -90,7 +91,8 @@ def analyze(model: nn.Module, checkpoints: Mapping[int, StateDict], data: Data, 
             output: batches.Output = None, blocks: Sequence[str] | None = None, verdict: str = "interval",
             verdict_metric: str | None = None, stats_seed: int = 0,
             ops: Sequence[str | Operation] = PAPER_OPS, alphas: Sequence[float] | None = None,
-            sigmas: Sequence[float] | None = None, source: int = 0, skip_runs: int | None = None) -> Result:
+            sigmas: Sequence[float] | None = None, source: int = 0, skip_runs: int | None = None,
+            adaptive: bool = False) -> Result:
     """Measure re-initialization and re-randomization robustness of every group of ``model``.
 
     ``checkpoints`` maps epoch → state dict; the final model is the largest epoch unless ``final`` names
@@ -120,13 +122,17 @@ def analyze(model: nn.Module, checkpoints: Mapping[int, StateDict], data: Data, 
     ``skip``; ``alphas`` and ``sigmas`` default to those operations' own). An operation may also be given
     as an object with its own parameters: ``ops=["reinit", Interpolate(alphas=(0, 0.5), source=1)]``.
     ``skip_runs=k`` gives ``skip`` one more cell per run of k consecutive blocks (named ``a+b`` as joint groups).
+    ``adaptive=True`` takes the examples in a random order seeded by ``stats_seed`` and stops each cell once an
+    anytime-valid confidence sequence of its Δ ``verdict_metric`` (a 0/1 metric) clears ``threshold``
+    (:mod:`criticality.core.adaptive`); the table's ``n`` says how many examples each cell used.
     """
     _check_judging(threshold, stats_seed, verdict)  # refused before any work, not after every cell
     spec = PlanSpec(groups, seeds, joint, final, reinit_to, init, metrics, engine, batch_size, max_examples, buffers,
-                    calibration, output, blocks, ops, alphas, sigmas, source, skip_runs)
+                    calibration, output, blocks, ops, alphas, sigmas, source, skip_runs, adaptive=bool(adaptive))
     plan = make_plan(model, checkpoints, spec, probe=data)
     verdict_metric = choose_metric(list(plan.metrics), verdict_metric)  # refused now, not after every cell
-    rows = run_cells(plan, data, device=device, store=store, shard=shard, progress=progress)
+    judge = adaptive_mod.judge_for(plan, verdict_metric, threshold, stats_seed)
+    rows = run_cells(plan, data, device=device, store=store, shard=shard, progress=progress, judge=judge)
     return finish(plan, rows, threshold=threshold, provenance=provenance, verdict=verdict,
                   verdict_metric=verdict_metric, stats_seed=stats_seed)
 
@@ -155,6 +161,8 @@ def finish(plan: Plan, rows: list[dict[str, Any]], *, threshold: float = DEFAULT
     own = [m for m, fn in plan.metrics.items() if not fn.needs_reference] or list(plan.metrics)
     table = tabulate(rows, list(plan.metrics), records, seed=stats_seed, p_metric=measured, interval_metrics=spread,
                      finite_metrics=own)
+    if plan.adaptive:  # stopped cells: Δ on their own examples, the verdict metric's interval from its sequence
+        table = adaptive_mod.restate(table, records, list(plan.metrics), measured)
     dist = distances(plan.checkpoints, {**plan.groups.members, **plan.joint}, plan.model)
     # Verdicts compare re-initialization to epoch 0: none when the ops left reinit out.
     view, view_records, verdict_metric = judged(table, records, measured)
@@ -182,10 +190,22 @@ def finish(plan: Plan, rows: list[dict[str, Any]], *, threshold: float = DEFAULT
         "non_finite_cells": int((~table.finite).sum()),
         "provenance": dict(provenance or {}),
         **plan.summary(),
+        **(_adaptive_summary(plan, table, measured, threshold, stats_seed) if plan.adaptive else {}),
     }
     kept = {cell_key(r): rec for r, rec in zip(rows, records, strict=True) if rec is not None}
     cells = {cell_key(r): {k: r[k] for k in Cell("final").as_dict()} for r in rows if cell_key(r) in kept}
     return Result(table, dist, verdict_table, plan.groups, plan.joint, summary, Examples(kept, cells, targets))
+
+
+def _adaptive_summary(plan: Plan, table: pd.DataFrame, metric: str, threshold: float, seed: int) -> dict[str, Any]:
+    judge = adaptive_mod.judge_for(plan, metric, threshold, seed)
+    full = int(table.loc[table.op == "final", "n"].iloc[0])
+    return {"adaptive": True, "adaptive_evaluation": {
+        "order_seed": judge.seed, "alpha": judge.alpha, "judged_cells": judge.cells, "per_cell_alpha": judge.level,
+        "correction": "Bonferroni over the judged cells", "sequence": "betting (Waudby-Smith & Ramdas 2024)",
+        "first_chunk": adaptive_mod.FIRST_CHUNK, "growth": adaptive_mod.GROWTH,
+        "examples": full, "example_forwards": int(table["n"].sum()), "full_forwards": full * len(table),
+        "stopped_early": int((table["n"] < full).sum())}}
 
 
 def tabulate(rows: Sequence[Mapping[str, Any]], metric_names: Sequence[str],

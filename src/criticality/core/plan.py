@@ -53,6 +53,7 @@ class PlanSpec:
     sigmas: Sequence[float] | None = None  # noise's relative scales (None: the operation's default)
     source: int = 0  # interpolate's and noise's source epoch
     skip_runs: int | None = None  # skip's runs of k consecutive blocks, each one more joint cell (None: none)
+    adaptive: bool = False  # stop each cell once its verdict is decided (see criticality.core.adaptive)
 
     def options(self) -> dict[str, Any]:
         """The values operations take their parameters from (:meth:`Operation.configure`); None: their default."""
@@ -82,6 +83,7 @@ class Plan:
     blocks: Sequence[str] | None = None  # the block stack's module paths (None: found by stacks.find_stack)
     ops: dict[str, Operation] = field(default_factory=dict)  # the bound operations, in table order
     cells: list[Cell] = field(default_factory=list)
+    adaptive: bool = False  # cells stop once their verdict is decided (criticality.core.adaptive)
 
     @property
     def final_state(self) -> StateDict:
@@ -180,7 +182,8 @@ def make_plan(model: nn.Module, checkpoints: Mapping[int, StateDict], spec: Plan
     seeds = _seeds(spec.seeds)
     init = _init_scheme(model, spec.init, seeds)
     plan = Plan(model, checkpoints, resolved, joints, final, init, metric_fns, spec.engine, spec.batch_size,
-                spec.max_examples, spec.buffers, spec.calibration, output=spec.output, blocks=spec.blocks)
+                spec.max_examples, spec.buffers, spec.calibration, output=spec.output, blocks=spec.blocks,
+                adaptive=spec.adaptive)
     chosen = ops.build(spec.ops, {**spec.options(), "seeds": seeds})
     plan.ops = {"final": ops.OPERATIONS["final"]()} | {op.name: op.bind(plan, probe) for op in chosen}
     n_groups = len(resolved.names) + len(joints)

@@ -17,6 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from criticality.core import batches
+from criticality.core.adaptive import Judge, order, run_adaptive
 from criticality.core.engine import Data, Engine, evaluate_naive
 from criticality.core.ops import Cell
 from criticality.core.plan import Plan
@@ -30,13 +31,19 @@ log = logging.getLogger(__name__)
 
 
 def run_cells(plan: Plan, data: Data, *, device: str | torch.device = "cpu", store: str | None = None,
-              shard: tuple[int, int] | None = None, progress: bool = True) -> list[dict[str, Any]]:
+              shard: tuple[int, int] | None = None, progress: bool = True, judge: Judge | None = None
+              ) -> list[dict[str, Any]]:
     """Evaluate the plan's cells (this shard's share), reusing and extending ``store``; rows in grid order.
 
     Each row carries its cell's per-example records under ``"records"`` (see :mod:`criticality.core.records`).
+    ``judge``: evaluate adaptively, each cell stopping once its verdict is decided (:mod:`criticality.core.adaptive`;
+    records and targets are then in its seeded evaluation order).
     """
     cells = plan.cells if shard is None else plan.cells[shard[0]::shard[1]]
     settings = {**plan.settings(), "data": data_fingerprint(data, plan.max_examples)}
+    if judge is not None:  # stored cells of another order, rule or threshold are not reused
+        settings["adaptive"] = {"seed": judge.seed, "metric": judge.metric, "threshold": judge.threshold,
+                                "alpha": judge.alpha, "cells": judge.cells}
     if store and Path(store).is_dir():
         raise CriticalityError(f"store {store} is a directory; give the path of a cells.jsonl file (created if absent)")
     saved = CellStore(store, settings) if store else None
@@ -51,7 +58,8 @@ def run_cells(plan: Plan, data: Data, *, device: str | torch.device = "cpu", sto
     if done and distributed.is_main():  # under torchrun: rank 0's line only
         log.info("resuming: %d of %d cells already done (%s), computing %d", len(done), len(cells), store, len(todo))
     bar = tqdm(total=len(cells), initial=len(cells) - len(todo), desc="cells", unit="cell", disable=not progress)
-    for cell, result in _data_errors(_evaluate(plan, todo, data, device)):
+    results = _evaluate(plan, todo, data, device) if judge is None else run_adaptive(plan, todo, data, judge, device)
+    for cell, result in _data_errors(results):
         raw, result = getattr(result, "records", None), dict(result)  # the engine's per-example records
         raw = result.pop("records", raw)
         if not raw:
@@ -67,17 +75,18 @@ def run_cells(plan: Plan, data: Data, *, device: str | torch.device = "cpu", sto
             saved.add(row)  # a recomputed cell's new line replaces its old one (the last line wins)
         bar.update()
     bar.close()
-    if kept is not None and kept.targets is None and (targets := _targets(data, plan)) is not None:
+    if kept is not None and kept.targets is None and (targets := _targets(data, plan, judge)) is not None:
         kept.add_targets(targets)
     rows = [done[k] for k in keys]
     if rows:  # the data's labels ride on the first row, for Result.per_class
-        rows[0] = {**rows[0], "targets": kept.targets if kept is not None else _targets(data, plan)}
+        rows[0] = {**rows[0], "targets": kept.targets if kept is not None else _targets(data, plan, judge)}
     return rows
 
 
-def _targets(data: Data, plan: Plan) -> np.ndarray | None:
-    """The evaluation data's labels (one class per example), or None."""
-    return class_targets(y for _, y in batches.iter_batches(data, plan.batch_size, plan.max_examples))
+def _targets(data: Data, plan: Plan, judge: Judge | None = None) -> np.ndarray | None:
+    """The evaluation data's labels (one class per example), or None; in the adaptive order under ``judge``."""
+    targets = class_targets(y for _, y in batches.iter_batches(data, plan.batch_size, plan.max_examples))
+    return targets if targets is None or judge is None else targets[order(len(targets), judge.seed)]
 
 
 def _data_errors(results: Any) -> Any:

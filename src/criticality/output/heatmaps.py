@@ -132,6 +132,11 @@ def robustness_heatmap(
         for i, s in enumerate(std.to_numpy(dtype=float)):
             if np.isfinite(values[i, col]) and np.isfinite(s):
                 texts[i, col] = f"{values[i, col]:.2f}\n±{s:.2f}"
+    partial = _partial(cells)
+    for i, g in enumerate(grid.index):
+        for j, c in enumerate(grid.columns):
+            if (g, c) in partial and np.isfinite(values[i, j]):
+                texts[i, j] = f"{texts[i, j]}†"
     rows = [group_label(g, g in joint) for g in grid.index]
     n_single = sum(g not in joint for g in grid.index)
     # White lines between the rand | checkpoints | final blocks and the single | joint rows.
@@ -142,6 +147,9 @@ def robustness_heatmap(
     marks = np.array([[(g, c) in unsure for c in grid.columns] for g in grid.index], dtype=bool)
     if marks.any():
         note += f"\ndashed outline: the 95 % interval of Δ straddles the threshold {threshold:g} (inconclusive)"
+    if partial:
+        note += (f"\n† adaptive evaluation stopped the cell early (verdict decided): its value rests on fewer than "
+                 f"all {int(cells.loc[cells['op'] == 'final', 'n'].iloc[0]):,} examples")
     return _heatmap(
         values,
         texts,
@@ -158,6 +166,17 @@ def robustness_heatmap(
         note=note,
         marks=marks,
     )
+
+
+def _partial(cells: pd.DataFrame) -> set[tuple[str, str]]:
+    """``(group, column)`` of the heatmap cells resting on fewer examples than the final model's (an adaptive
+    run's early stops): a re-init checkpoint's column, or ``rand`` when any of its draws stopped early."""
+    if "n" not in cells.columns or not (cells["op"] == "final").any():
+        return set()
+    full = cells.loc[cells["op"] == "final", "n"].iloc[0]
+    short = cells[(cells["n"] < full) & cells["op"].isin(["reinit", "rerandomize"])]
+    return {(g, "rand" if op == "rerandomize" else str(int(c)))
+            for g, op, c in zip(short["group"], short["op"], short["checkpoint"], strict=True)}
 
 
 def distance_heatmap(

@@ -174,6 +174,21 @@ robust one at a time need not be robust when reset jointly.
 The distance heatmaps show how far each group's parameters moved from initialization.</p>"""
 
 
+def _adaptive(summary: dict) -> str:
+    """The sentence on an adaptive run's early stops (empty for a full evaluation)."""
+    info = summary.get("adaptive_evaluation")
+    if not summary.get("adaptive") or not isinstance(info, dict):
+        return ""
+    stopped, n, judged = (_count(info.get(k)) for k in ("stopped_early", "examples", "judged_cells"))
+    return (" <b>Adaptive evaluation:</b> the test examples were taken in a random order and a cell stopped as "
+            f"soon as an anytime-valid confidence sequence of its Δ cleared the threshold; {stopped} cells stopped "
+            f"early (marked † in the heatmaps: their value and interval rest on fewer than all {n} examples, their p "
+            f"is n/a) and the others ran to the end. The chance that any early verdict is wrong is at most "
+            f"{_num(info.get('alpha'))} (α split evenly over the {judged} cells); "
+            f"{_count(info.get('example_forwards'))} example evaluations instead of "
+            f"{_count(info.get('full_forwards'))}.")
+
+
 def _verdicts(summary: dict) -> str:
     threshold = _num(summary.get("threshold"))
     metric, name = _metric(summary)
@@ -208,7 +223,7 @@ def _verdicts(summary: dict) -> str:
                "p is n/a: McNemar's test needs one 0/1 value per example, and this metric sums over tokens")
     return f"""<h2>Verdicts</h2>
 <p>{rule} Δ is measured against the final model on the same examples (paired): the interval is a paired
-bootstrap over test examples, {mcnemar}.</p>
+bootstrap over test examples, {mcnemar}.{_adaptive(summary)}</p>
 <table id="verdicts"><thead><tr><th>group</th><th>Δ {short} at {_e(_axis(summary))} 0</th><th>verdict</th>
 <th>re-randomized {_e(rand_name)} (mean over seeds)</th><th>95 % interval of Δ</th><th>p</th><th>p (Holm)</th>
 </tr></thead>

@@ -62,7 +62,7 @@ def analyze_run(run_dir: str | Path, *, groups: str | dict = "model", seeds: int
                 verdict_metric: str | None = None, progress: bool = True, wait: bool = False,
                 ops: Sequence[str] | str = PAPER_OPS,
                 alphas: Sequence[float] | None = None, sigmas: Sequence[float] | None = None,
-                eps: float | None = None, skip_runs: int | None = None) -> Path:
+                eps: float | None = None, skip_runs: int | None = None, adaptive: bool = False) -> Path:
     """Analyse a training run directory and write ``RUN/analysis`` (``RUN/analysis_train`` for the training
     split); returns that directory. Holds the run directory's lock (:mod:`criticality.infra.lock`) meanwhile.
     ``ops`` adds interventions (:mod:`criticality.interventions`) and ``criticality`` / ``proxies``, whose
@@ -82,14 +82,14 @@ def analyze_run(run_dir: str | Path, *, groups: str | dict = "model", seeds: int
                         engine=engine, batch_size=batch_size, max_examples=max_examples, threshold=threshold,
                         buffers=buffers, verdict=verdict, verdict_metric=verdict_metric, progress=progress,
                         ops=dict(grid_ops=grid_ops, extras=extras, alphas=alphas, sigmas=sigmas, eps=eps,
-                                 skip_runs=skip_runs))
+                                 skip_runs=skip_runs, adaptive=adaptive))
 
 
 def _analyze(run_dir: Path, config: dict, cfg: TrainConfig, build: dict, ctx: distributed.Context, *, groups,
              seeds, joint, split, engine, batch_size, max_examples, threshold, buffers, verdict="interval",
              verdict_metric=None, progress, ops) -> Path:
     grid_ops, extras, alphas, sigmas, eps = (ops[k] for k in ("grid_ops", "extras", "alphas", "sigmas", "eps"))
-    skip_runs = ops.get("skip_runs")
+    skip_runs, adaptive = ops.get("skip_runs"), bool(ops.get("adaptive"))
     dataset = datasets.load(cfg.data, cfg.data_root, max_train=cfg.max_train, max_test=cfg.max_test,
                             image_size=cfg.image_size)
     if split == "test" and max_examples and isinstance(dataset.test, tuple):  # only these are evaluated:
@@ -103,7 +103,7 @@ def _analyze(run_dir: Path, config: dict, cfg: TrainConfig, build: dict, ctx: di
     spec = PlanSpec(groups, seeds, joint, reinit_to=_reinit_to(config, checkpoints), metrics=DEFAULT_METRIC_NAMES,
                     engine=engine, batch_size=batch_size, max_examples=max_examples, buffers=buffers,
                     calibration=calibration, ops=grid_ops, alphas=alphas or None, sigmas=sigmas or None,
-                    skip_runs=skip_runs)
+                    skip_runs=skip_runs, adaptive=adaptive)
     plan = make_plan(model, checkpoints, spec, probe=data)
     _hold(model, checkpoints[plan.final_epoch])  # then the engine saves and swaps only each cell's group
     out = run_dir / ("analysis" if split == "test" else f"analysis_{split}")  # the report reads analysis/

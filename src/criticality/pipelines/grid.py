@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from criticality.core import adaptive
 from criticality.core.analysis import DEFAULT_THRESHOLD, Result, finish
 from criticality.core.run import run_cells
 from criticality.core.stores import cell_key
@@ -51,7 +52,8 @@ def analyse_plan(plan: Any, data: Any, out: Path, ctx: distributed.Context, *,
     """
     store = store_path(out, ctx)
     rows = run_cells(plan, data, device=ctx.device, store=str(store),
-                     shard=(ctx.rank, ctx.world) if ctx.world > 1 else None, progress=progress and ctx.is_main)
+                     shard=(ctx.rank, ctx.world) if ctx.world > 1 else None, progress=progress and ctx.is_main,
+                     judge=adaptive.judge_for(plan, verdict_metric, threshold))  # None unless plan.adaptive
     rows = merge_shards(distributed.gather(rows), plan)
     if not ctx.is_main:
         distributed.barrier()  # return once rank 0 has written the tables
