@@ -13,7 +13,7 @@ examples is the ratio of sums ``Σ values / Σ counts``. The bootstrap therefore
 - :func:`mcnemar`: exact two-sided McNemar p on the discordant counts of two 0/1 records.
 - :func:`holm`: Holm's step-down correction of a table's p-values.
 - :func:`verdict` and :func:`examples_to_settle`: critical / robust / inconclusive against a threshold.
-- :func:`two_level_interval`: the mean over re-randomization draws, resampling draws and examples.
+- :func:`two_level_interval`: the mean over re-randomization draws, a t interval over draws and units.
 - :func:`per_class_error`: error per true class from an error record.
 
 Randomness is an argument: a seed or a :class:`numpy.random.Generator`. Resample ``r`` uses row ``r`` of
@@ -28,6 +28,7 @@ from statistics import NormalDist
 
 import numpy as np
 import pandas as pd
+from scipy import special
 
 RESAMPLES = 2000
 LEVEL = 0.95
@@ -263,40 +264,46 @@ def examples_to_settle(delta: float, low: float, high: float, n: int, threshold:
     return float(math.ceil(n * (side / gap) ** 2))
 
 
-def two_level_interval(values: np.ndarray, counts: np.ndarray | None = None, *, resamples: int = RESAMPLES,
-                       level: float = LEVEL, rng: Rng = 0) -> tuple[float, float, float]:
-    """``(mean, low, high)`` of the mean over S draws of a per-draw ratio, resampling draws and examples.
+def two_level_interval(values: np.ndarray, counts: np.ndarray | None = None, *,
+                       level: float = LEVEL) -> tuple[float, float, float]:
+    """``(mean, low, high)`` of the mean over S draws of a per-draw ratio: draws and test examples both vary.
 
-    ``values (S, N)``: one record per re-randomization draw on the same N examples; ``counts (N,)``.
-    Each resample picks S draws with replacement (``rng.integers(0, S, (resamples, S))``, drawn first)
-    and N examples with replacement (:func:`resample_weights`), so the interval holds both sources of
-    spread: which draw, and which test examples.
+    ``values (S, N)``: one record per re-randomization draw on the same N units; ``counts (N,)``. See
+    :func:`two_level_intervals`.
     """
-    mean, low, high = two_level_intervals(np.asarray(values)[None], counts, resamples=resamples, level=level,
-                                          rng=rng)[0]
+    mean, low, high = two_level_intervals(np.asarray(values)[None], counts, level=level)[0]
     return float(mean), float(low), float(high)
 
 
-def two_level_intervals(values: np.ndarray, counts: np.ndarray | None = None, *, resamples: int = RESAMPLES,
-                        level: float = LEVEL, rng: Rng = 0) -> np.ndarray:
-    """:func:`two_level_interval` for G groups at once, sharing the resamples: ``values (G, S, N)`` →
-    ``(G, 3)``: mean, low, high."""
+def two_level_intervals(values: np.ndarray, counts: np.ndarray | None = None, *,
+                        level: float = LEVEL) -> np.ndarray:
+    """``(G, 3)``: mean, low, high for G groups, ``values (G, S, N)``: a t interval over draws and units.
+
+    The target is the mean over draws of the metric on the whole population of units (what another set of
+    draws on another test set estimates). Per draw s, mₛ = Σᵢ vₛᵢ / Σᵢ cᵢ; the estimate is m̄ = mean mₛ. Its
+    variance has two parts: between draws, s²_b / S (sample variance of the mₛ; the draws share the units, so
+    this is the spread a new draw adds), and between test sets, the ratio estimator's
+    Σᵢ (v̄ᵢ − m̄·cᵢ)² / (Σc)² · N/(N − 1) of the per-unit means over draws v̄ᵢ. The interval is
+    m̄ ± t·se with se² their sum and t the Student quantile at the Welch–Satterthwaite degrees of freedom
+    se⁴ / ((s²_b/S)²/(S − 1) + v_units²/(N − 1)): with 2 draws whose spread dominates, t₁ = 12.7, so few draws
+    give a wide interval rather than a confident one. One draw: the units' part alone (it covers that draw's
+    population value, not the mean over draws). Deterministic: nothing is resampled.
+    """
     values = np.asarray(values, dtype=np.float64)  # (G, S, N)
     g, s, n = values.shape
-    c = _counts(counts, (n,))
-    rng = _rng(rng)
-    draws = rng.integers(0, s, size=(resamples, s))  # (R, S)
-    picked = np.stack([np.bincount(d, minlength=s) for d in draws]).astype(np.float64)  # (R, S)
-    stats = np.empty((resamples, g))
-    at = 0
-    columns = np.concatenate([values.reshape(g * s, n), c[None]]).T  # (N, G·S + 1)
-    for w in resample_weights(n, resamples, rng):
-        sums = w @ columns  # (r, G·S + 1)
-        per_draw = sums[:, :-1].reshape(len(w), g, s) / sums[:, -1:, None]  # (r, G, S)
-        stats[at:at + len(w)] = (picked[at:at + len(w), None, :] * per_draw).sum(2) / s
-        at += len(w)
-    means = (values.sum(2) / c.sum()).mean(1)  # (G,)
-    return np.array([[means[j], *_percentiles(stats[:, j], level)] for j in range(g)]).reshape(g, 3)
+    c = _counts(counts, (n,)).astype(np.float64)  # (N,)
+    total = c.sum()
+    per_draw = values.sum(2) / total  # (G, S)
+    means = per_draw.mean(1)  # (G,)
+    unit_means = values.mean(1)  # (G, N)
+    v_units = ((unit_means - means[:, None] * c) ** 2).sum(1) / total ** 2 * n / max(n - 1, 1)  # (G,)
+    v_draws = per_draw.var(1, ddof=1) / s if s > 1 else np.zeros(g)  # (G,)
+    var = v_draws + v_units
+    with np.errstate(invalid="ignore", divide="ignore"):
+        dof = var ** 2 / ((v_draws ** 2 / max(s - 1, 1) if s > 1 else 0.0) + v_units ** 2 / max(n - 1, 1))
+    t = np.where(var > 0, special.stdtrit(np.where(np.isfinite(dof) & (dof > 0), dof, 1e9), 0.5 + level / 2), 0.0)
+    half = t * np.sqrt(var)
+    return np.stack([means, means - half, means + half], axis=1)  # (G, 3)
 
 
 def per_class_error(wrong: np.ndarray, targets: np.ndarray) -> pd.DataFrame:
