@@ -106,23 +106,28 @@ def test_verdicts_and_examples_to_settle():
 
 
 def test_two_level_interval_matches_a_plain_computation():
-    """The t interval over draws and units, recomputed with loops and scipy's Student quantile."""
+    """The two-way mean squares and the t (draws) / normal (units) half-width, recomputed with loops."""
     rng = np.random.default_rng(6)
-    values = (rng.random((3, 45)) < np.array([[0.3], [0.5], [0.4]])).astype(float)
     counts = rng.integers(1, 5, 45).astype(float)
-    values = values * counts  # sums over a unit's tokens
+    values = (rng.random((3, 45)) < np.array([[0.3], [0.5], [0.4]])).astype(float) * counts  # sums over tokens
     mean, low, high = st.two_level_interval(values, counts)
-    s, n, total = 3, 45, counts.sum()
-    per_draw = [sum(values[d]) / total for d in range(s)]
+    s, n, cbar = 3, 45, counts.mean()
+    y = [[values[d, i] / cbar for i in range(n)] for d in range(s)]
+    per_draw = [sum(row) / n for row in y]
     m = sum(per_draw) / s
-    v_draws = sum((x - m) ** 2 for x in per_draw) / (s - 1) / s
-    unit_means = [sum(values[d, i] for d in range(s)) / s for i in range(n)]
-    v_units = sum((u - m * c) ** 2 for u, c in zip(unit_means, counts, strict=True)) / total ** 2 * n / (n - 1)
-    se2 = v_draws + v_units
-    dof = se2 ** 2 / (v_draws ** 2 / (s - 1) + v_units ** 2 / (n - 1))
-    half = scipy.stats.t.ppf(0.975, dof) * math.sqrt(se2)
+    unit = [sum(y[d][i] for d in range(s)) / s for i in range(n)]
+    ms_draws = n * sum((x - m) ** 2 for x in per_draw) / (s - 1)
+    ms_units = s * sum((unit[i] - m * counts[i] / cbar) ** 2 for i in range(n)) / (n - 1)
+    ms_resid = sum((y[d][i] - unit[i] - per_draw[d] + m) ** 2 for d in range(s) for i in range(n)) / ((n - 1) * (s - 1))
+    half = math.sqrt(scipy.stats.t.ppf(0.975, s - 1) ** 2 * ms_draws / (n * s)
+                     + scipy.stats.norm.ppf(0.975) ** 2 * max(ms_units - ms_resid, 0) / (n * s))
     assert mean == pytest.approx(m, rel=1e-12)
     np.testing.assert_allclose([low, high], [m - half, m + half], rtol=1e-10)
+    one = st.two_level_interval(values[:1], counts)  # one draw: the units' interval alone
+    r = values[0].sum() / counts.sum()
+    se = math.sqrt(sum((values[0, i] - r * counts[i]) ** 2 for i in range(n)) / (n - 1) / n) / cbar
+    np.testing.assert_allclose(one, [r, r - scipy.stats.norm.ppf(0.975) * se, r + scipy.stats.norm.ppf(0.975) * se],
+                               rtol=1e-10)
 
 
 def test_per_class_error():

@@ -7,8 +7,9 @@ the unit's tokens) and ``counts (N,)`` (its tokens), and a metric is the ratio o
 
 - :class:`Resamples`: one table's bootstrap resamples, drawn once from a seed and reused by every cell (cheaper,
   and the intervals of different cells are then comparable).
-- :func:`studentized_intervals`: the bootstrap-t interval of Δ (Efron & Tibshirani 1993, ch. 12; Hall 1988),
-  whose coverage holds at small n better than the percentile interval's.
+- :func:`studentized_intervals`: the bootstrap-t interval of Δ (Efron & Tibshirani 1993, *An Introduction to
+  the Bootstrap*, ch. 12), widened where needed to the Student-t interval; its coverage holds at small n where
+  the percentile interval's does not.
 - :func:`sign_flip_p`: the paired permutation test of Δ = 0: swapping a unit's two records is as likely as not
   under the null. Exact (all 2^m swaps of the m units that differ) for m ≤ ``EXACT_UNITS``, Monte Carlo with
   ``FLIPS`` random swaps otherwise (p = (1 + hits) / (FLIPS + 1), resolution 1 / (FLIPS + 1) = 0.0002).
@@ -17,14 +18,17 @@ the unit's tokens) and ``counts (N,)`` (its tokens), and a metric is the ratio o
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Iterator
 
 import numpy as np
+from scipy import special
 
 from criticality.core.statistics import LEVEL, RESAMPLES, Rng, _counts, _percentiles, _rng, resample_weights
 
 FLIPS = 4999  # Monte Carlo sign flips of the permutation test (p resolution 1/5000)
 EXACT_UNITS = 16  # up to this many differing units the test enumerates all 2^m swaps
+_HUGE = 1e300  # an infinite t* (se* = 0): the interval's end is then the clip
 _TIES = 1e-12  # |Δ*| ≥ |Δ| (1 − _TIES) counts as at least as extreme: float sums of equal swaps must tie
 
 
@@ -59,7 +63,12 @@ def studentized_intervals(variants: np.ndarray, final: np.ndarray, counts: np.nd
 
     With dᵢ = vᵢ − fᵢ, Δ = Σd/Σc and its standard error is the ratio estimator's,
     se² = Σ(dᵢ − Δ·cᵢ)² / (Σc)². Each resample r gives t*ᵣ = (Δ*ᵣ − Δ)/se*ᵣ from weighted sums (the same
-    resamples for every variant), and the interval is [Δ − t*₍₁₋α/₂₎·se, Δ − t*₍α/₂₎·se]. A resample whose
+    resamples for every variant), and the bootstrap-t interval is [Δ − t*₍₁₋α/₂₎·se, Δ − t*₍α/₂₎·se]. It
+    corrects for skew (a shift one way); where Δ's distribution is symmetric but heavy-tailed (few units
+    change, by much) it undercovers at small n (0.915 at n = 30 in the docs' simulation), where the Student-t
+    interval Δ ± t₍N−1₎·se·√(N/(N − 1)) holds, and vice versa. So each end is the farther of the two: the
+    coverage measured in docs/statistics.md stays ≥ 0.93 for 30 to 400 sequences of 16 to 256 tokens at a
+    width 4-7 % above either's. A resample whose
     units all have dᵢ = Δ*·cᵢ has se* = 0 and t* = ±∞ (0 when Δ* = Δ): with few differing units the interval
     widens instead of collapsing, and it is clipped to [min dᵢ/cᵢ, max dᵢ/cᵢ] (Δ is a weighted mean of those,
     in every resample). With no differing unit it is [0, 0]; the verdicts do not call that robust.
@@ -70,6 +79,7 @@ def studentized_intervals(variants: np.ndarray, final: np.ndarray, counts: np.nd
     c = _counts(counts, (n,)).astype(np.float64)  # (N,)
     d = variants - final  # (K, N)
     total = c.sum()
+    resamples = rng.resamples if isinstance(rng, Resamples) else resamples
     delta = d.sum(1) / total  # (K,)
     se = np.sqrt(np.maximum(((d - delta[:, None] * c) ** 2).sum(1), 0.0)) / total  # (K,)
     columns = np.concatenate([d, d * d, d * c, c[None], (c * c)[None]]).T  # (N, 3K + 2)
@@ -86,12 +96,19 @@ def studentized_intervals(variants: np.ndarray, final: np.ndarray, counts: np.nd
         with np.errstate(divide="ignore", invalid="ignore"):
             t[at:at + len(w)] = np.where(gap == 0, 0.0, gap / se_b)
         at += len(w)
+    if at != resamples:
+        raise ValueError(f"{at} resamples given, {resamples} expected")
+    t = np.nan_to_num(t, posinf=_HUGE, neginf=-_HUGE)  # quantiles between two infinities would be NaN
     share = d / np.where(c > 0, c, 1.0)  # (K, N) per-unit Δ
+    student = float(special.stdtrit(max(n - 1, 1), 0.5 + level / 2)) * math.sqrt(n / max(n - 1, 1))
     out = np.empty((k, 2))
     for j in range(k):
         t_low, t_high = _percentiles(t[:, j], level)
-        with np.errstate(invalid="ignore"):  # ∞ · 0 when se = 0: the interval is the point
-            low, high = (delta[j], delta[j]) if se[j] == 0 else (delta[j] - t_high * se[j], delta[j] - t_low * se[j])
+        if se[j] == 0:
+            low, high = delta[j], delta[j]
+        else:  # the farther end of the bootstrap-t and the Student-t interval on each side
+            low = min(delta[j] - t_high * se[j], delta[j] - student * se[j])
+            high = max(delta[j] - t_low * se[j], delta[j] + student * se[j])
         out[j] = np.clip([low, high], min(share[j].min(), 0.0), max(share[j].max(), 0.0))
     return out
 

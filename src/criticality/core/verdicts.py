@@ -222,7 +222,8 @@ def _apply(rule: str, df: pd.DataFrame, metric: str, threshold: float) -> list[s
     # [0, 0] from a resampled interval means no unit differs: no evidence either way (the score interval of a
     # 0/1 metric is never [0, 0]).
     return [(statistics.verdict(lo, hi, threshold) if not lo == hi == 0 else "inconclusive")
-            if np.isfinite([lo, hi]).all() else point for lo, hi, point in zip(low, high, df["point_verdict"], strict=True)]
+            if np.isfinite([lo, hi]).all() else point
+            for lo, hi, point in zip(low, high, df["point_verdict"], strict=True)]
 
 
 def _rerandomized(draws: list[list[Record | None]], metric: str = "error") -> np.ndarray:
