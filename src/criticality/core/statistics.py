@@ -289,7 +289,8 @@ def two_level_intervals(values: np.ndarray, counts: np.ndarray | None = None, *,
     and the half-width is √(t²·v_draw + z²·v_unit). So two or three draws give a wide interval rather than a
     confident one (a pooled Welch-Satterthwaite t undercovers there: 0.88 at 2 draws). Coverage measured in
     docs/statistics.md: 0.935-0.968 at 2, 3 and 5 draws. One draw: z·√(MS_units/N), the units' part alone (it
-    covers that draw's population value, not the mean over draws). Deterministic: nothing is resampled.
+    covers that draw's population value, not the mean over draws). Clipped to the range of the per-unit
+    values vₛᵢ/cᵢ (error: [0, 1]). Deterministic: nothing is resampled.
     """
     values = np.asarray(values, dtype=np.float64)  # (G, S, N)
     g, s, n = values.shape
@@ -308,7 +309,10 @@ def two_level_intervals(values: np.ndarray, counts: np.ndarray | None = None, *,
     else:
         v_draw, v_unit, t_draw = np.zeros(g), ms_units / n, 0.0
     half = np.sqrt(t_draw ** 2 * v_draw + z_quantile(level) ** 2 * v_unit)
-    return np.stack([means, means - half, means + half], axis=1)  # (G, 3)
+    share = values / np.where(c > 0, c, 1.0)  # (G, S, N): the metric is a weighted mean of these
+    low = np.maximum(means - half, share.min((1, 2)))
+    high = np.minimum(means + half, share.max((1, 2)))
+    return np.stack([means, low, high], axis=1)  # (G, 3)
 
 
 def per_class_error(wrong: np.ndarray, targets: np.ndarray) -> pd.DataFrame:
