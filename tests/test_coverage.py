@@ -1,12 +1,13 @@
 """Seeded coverage simulations of the intervals that are not Tango's: token metrics and re-randomization.
 
-Run: ``PYTHONPATH=src .venv/bin/pytest tests/test_coverage.py -q`` (about 30 s on one core).
+Run: ``PYTHONPATH=src .venv/bin/pytest tests/test_coverage.py -q`` (about 30 s of CPU).
 ``PYTHONPATH=src .venv/bin/python tests/test_coverage.py`` prints the tables of docs/statistics.md.
 
-- Token metrics: n sequences of 16 to 256 tokens; in a sequence each token is, independently, "b" (final
-  right, cell wrong) with probability p_b·gᵢ and "c" with p_c·gᵢ, where gᵢ ~ Gamma(1, 1) makes some
-  sequences change much more than others (tokens of a sequence are not independent). The true Δ token error
-  is p_b − p_c; 1,000 test sets per row share one set of the table's 2,000 resamples, as a table's cells do.
+- Token metrics: n sequences of 16 to 256 tokens (from 2,000 sequences on, the Student-t interval alone); in
+  a sequence each token is, independently, "b" (final right, cell wrong) with probability p_b·gᵢ and "c" with
+  p_c·gᵢ, where gᵢ ~ Gamma(1, 1) makes some sequences change much more than others (tokens of a sequence
+  are not independent). The true Δ token error is p_b − p_c; 1,000 test sets per row share one set of the
+  table's 2,000 resamples, as a table's cells do.
 - Two-level (re-randomization): S draws on n examples; example i has error rate aᵢ, draw s shifts every rate
   by δₛ ~ N(0, σ_b²); the target is the mean error over draws and examples. 2,000 test sets per row.
 - End to end: ``analyze()`` on benchmarks/coverage_end_to_end.py's lookup model gives the interval of
@@ -30,7 +31,7 @@ from criticality.core import resampling as rs
 from criticality.core import statistics as st
 
 REPS = 1000
-TOKEN_ROWS = [(n, disc, delta, 16, 256) for n in (30, 100, 400) for disc in (0.005, 0.02, 0.1)
+TOKEN_ROWS = [(n, disc, delta, 16, 256) for n in (30, 100, 400, 2000) for disc in (0.005, 0.02, 0.1)
               for delta in (0, 0.01, 0.05) if delta <= disc] + \
              [(30, disc, 0, length, length) for disc in (0.005, 0.1) for length in (16, 256)]
 TWO_LEVEL_ROWS = [(s, n, sb, lo, hi) for s in (2, 3, 5) for n in (100, 1000) for sb in (0.0, 0.03, 0.1)

@@ -117,3 +117,15 @@ def test_two_level_interval_is_wide_with_two_draws_that_disagree():
     assert mean == pytest.approx(0.5) and (low, high) == (0.0, 1.0)  # t₁ = 12.7 times 0.1: clipped to [0, 1]
     mean, low, high = st.two_level_interval(values * 0.5 + 0.25)  # draws 0.55 and 0.45, units in [0.25, 0.75]
     assert (low, high) == (0.25, 0.75)
+
+
+def test_from_bootstrap_below_units_the_interval_is_the_student_t_one():
+    rng = np.random.default_rng(3)
+    n = rs.BOOTSTRAP_BELOW
+    counts = rng.integers(1, 9, n).astype(float)
+    d = rng.normal(0.1, 1.0, n) * counts
+    low, high = rs.studentized_intervals(d[None], np.zeros(n), counts, rng=0)[0]
+    delta = d.sum() / counts.sum()
+    se = math.sqrt(((d - delta * counts) ** 2).sum()) / counts.sum() * math.sqrt(n / (n - 1))
+    half = scipy.stats.t.ppf(0.975, n - 1) * se
+    np.testing.assert_allclose([low, high], [delta - half, delta + half], rtol=1e-10)

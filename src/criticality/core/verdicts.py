@@ -60,12 +60,13 @@ _ELEMENTS_AT_ONCE = 1 << 23  # cells × units bootstrapped together (64 MiB of f
 def table_resamples(records: Sequence[Record | None], final_row: int, metrics: Sequence[str],
                     seed: int) -> resampling.Resamples | None:
     """The one set of bootstrap resamples a table's intervals share (seeded by ``seed``), or None when every
-    metric among ``metrics`` is 0/1 (those get the score interval) or the final row has no records."""
+    metric among ``metrics`` is 0/1 (those get the score interval), the final row has no records, or the table
+    has ``BOOTSTRAP_BELOW`` units or more (nothing is resampled then)."""
     final = records[final_row] if records else None
     if final is None or all(m not in final or _binary(final[m]) for m in metrics):
         return None
     n = len(next(iter(final.values()))[0])
-    return resampling.Resamples(n, statistics.RESAMPLES, seed)
+    return resampling.Resamples(n, statistics.RESAMPLES, seed) if n < resampling.BOOTSTRAP_BELOW else None
 
 
 def intervals(records: list[Record | None], final_row: int, metric: str,
@@ -94,8 +95,8 @@ def intervals(records: list[Record | None], final_row: int, metric: str,
             out[binary] = statistics.score_intervals(b, c, len(f_values))
     shared = [i for i in have if np.array_equal(records[i][metric][1], f_counts)]  # the usual case
     if shared:
-        draws = seed if isinstance(seed, resampling.Resamples) else resampling.Resamples(len(f_values),
-                                                                                        statistics.RESAMPLES, seed)
+        draws = seed if isinstance(seed, resampling.Resamples) or len(f_values) >= resampling.BOOTSTRAP_BELOW \
+            else resampling.Resamples(len(f_values), statistics.RESAMPLES, seed)
         step = max(1, _ELEMENTS_AT_ONCE // max(1, len(f_values)))
         for at in range(0, len(shared), step):
             rows = shared[at:at + step]
