@@ -287,7 +287,7 @@ def two_level_intervals(values: np.ndarray, counts: np.ndarray | None = None, *,
     degrees of freedom) and v_unit = max(0, MS_units − MS_resid)/(N·S) (which units the test set holds).
     Each part gets its own quantile, the Student t at S − 1 degrees of freedom (2 draws: 12.7) and the normal,
     and the half-width is √(t²·v_draw + z²·v_unit). So two or three draws give a wide interval rather than a
-    confident one (a pooled Welch-Satterthwaite t undercovers there: 0.88 at 2 draws). Coverage measured in
+    confident one (a pooled Welch-Satterthwaite t undercovers there: 0.87 at 2 draws). Coverage measured in
     docs/statistics.md: 0.935-0.968 at 2, 3 and 5 draws. One draw: z·√(MS_units/N), the units' part alone (it
     covers that draw's population value, not the mean over draws). Clipped to the range of the per-unit
     values vₛᵢ/cᵢ (error: [0, 1]). Deterministic: nothing is resampled.
