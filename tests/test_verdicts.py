@@ -135,3 +135,38 @@ def test_ten_examples_with_nothing_changed_are_not_robust():
     assert row.delta_error_high == pytest.approx(z2 / (10 + z2), abs=1e-12)  # 0.278, not 0
     assert row.verdict == "inconclusive" and row.point_verdict == "robust"
     assert row.examples_to_settle == 189  # z²(1 − t)/t at t = 0.02, rounded up
+
+
+def test_analyze_pins_every_interval_and_p_to_the_documented_functions_at_stats_seed():
+    """Through ``analyze()``: loss intervals are ``studentized_intervals`` on ``Resamples(N, 2000, stats_seed)``,
+    error intervals the score interval, the loss p-values ``sign_flip_p`` seeded by ``stats_seed``, and the
+    re-randomized interval ``two_level_intervals``; the summary records the settings."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    end = {k: v + 0.3 * torch.randn_like(v) for k, v in start.items()}
+    x, y = torch.randn(120, 4), torch.randint(0, 3, (120,))
+    result = criticality.analyze(model, {0: start, 1: end}, (x, y), seeds=2, stats_seed=7, verdict_metric="loss",
+                                 metrics=["error", "loss"], progress=False, init="shuffle")
+    table, examples = result.table, result.records
+    final = examples.records[examples.find(op="final")]
+    assert result.summary["bootstrap"]["seed"] == 7 and result.summary["bootstrap"]["resamples"] == 2000
+    cells = list(examples.records.values())  # one per table row, in the table's order
+    assert len(cells) == len(table) and cells[int(np.flatnonzero(table.op == "final")[0])] is final
+    loss = np.stack([c["loss"][0] for c in cells])  # (rows, N)
+    expected = resampling.studentized_intervals(loss, final["loss"][0], final["loss"][1],
+                                                rng=resampling.Resamples(120, statistics.RESAMPLES, 7))
+    expected[table.op == "final"] = 0.0
+    np.testing.assert_array_equal(table[["delta_loss_low", "delta_loss_high"]].to_numpy(), expected)
+    p = resampling.sign_flip_p(loss, final["loss"][0], np.ones_like(loss), final["loss"][1], rng=7)
+    np.testing.assert_array_equal(table.p_value.to_numpy(), p)
+    b, c = np.array([statistics.discordant(cell["error"][0], final["error"][0]) for cell in cells]).T
+    score = statistics.score_intervals(b, c, 120)
+    score[table.op == "final"] = 0.0
+    np.testing.assert_array_equal(table[["delta_error_low", "delta_error_high"]].to_numpy(), score)
+    v = result.verdicts.set_index("group")
+    for group in v.index:
+        rand = [cells[i]["error"][0] for i in np.flatnonzero((table.op == "rerandomize") & (table.group == group))]
+        _, low, high = statistics.two_level_interval(np.stack(rand))
+        assert (v.loc[group, "rerandomize_error_low"], v.loc[group, "rerandomize_error_high"]) == (low, high)
+    assert (v.units == "examples").all() and v.p_value.notna().all()
