@@ -7,7 +7,8 @@ each sequence for sequence models, whose values are sums over its tokens), and i
 examples is the ratio of sums ``Σ values / Σ counts``. The bootstrap therefore resamples examples
 (sequences, never tokens) and recomputes that ratio.
 
-- :func:`paired_bootstrap` / :func:`paired_intervals`: percentile interval of Δ = variant − final.
+- :func:`paired_bootstrap` / :func:`paired_intervals`: percentile interval of Δ = variant − final (the table
+  uses it only for a cell whose units count other tokens than the final model's).
 - :func:`score_intervals`: Tango's score interval of Δ for 0/1 outcomes (error): exact arithmetic on the
   discordant counts, no resampling, not degenerate when no example changed (used for 0/1 records).
 - :func:`mcnemar`: exact two-sided McNemar p on the discordant counts of two 0/1 records.
@@ -15,6 +16,9 @@ examples is the ratio of sums ``Σ values / Σ counts``. The bootstrap therefore
 - :func:`verdict` and :func:`examples_to_settle`: critical / robust / inconclusive against a threshold.
 - :func:`two_level_interval`: the mean over re-randomization draws, a t interval over draws and units.
 - :func:`per_class_error`: error per true class from an error record.
+
+Intervals and p-values of the other metrics (loss; token metrics over sequences) are in
+:mod:`criticality.core.resampling`.
 
 Randomness is an argument: a seed or a :class:`numpy.random.Generator`. Resample ``r`` uses row ``r`` of
 ``rng.integers(0, n, size=(resamples, n))``; rows are drawn in chunks, which gives the same stream.
