@@ -35,11 +35,12 @@ _TIES = 1e-12  # |Δ*| ≥ |Δ| (1 − _TIES) counts as at least as extreme: flo
 
 class Resamples:
     """The bootstrap resamples of one table: ``counts (R, N)`` (how often each unit is drawn in each resample),
-    the rows :func:`~criticality.core.statistics.resample_weights` gives for ``rng``, kept as uint16 (10,000
-    units × 2,000 resamples: 40 MB) and handed out as float64 chunks to every cell that asks."""
+    the rows :func:`~criticality.core.statistics.resample_weights` gives for ``rng`` (kept as ``seed``), stored as
+    uint16 (below ``BOOTSTRAP_BELOW`` = 2,000 units × 2,000 resamples: at most 8 MB) and handed out as float64
+    chunks to every cell that asks."""
 
     def __init__(self, n: int, resamples: int = RESAMPLES, rng: Rng = 0):
-        self.n, self.resamples = n, resamples
+        self.n, self.resamples, self.seed = n, resamples, rng
         self.counts = np.concatenate(list(resample_weights(n, resamples, rng))).astype(np.uint16)  # (R, N)
 
     def chunks(self, rows: int = 0) -> Iterator[np.ndarray]:
@@ -152,9 +153,10 @@ def sign_flip_p(variants: np.ndarray, final: np.ndarray, counts: np.ndarray | No
         hits = np.zeros(len(mc))
         gen, rows = _rng(rng), max(1, (1 << 20) // max(len(used), 1))
         signs_all = gen.integers(0, 2, size=(flips, n), dtype=np.int8)[:, used]  # (F, U): drawn on all N units
+        hv, hc = half_v[mc][:, used].T, half_c[mc][:, used].T  # (U, M)
         for at in range(0, flips, rows):
             s = 1.0 - 2.0 * signs_all[at:at + rows]  # (r, U) ±1
-            star = np.abs(_swapped(mid_v[mc], mid_c[mc], s @ half_v[mc][:, used].T, s @ half_c[mc][:, used].T))
+            star = np.abs(_swapped(mid_v[mc], mid_c[mc], s @ hv, s @ hc))  # (r, M)
             hits += (star >= observed[mc] * (1 - _TIES)).sum(0)
         out[mc] = (1 + hits) / (flips + 1)
     return out

@@ -103,7 +103,7 @@ def intervals(records: list[Record | None], final_row: int, metric: str,
             values = np.stack([records[i][metric][0] for i in rows])  # (K, N)
             out[rows] = resampling.studentized_intervals(values, f_values, f_counts, rng=draws)
     for i in sorted(set(have) - set(shared)):
-        rng = seed if not isinstance(seed, resampling.Resamples) else 0
+        rng = seed.seed if isinstance(seed, resampling.Resamples) else seed
         out[i] = statistics.paired_intervals(records[i][metric][0][None], f_values, records[i][metric][1][None],
                                              f_counts, rng=rng)[0]
     out[final_row] = 0.0
