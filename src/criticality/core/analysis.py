@@ -171,7 +171,8 @@ def finish(plan: Plan, rows: list[dict[str, Any]], *, threshold: float = DEFAULT
                       "sign_flips": resampling.FLIPS, "exact_up_to_units": resampling.EXACT_UNITS},
         "intervals": "0/1 metrics (error; agreement of a classifier): Tango's score interval for paired proportions; "
                      "other metrics: paired bootstrap-t over units (examples, or sequences), one set of resamples "
-                     "per table; re-randomized: t interval over draws and units",
+                     "per table, widened to the Student-t interval (alone from 2,000 units on); re-randomized: t "
+                     "interval over draws and units",
         "p_values": "0/1 metrics: exact McNemar; other metrics: paired sign-flip permutation test over units "
                     "(exact up to 16 differing units, else Monte Carlo)",
         "units": units(view_records, verdict_metric),
