@@ -27,7 +27,8 @@ machine, and on 2 busy cores two OpenMP threads stall at every barrier, which is
 thread unless ``--threads`` says otherwise. The tables must agree (errors exactly, losses to 1e-5), else the
 script exits with status 1; a missed speed-up target is reported, not fatal.
 
-Printed per case, then as a table: wall seconds of each engine (each run in brackets), the ratio naive/fast
+Printed per case, then as a table: wall seconds of each engine (each run in brackets), the seconds of the fast
+run spent in the statistics (intervals, p-values, verdicts: ``statistics_timer``) and their share, the ratio naive/fast
 against its target, the FLOP ratio (naive FLOPs / engine FLOPs: the speed-up from skipped work alone), and
 the GFLOP/s each achieved against a measured peak (best square float32 matmul on the same device, measured
 before and after). FLOPs are those of convolutions and matmuls (``FlopCounterMode``, one probe forward per
@@ -39,10 +40,12 @@ work it actually ran, not the work it saved. ``--json PATH`` also writes the row
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -52,6 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+from criticality.core import analysis
 from criticality.core.analysis import analyze
 from criticality.core.engine import Engine, Variant
 from criticality.core.groups import resolve
@@ -181,31 +185,65 @@ def run_case(case: Case, ds: data.Dataset, device: torch.device) -> dict:
     fast_flops = engine_flops(model, final, cells, per_stage, (x_test[:2], y_test[:2]), len(x_test))
     naive_flops = len(cells) * sum(per_stage) * len(x_test)
     naive_t, fast_t = min(times["naive"]), min(times["fast"])
+    stats_t = times["statistics"][times["fast"].index(fast_t)]  # of the fast run that counts
     return {"case": case.key, "model": case.model, "width": case.width, "cells": len(cells), "examples": len(x_test),
             "groups": len(groups.names), "reinit_to": case.epochs, "seeds": case.seeds,
             "bn_stats_moved": len(bn_moved), "trajectory_s": trajectory_s, "final_error": float(naive.error.iloc[0]),
             "naive_s": naive_t, "fast_s": fast_t, "ratio": naive_t / fast_t, "target": case.target,
             "met": naive_t / fast_t >= case.target, "flop_ratio": naive_flops / fast_flops,
             "naive_runs_s": times["naive"], "fast_runs_s": times["fast"],
+            "statistics_s": stats_t, "statistics_share": stats_t / fast_t,
             "naive_gflop": naive_flops / 1e9, "fast_gflop": fast_flops / 1e9,
             "naive_gflops": naive_flops / naive_t / 1e9, "fast_gflops": fast_flops / fast_t / 1e9, **check}
+
+
+STATISTICS = ("table_resamples", "intervals", "p_values", "verdicts")  # analysis.py's calls into the statistics
+
+
+@contextlib.contextmanager
+def statistics_timer() -> Iterator[list[float]]:
+    """Seconds spent in the statistics of ``analyze`` (intervals, p-values, verdicts with the two-level
+    interval), accumulated into the yielded one-element list while the block runs."""
+    spent = [0.0]
+    saved = {name: getattr(analysis, name) for name in STATISTICS}
+
+    def timed(fn):
+        def run(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[0] += time.perf_counter() - start
+        return run
+
+    for name, fn in saved.items():
+        setattr(analysis, name, timed(fn))
+    try:
+        yield spent
+    finally:
+        for name, fn in saved.items():
+            setattr(analysis, name, fn)
 
 
 def time_engines(model: torch.nn.Module, states: dict, test: tuple[torch.Tensor, torch.Tensor], case: Case,
                  device: torch.device) -> tuple[dict[str, list[float]], dict[str, list]]:
     """Wall seconds and tables of ``case.repeats`` runs of each engine, alternating, so that a burst of
-    load from other processes hits both."""
-    times: dict[str, list[float]] = {"naive": [], "fast": []}
+    load from other processes hits both; ``times["statistics"]``: the seconds of each fast run spent in the
+    statistics (part of its wall time)."""
+    times: dict[str, list[float]] = {"naive": [], "fast": [], "statistics": []}
     tables: dict[str, list] = {"naive": [], "fast": []}
     for _ in range(case.repeats):
         for name in ("naive", "fast"):
             _sync(device)
             start = time.perf_counter()
-            result = analyze(model, states, test, seeds=case.seeds, engine=name, batch_size=BATCH, device=device,
-                             progress=False)
+            with statistics_timer() as spent:
+                result = analyze(model, states, test, seeds=case.seeds, engine=name, batch_size=BATCH, device=device,
+                                 progress=False)
             _sync(device)
             times[name].append(time.perf_counter() - start)
             tables[name].append(result.table)
+            if name == "fast":
+                times["statistics"].append(spent[0])
     return times, tables
 
 
@@ -225,7 +263,9 @@ def describe(row: dict) -> str:
             f"{row['trajectory_s']:.1f} s, final error {row['final_error']:.3f}, {row['bn_stats_moved']} BN "
             f"running_var moved); naive {row['naive_s']:.2f} s [{runs(row['naive_runs_s'])}], fast "
             f"{row['fast_s']:.2f} s [{runs(row['fast_runs_s'])}], {row['ratio']:.2f}x (target {row['target']}x, "
-            f"FLOP ratio {row['flop_ratio']:.2f}x); equal: {row['equal']} (max |dloss| {row['max_loss_diff']:.1e})")
+            f"FLOP ratio {row['flop_ratio']:.2f}x); statistics {row['statistics_s']:.2f} s = "
+            f"{100 * row['statistics_share']:.1f} % of the fast run; equal: {row['equal']} "
+            f"(max |dloss| {row['max_loss_diff']:.1e})")
 
 
 def summary(rows: list[dict], peak: float) -> str:

@@ -100,6 +100,7 @@ def test_analyze_hf_end_to_end_equals_the_naive_engine(lm, tmp_path, capsys):
     assert cli.main([*args, "--out", str(tmp_path / "fast")]) == 0, capsys.readouterr().err
     out = capsys.readouterr().out
     assert "verdicts" in out and out.splitlines()[0].split()[:5] == ["group", "Δ", "token", "error", "@0"]
+    assert " n/a " not in out.split("(verdicts")[0]  # p-values for token error: the sign-flip test
     assert cli.main([*args, "--out", str(tmp_path / "naive"), "--engine", "naive"]) == 0
     fast, naive = (pd.read_csv(tmp_path / d / "cells.csv") for d in ("fast", "naive"))
     assert {"model.layers.0", "model.layers.1"} <= set(fast.group.dropna())  # --groups blocks (the default)
@@ -114,7 +115,9 @@ def test_analyze_hf_end_to_end_equals_the_naive_engine(lm, tmp_path, capsys):
     assert {"agreement", "kl"} <= set(fast.columns)  # label-free metrics on by default, as in `analyze`
     page = (tmp_path / "fast" / "report.html").read_text()
     assert "Δ token error at step 0" in page and "Final model: token error <b>" in page
-    assert "test error" not in page and "n/a</td>" in page  # p: no McNemar on token counts
+    assert "test error" not in page and "sign-flip permutation test" in page  # p of token counts
+    assert all(isinstance(v["p_value"], float) and 0 < v["p_value"] <= 1 for v in summary["verdicts"])
+    assert all(v["units"] == "sequences" for v in summary["verdicts"])
     assert page.count('src="data:image/png;base64,') == 2 + 5  # token error, nll, five distances
     # A rerun resumes every cell (the model built from config.json fingerprints the same each time).
     assert cli.main([*args, "--out", str(tmp_path / "fast")]) == 0

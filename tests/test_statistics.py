@@ -105,18 +105,29 @@ def test_verdicts_and_examples_to_settle():
     assert st.examples_to_settle(0.02, 0.0, 0.04, 1000, 0.02) == math.inf
 
 
-def test_two_level_interval_matches_brute_force():
+def test_two_level_interval_matches_a_plain_computation():
+    """The two-way mean squares and the t (draws) / normal (units) half-width, recomputed with loops."""
     rng = np.random.default_rng(6)
-    values = (rng.random((3, 45)) < np.array([[0.3], [0.5], [0.4]])).astype(float)
-    mean, low, high = st.two_level_interval(values, resamples=200, rng=9)
-    g = np.random.default_rng(9)
-    draws = g.integers(0, 3, size=(200, 3))
-    idx = g.integers(0, 45, size=(200, 45))
-    stats = [sum(sum(values[d, i] for i in row) / 45 for d in ds) / 3 for ds, row in zip(draws, idx, strict=True)]
-    brute = np.quantile(stats, [0.025, 0.975])
-    assert mean == pytest.approx(values.mean())
-    np.testing.assert_allclose([low, high], brute, rtol=1e-12)
-    assert low <= mean <= high
+    counts = rng.integers(1, 5, 45).astype(float)
+    values = (rng.random((3, 45)) < np.array([[0.3], [0.5], [0.4]])).astype(float) * counts  # sums over tokens
+    mean, low, high = st.two_level_interval(values, counts)
+    s, n, cbar = 3, 45, counts.mean()
+    y = [[values[d, i] / cbar for i in range(n)] for d in range(s)]
+    per_draw = [sum(row) / n for row in y]
+    m = sum(per_draw) / s
+    unit = [sum(y[d][i] for d in range(s)) / s for i in range(n)]
+    ms_draws = n * sum((x - m) ** 2 for x in per_draw) / (s - 1)
+    ms_units = s * sum((unit[i] - m * counts[i] / cbar) ** 2 for i in range(n)) / (n - 1)
+    ms_resid = sum((y[d][i] - unit[i] - per_draw[d] + m) ** 2 for d in range(s) for i in range(n)) / ((n - 1) * (s - 1))
+    half = math.sqrt(scipy.stats.t.ppf(0.975, s - 1) ** 2 * ms_draws / (n * s)
+                     + scipy.stats.norm.ppf(0.975) ** 2 * max(ms_units - ms_resid, 0) / (n * s))
+    assert mean == pytest.approx(m, rel=1e-12)
+    np.testing.assert_allclose([low, high], [m - half, m + half], rtol=1e-10)
+    one = st.two_level_interval(values[:1], counts)  # one draw: the units' interval alone
+    r = values[0].sum() / counts.sum()
+    se = math.sqrt(sum((values[0, i] - r * counts[i]) ** 2 for i in range(n)) / (n - 1) / n) / cbar
+    np.testing.assert_allclose(one, [r, r - scipy.stats.norm.ppf(0.975) * se, r + scipy.stats.norm.ppf(0.975) * se],
+                               rtol=1e-10)
 
 
 def test_per_class_error():
@@ -128,9 +139,9 @@ def test_per_class_error():
 def test_two_level_intervals_batched_equal_one_by_one():
     rng = np.random.default_rng(8)
     values = (rng.random((4, 3, 60)) < 0.4).astype(float)
-    many = st.two_level_intervals(values, resamples=300, rng=2)
+    many = st.two_level_intervals(values)
     for g in range(4):
-        assert tuple(many[g]) == st.two_level_interval(values[g], resamples=300, rng=2)
+        np.testing.assert_allclose(many[g], st.two_level_interval(values[g]), rtol=1e-12)
 
 
 # --- Tango's score interval for Δ error (0/1 outcomes), against a numeric reference -------------------------

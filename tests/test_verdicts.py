@@ -19,7 +19,7 @@ from matplotlib.patches import Rectangle
 from torch import nn
 
 import criticality
-from criticality.core import statistics
+from criticality.core import resampling, statistics
 from criticality.core.analysis import tabulate
 from criticality.core.verdicts import straddling, verdicts
 from criticality.output import figures as plots
@@ -73,10 +73,19 @@ def test_three_outcomes_holm_and_settling():
 def test_a_verdict_on_a_sequence_metric_uses_its_own_threshold():
     rows, records = _rows()
     table = tabulate(rows, ["error", "nll"], records, p_metric="nll")
-    assert table.p_value.isna().all()  # no McNemar for a non-0/1 metric
+    # not 0/1: the sign-flip permutation test over units, Monte Carlo at 4,999 flips (never below 1/5000)
+    assert table.p_value.notna().all() and table.p_value[0] == 1.0 and table.p_value[1] == 1.0  # final, "same"
+    assert table.p_value[4] == pytest.approx(1 / 5000)  # "broken": +1 nat per token, no flip is as extreme
+    nll = [r["nll"] for r in records]
+    expected = resampling.sign_flip_p(np.stack([v for v, _ in nll]), nll[0][0], np.stack([c for _, c in nll]),
+                                      nll[0][1], rng=0)
+    np.testing.assert_array_equal(table.p_value, expected)
     v = verdicts(table, 0.5, records, metric="nll").set_index("group")
     assert v.loc["broken", "delta_nll"] == pytest.approx(1.0)  # one nat per token, ratio of sums
-    assert v.loc["broken", "verdict"] == "critical" and v.loc["same", "verdict"] == "robust"
+    assert v.loc["broken", "verdict"] == "critical"  # every sequence +1 nat per token: [1, 1], no spread
+    # no sequence differs: the resampled interval is [0, 0], which is no evidence, so not "robust"
+    assert (v.loc["same", "delta_nll_low"], v.loc["same", "delta_nll_high"]) == (0.0, 0.0)
+    assert v.loc["same", "verdict"] == "inconclusive" and v.loc["same", "units"] == "sequences"
     assert "delta_error_low" in v.columns
 
 
@@ -100,7 +109,8 @@ def test_error_gets_the_score_interval_and_other_metrics_the_bootstrap():
         b, c = int(((wrong == 1) & (final == 0)).sum()), int(((wrong == 0) & (final == 1)).sum())
         expected = statistics.score_intervals([b], [c], [N])[0]
         assert (table.delta_error_low[i], table.delta_error_high[i]) == tuple(expected)
-        boot = statistics.paired_intervals(rec["nll"][0][None], records[0]["nll"][0], records[0]["nll"][1], rng=5)[0]
+        boot = resampling.studentized_intervals(rec["nll"][0][None], records[0]["nll"][0], records[0]["nll"][1],
+                                                rng=resampling.Resamples(N, 2000, 5))[0]
         assert (table.delta_nll_low[i], table.delta_nll_high[i]) == tuple(boot)
     assert (table.delta_error_low[0], table.delta_error_high[0]) == (0.0, 0.0)  # the final row: Δ ≡ 0
     v = verdicts(table, 0.02, records).set_index("group")
@@ -125,3 +135,38 @@ def test_ten_examples_with_nothing_changed_are_not_robust():
     assert row.delta_error_high == pytest.approx(z2 / (10 + z2), abs=1e-12)  # 0.278, not 0
     assert row.verdict == "inconclusive" and row.point_verdict == "robust"
     assert row.examples_to_settle == 189  # z²(1 − t)/t at t = 0.02, rounded up
+
+
+def test_analyze_pins_every_interval_and_p_to_the_documented_functions_at_stats_seed():
+    """Through ``analyze()``: loss intervals are ``studentized_intervals`` on ``Resamples(N, 2000, stats_seed)``,
+    error intervals the score interval, the loss p-values ``sign_flip_p`` seeded by ``stats_seed``, and the
+    re-randomized interval ``two_level_intervals``; the summary records the settings."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    end = {k: v + 0.3 * torch.randn_like(v) for k, v in start.items()}
+    x, y = torch.randn(120, 4), torch.randint(0, 3, (120,))
+    result = criticality.analyze(model, {0: start, 1: end}, (x, y), seeds=2, stats_seed=7, verdict_metric="loss",
+                                 metrics=["error", "loss"], progress=False, init="shuffle")
+    table, examples = result.table, result.records
+    final = examples.records[examples.find(op="final")]
+    assert result.summary["bootstrap"]["seed"] == 7 and result.summary["bootstrap"]["resamples"] == 2000
+    cells = list(examples.records.values())  # one per table row, in the table's order
+    assert len(cells) == len(table) and cells[int(np.flatnonzero(table.op == "final")[0])] is final
+    loss = np.stack([c["loss"][0] for c in cells])  # (rows, N)
+    expected = resampling.studentized_intervals(loss, final["loss"][0], final["loss"][1],
+                                                rng=resampling.Resamples(120, statistics.RESAMPLES, 7))
+    expected[table.op == "final"] = 0.0
+    np.testing.assert_array_equal(table[["delta_loss_low", "delta_loss_high"]].to_numpy(), expected)
+    p = resampling.sign_flip_p(loss, final["loss"][0], np.ones_like(loss), final["loss"][1], rng=7)
+    np.testing.assert_array_equal(table.p_value.to_numpy(), p)
+    b, c = np.array([statistics.discordant(cell["error"][0], final["error"][0]) for cell in cells]).T
+    score = statistics.score_intervals(b, c, 120)
+    score[table.op == "final"] = 0.0
+    np.testing.assert_array_equal(table[["delta_error_low", "delta_error_high"]].to_numpy(), score)
+    v = result.verdicts.set_index("group")
+    for group in v.index:
+        rand = [cells[i]["error"][0] for i in np.flatnonzero((table.op == "rerandomize") & (table.group == group))]
+        _, low, high = statistics.two_level_interval(np.stack(rand))
+        assert (v.loc[group, "rerandomize_error_low"], v.loc[group, "rerandomize_error_high"]) == (low, high)
+    assert (v.units == "examples").all() and v.p_value.notna().all()

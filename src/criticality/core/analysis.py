@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from criticality.core import adaptive as adaptive_mod
-from criticality.core import batches, statistics
+from criticality.core import batches, resampling, statistics
 from criticality.core.distances import distances
 from criticality.core.engine import Data, Metric
 from criticality.core.groups import Groups, GroupSpec
@@ -49,7 +49,7 @@ from criticality.core.plan import Plan, PlanSpec, make_plan
 from criticality.core.records import Examples, Record, per_class
 from criticality.core.run import run_cells
 from criticality.core.stores import cell_key
-from criticality.core.verdicts import DEFAULT_THRESHOLD, intervals, judged, p_values, verdicts
+from criticality.core.verdicts import DEFAULT_THRESHOLD, intervals, judged, p_values, table_resamples, units, verdicts
 from criticality.core.verdicts import verdict_metric as choose_metric
 from criticality.errors import CriticalityError
 
@@ -116,7 +116,7 @@ def analyze(model: nn.Module, checkpoints: Mapping[int, StateDict], data: Data, 
     ``verdict_metric`` (at re-initialization to epoch 0) clears ``threshold`` (in that metric's units;
     default ``error``, else ``token_error``, else ``agreement`` judged as ``disagreement`` = 1 − agreement,
     the fraction of examples whose top-1 prediction changed; else the first metric), inconclusive otherwise;
-    ``"point"`` is the paper's rule on Δ alone. ``stats_seed`` seeds the bootstrap.
+    ``"point"`` is the paper's rule on Δ alone. ``stats_seed`` seeds the bootstrap and the permutation test.
     ``ops`` picks the operations (default the paper's two; see :mod:`criticality.interventions` for
     ``interpolate`` over ``alphas`` from checkpoint ``source``, ``noise`` over ``sigmas`` × ``seeds`` and
     ``skip``; ``alphas`` and ``sigmas`` default to those operations' own). An operation may also be given
@@ -175,9 +175,15 @@ def finish(plan: Plan, rows: list[dict[str, Any]], *, threshold: float = DEFAULT
         "threshold": float(threshold),
         "verdict_rule": verdict,
         "verdict_metric": verdict_metric,
-        "bootstrap": {"resamples": statistics.RESAMPLES, "level": statistics.LEVEL, "seed": int(stats_seed)},
+        "bootstrap": {"resamples": statistics.RESAMPLES, "level": statistics.LEVEL, "seed": int(stats_seed),
+                      "sign_flips": resampling.FLIPS, "exact_up_to_units": resampling.EXACT_UNITS},
         "intervals": "0/1 metrics (error; agreement of a classifier): Tango's score interval for paired proportions; "
-                     "other metrics: paired percentile bootstrap",
+                     "other metrics: paired bootstrap-t over units (examples, or sequences), one set of resamples "
+                     "per table, widened to the Student-t interval (alone from 2,000 units on); re-randomized: t "
+                     "interval over draws and units",
+        "p_values": "0/1 metrics: exact McNemar; other metrics: paired sign-flip permutation test over units "
+                    "(exact up to 16 differing units, else Monte Carlo)",
+        "units": units(view_records, verdict_metric),
         # NaN (no interval, settled verdict) becomes null: JSON without NaN, and summaries compare equal.
         "verdicts": verdict_table.astype(object).where(verdict_table.notna(), None).to_dict(orient="records"),
         "groups_spec": plan.groups.spec,
@@ -215,9 +221,10 @@ def tabulate(rows: Sequence[Mapping[str, Any]], metric_names: Sequence[str],
     """Rows → the tidy table, with ``delta_<metric>`` against the final model and a ``finite`` flag.
 
     With ``records`` (one per row, None where missing) every cell also gets ``delta_<metric>_low/high``
-    (95 % paired interval: Tango's score interval for 0/1 records such as error, a paired bootstrap with the same
-    resamples for every cell, seeded by ``seed``, for the others; see :mod:`criticality.core.verdicts`) and
-    ``p_value`` (exact McNemar on ``p_metric``'s discordant examples when its records are 0/1; NaN else).
+    (95 % paired interval: Tango's score interval for 0/1 records such as error, the bootstrap-t over units with
+    one set of resamples for every cell and metric, seeded by ``seed``, for the others; see
+    :mod:`criticality.core.verdicts`) and ``p_value`` of ``p_metric`` (exact McNemar when its records are 0/1,
+    else the paired sign-flip permutation test over units, seeded by ``seed``).
     ``interval_metrics`` limits the intervals to those metrics (default: all). ``finite`` checks
     ``finite_metrics`` (default: all): metrics measured against the final model's own predictions
     (agreement, kl) are non-finite in every cell when the final model is, so they do not say which cells are.
@@ -229,9 +236,12 @@ def tabulate(rows: Sequence[Mapping[str, Any]], metric_names: Sequence[str],
     for m in metric_names:
         table[f"delta_{m}"] = table[m] - float(finals.iloc[0][m])
     records = list(records) if records is not None else [None] * len(table)
-    for m in metric_names if interval_metrics is None else [m for m in metric_names if m in interval_metrics]:
-        table[[f"delta_{m}_low", f"delta_{m}_high"]] = intervals(records, finals.index[0], m, seed)
-    table["p_value"] = p_values(records, finals.index[0], p_metric)
+    spread = metric_names if interval_metrics is None else [m for m in metric_names if m in interval_metrics]
+    shared = table_resamples(records, finals.index[0], spread, seed)  # drawn once, used by every cell and metric
+    for m in spread:
+        table[[f"delta_{m}_low", f"delta_{m}_high"]] = intervals(records, finals.index[0], m,
+                                                                  seed if shared is None else shared)
+    table["p_value"] = p_values(records, finals.index[0], p_metric, seed)
     checked = list(metric_names if finite_metrics is None else finite_metrics)
     table["finite"] = np.isfinite(table[checked].to_numpy(dtype=float)).all(axis=1)
     for col in ("checkpoint", "seed"):

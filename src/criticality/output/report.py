@@ -201,7 +201,8 @@ def _verdicts(summary: dict) -> str:
         verdict = str(v.get("verdict", ""))
         css = verdict if verdict in ("critical", "robust", "inconclusive") else ""
         settle = v.get("examples_to_settle")
-        settle = f" (≈{_count(settle)} examples would settle it)" if verdict == "inconclusive" and settle else ""
+        units = v.get("units") or "examples"  # sequences for sequence models: the units the intervals resample
+        settle = f" (≈{_count(settle)} {units} would settle it)" if verdict == "inconclusive" and settle else ""
         rows.append(
             f"<tr><td><code>{_e(v.get('group'))}</code></td>"
             f'<td class="num">{_num(v.get(f"delta_{metric}"), signed=True)}</td>'
@@ -218,12 +219,11 @@ def _verdicts(summary: dict) -> str:
             f"<b>How to read it:</b> a group is critical when the whole 95 % interval of its Δ {name} lies "
             f"above {threshold}, robust when its upper end is ≤ {threshold}, and inconclusive when it straddles "
             "the threshold: then more test examples, not another threshold, would decide.")
-    mcnemar = ("p the exact McNemar test of the examples that changed (Holm-corrected across the groups in the "
-               "last column)" if any(isinstance(v.get("p_value"), (int, float)) for v in found) else
-               "p is n/a: McNemar's test needs one 0/1 value per example, and this metric sums over tokens")
+    method = _e(summary.get("intervals") or "a paired interval over test examples")
+    tests = _e(summary.get("p_values") or "exact McNemar")
     return f"""<h2>Verdicts</h2>
-<p>{rule} Δ is measured against the final model on the same examples (paired): the interval is a paired
-bootstrap over test examples, {mcnemar}.{_adaptive(summary)}</p>
+<p>{rule} Δ is measured against the final model on the same examples (paired). Intervals: {method}.
+p: {tests}; Holm-corrected across the groups in the last column.{_adaptive(summary)}</p>
 <table id="verdicts"><thead><tr><th>group</th><th>Δ {short} at {_e(_axis(summary))} 0</th><th>verdict</th>
 <th>re-randomized {_e(rand_name)} (mean over seeds)</th><th>95 % interval of Δ</th><th>p</th><th>p (Holm)</th>
 </tr></thead>
