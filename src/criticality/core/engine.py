@@ -366,11 +366,11 @@ def _identical(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def _bytes(outputs: Sequence[Any]) -> int:
-    """Bytes held by cached block outputs or logits (the first tensor of a tuple)."""
+    """Bytes held by cached block outputs or logits (the hidden state of a tuple or mapping)."""
     total = 0
     for out in outputs:
-        t = out[0] if isinstance(out, tuple) else out
-        if isinstance(t, torch.Tensor):
+        t = stubs.hidden_of(out)
+        if t is not None:
             total += t.numel() * t.element_size()
     return total
 
