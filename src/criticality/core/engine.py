@@ -7,7 +7,9 @@ numbers faster:
 
 - no copy of the model: it evaluates on the caller's instance (the final state loaded into it; every
   tensor it changed is restored bit for bit afterwards, also when evaluation raises), or on one copy when
-  the model must move to another device; a variant's entries are swapped in and out (:func:`swapped`);
+  the model must move to another device; a variant's entries are swapped in and out (:func:`swapped`), and
+  what modules derived from their weights (timm's attention bias caches) is dropped each time
+  (:mod:`criticality.core.caches`);
 - prefix reuse: for a model with a repeated block stack (``blocks``), a variant whose first modified block
   is ``k`` needs blocks ``k..L`` re-run only. The model's own forward runs, but block ``k - 1`` returns its
   cached output for this batch and the blocks before it return at once (:mod:`criticality.core.stubs`), so
@@ -35,6 +37,7 @@ from torch import nn
 from criticality.core import batches
 from criticality.core import stubs as stubs
 from criticality.core.batches import Batch, Data, Output, iter_batches
+from criticality.core.caches import invalidate
 from criticality.core.evaluate import evaluate, evaluate_naive  # re-exported: the reference next to the engine
 from criticality.core.hooks import eval_mode, hooks
 from criticality.core.metrics import DEFAULT_METRICS, METRICS, CellResult, Metric, Records, needs_reference, resolve
@@ -70,7 +73,8 @@ class Variant:
 
 @contextlib.contextmanager
 def swapped(model: nn.Module, entries: Mapping[str, torch.Tensor]) -> Iterator[nn.Module]:
-    """Temporarily copy ``entries`` into ``model``'s own tensors; the originals always come back."""
+    """Temporarily copy ``entries`` into ``model``'s own tensors; the originals always come back. What the
+    modules derived from their weights is dropped both ways (:func:`criticality.core.caches.invalidate`)."""
     own = model.state_dict(keep_vars=True)
     unknown = [k for k in entries if k not in own]
     if unknown:
@@ -80,11 +84,15 @@ def swapped(model: nn.Module, entries: Mapping[str, torch.Tensor]) -> Iterator[n
         with torch.no_grad():
             for k, v in entries.items():
                 own[k].copy_(v)
+        if entries:
+            invalidate(model)
         yield model
     finally:
         with torch.no_grad():
             for k, v in saved.items():
                 own[k].copy_(v)
+        if saved:
+            invalidate(model)
 
 
 @contextlib.contextmanager
@@ -102,11 +110,13 @@ def loaded(model: nn.Module, state: Mapping[str, torch.Tensor]) -> Iterator[nn.M
                         saved[id(t)] = (t, t.detach().clone())
                 if saved:  # the model's own loading of the keys that differ: tied keys resolve as in the reference
                     model.load_state_dict({k: state[k] for k, t in own.items() if id(t) in saved}, strict=False)
+            invalidate(model)  # also when nothing differs: a cache may hold another state's values
             yield model
     finally:
         with torch.no_grad():
             for t, original in saved.values():
                 t.copy_(original)
+        invalidate(model)
 
 
 def placed(model: nn.Module, device: torch.device) -> nn.Module:

@@ -1,5 +1,7 @@
 """Evaluating a plan's cells: :func:`run_cells` runs them on the fast engine or the plain reference, resumes
-from and extends a store, and keeps every cell's per-example records."""
+from and extends a store, and keeps every cell's per-example records. Before the fast engine runs, the canary
+(:mod:`criticality.core.canary`) checks one variant per group against the reference; a model that fails it is
+evaluated by the reference, with a warning."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import contextlib
 import hashlib
 import logging
 import math
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -16,7 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from criticality.core import batches
+from criticality.core import batches, canary
 from criticality.core.engine import Data, Engine, evaluate_naive
 from criticality.core.ops import Cell
 from criticality.core.plan import Plan
@@ -101,16 +104,22 @@ def _data_errors(results: Any) -> Any:
 def _evaluate(plan: Plan, cells: list[Cell], data: Data, device) -> Any:
     if not cells:
         return
+    blocks = _blocks(plan) if plan.engine == "fast" else None
+    bad = canary.mismatches(plan, cells, data, device, blocks) if plan.engine == "fast" else []
+    if bad:
+        warnings.warn(f"{type(plan.model).__name__}: the fast engine's logits differ from the plain reference's for "
+                      f"group(s) {', '.join(bad)} (a module keeps state derived from its weights that swapping them "
+                      "does not reach); every cell of this model is evaluated by the plain reference instead "
+                      "(engine='naive': the same numbers, slower)", stacklevel=4)
     final = plan.checkpoints[plan.final_epoch]
-    if plan.engine == "naive":
+    if plan.engine == "naive" or bad:
         for cell in cells:
             yield cell, evaluate_naive(plan.model, plan.state(cell), data, metrics=plan.metrics,
-                                                  batch_size=plan.batch_size, device=device,
-                                                  limit=plan.max_examples, output=plan.output,
-                                                  skip=plan.variant(cell).skip, reference_state=final)
+                                       batch_size=plan.batch_size, device=device, limit=plan.max_examples,
+                                       output=plan.output, skip=plan.variant(cell).skip, reference_state=final)
         return
     fast = Engine(plan.model, final, data, metrics=plan.metrics, batch_size=plan.batch_size, device=device,
-                  limit=plan.max_examples, output=plan.output, blocks=_blocks(plan))
+                  limit=plan.max_examples, output=plan.output, blocks=blocks)
     # closing: the caller's model gets its own tensors back even when the consumer stops early
     with contextlib.closing(fast.evaluate([plan.variant(c) for c in cells])) as results:
         yield from results
@@ -141,13 +150,6 @@ def data_fingerprint(data: Data, limit: int | None = None) -> str:
         h.update(f"{tuple(t.shape)}:{t.dtype}".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()[:16]
-
-
-def _flat(batch: tuple) -> list[torch.Tensor]:
-    """The tensors of a batch ``(inputs, targets)``, dict inputs in key order, no targets left out."""
-    inputs, targets = batch
-    found = [inputs[k] for k in sorted(inputs)] if isinstance(inputs, Mapping) else [inputs]
-    return found + ([] if targets is None else [targets])
 
 
 def _flat(batch: tuple) -> list[torch.Tensor]:
