@@ -20,7 +20,7 @@ from criticality.core.engine import Data, Metric, Variant
 from criticality.core.groups import Groups, GroupSpec, default_spec, resolve
 from criticality.core.groups import joint as joint_group
 from criticality.core.hooks import eval_mode
-from criticality.core.initializers import InitScheme, choose, draw_schemes, scheme_name
+from criticality.core.initializers import InitScheme, choose, draw_schemes, initial_state, scheme_name
 from criticality.core.ops import Cell, Operation
 from criticality.core.state import BUFFER_MODES, fingerprint
 from criticality.errors import CriticalityError
@@ -105,7 +105,8 @@ class Plan:
         """The full state dict of the variant a cell evaluates, made by its operation: an
         :class:`~criticality.core.surgery.Overlay` of the group's new tensors over the final checkpoint, which
         is read for no other key (a lazy checkpoint is never loaded whole per cell)."""
-        state = self.operation(cell.op).state(self, cell)
+        with initial_state(self.checkpoints[self.start_epoch]):  # constants a scheme takes from epoch 0
+            state = self.operation(cell.op).state(self, cell)
         if self.buffers == "recalibrate" and cell.op != "final":
             inputs = (x for x, _ in batches.iter_batches(self.calibration, self.batch_size))
             state = surgery.recalibrate(self.model, state, self.keys(cell.group), inputs)
