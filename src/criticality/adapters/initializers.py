@@ -19,10 +19,11 @@ group module by module:
   ViTs (a model with ``pos_embed`` or ``cls_token``): ``nn.Linear`` trunc-normal std 0.02
   with zero bias, the patch-embedding conv torch's default; CNNs: ``nn.Conv2d`` weights kaiming-normal
   (fan-out, ReLU), the classifier torch's default. Raw parameters ``pos_embed*`` and
-  ``absolute_pos_embed`` trunc-normal std 0.02; ``cls_token``, ``reg_token`` normal std 1e-6 in timm's
-  ``VisionTransformer`` (DeiT's ``dist_token`` trunc-normal std 0.02), trunc-normal std 0.02 in its other
-  ViTs (EVA, CaiT, XCiT); every other module its own ``reset_parameters()`` (timm 1.0's attention modules
-  draw their relative-position tables and attention biases there) or, below the root, ``init_weights()``.
+  ``absolute_pos_embed`` trunc-normal std 0.02; ``cls_token``, ``reg_token`` normal std 1e-6 as in timm's
+  ``VisionTransformer`` (DeiT's ``dist_token`` trunc-normal std 0.02), trunc-normal std 0.02 in the ViTs
+  that draw them so (EVA, BEiT, CaiT, XCiT, ...: ``TRUNC_TOKENS``); every other module its own
+  ``reset_parameters()`` (timm 1.0's attention modules draw their relative-position tables and attention
+  biases there) or, below the root, ``init_weights()``.
   A parameter (of more than one value) that is constant in the run's epoch-0 checkpoint was set to that
   constant at construction, since no random draw is constant: it gets it (ConvNeXt's ``gamma``, CaiT/EVA's
   ``gamma_1``, XCiT's ``gamma1``, MetaFormer's ``layer_scale1.scale``, StarReLU's ``scale``/``bias``,
@@ -51,6 +52,8 @@ from criticality.core.stacks import is_norm
 __all__ = ["construction_constant", "draws_summary", "hf_init", "identity_blocks", "is_hf", "is_timm", "timm_init"]
 
 TOKENS = ("cls_token", "reg_token", "dist_token")  # see _token
+# timm model classes whose init draws the class / register tokens trunc-normal std 0.02 (not normal std 1e-6)
+TRUNC_TOKENS = ("Beit", "Cait", "CoaT", "ConVit", "Eva", "PoolingVisionTransformer", "TNT", "VOLO", "Xcit")
 TIMM_STD = 0.02
 # A constant raw parameter's name (trailing digits and _ dropped) → the constructor arguments that set its value
 CONSTANT_ARGS = {"gamma": ("ls_init_value", "init_values", "layer_scale_init_value", "eta"),
@@ -175,13 +178,14 @@ def _vit_linear(module: nn.Module) -> None:
 
 
 def _token(p: torch.Tensor, name: str, root: nn.Module) -> None:
-    """timm's ``VisionTransformer`` (and DeiT, its subclass): class and register tokens normal std 1e-6, the
-    distillation token trunc-normal std 0.02; its other ViTs (EVA, CaiT, XCiT, ...): trunc-normal std 0.02."""
-    plain_vit = any(c.__name__ == "VisionTransformer" for c in type(root).__mro__)
-    if plain_vit and name != "dist_token":
-        nn.init.normal_(p, std=1e-6)
-    else:
+    """Class and register tokens normal std 1e-6 (timm's ``VisionTransformer`` and most), trunc-normal std
+    0.02 in the families listed in ``TRUNC_TOKENS`` (EVA, BEiT, CaiT, XCiT, ...); DeiT's distillation token
+    trunc-normal std 0.02."""
+    trunc = name == "dist_token" or any(c.__name__ in TRUNC_TOKENS for c in type(root).__mro__)
+    if trunc:
         nn.init.trunc_normal_(p, std=TIMM_STD)
+    else:
+        nn.init.normal_(p, std=1e-6)
 
 
 def construction_constant(module: nn.Module, key: str, name: str, undrawn: bool = True) -> float | None:
