@@ -21,6 +21,7 @@ from torch import nn
 
 from criticality.core import caches, canary
 from criticality.core.analysis import analyze
+from criticality.core.engine import Engine
 from criticality.core.plan import PlanSpec, make_plan
 
 
@@ -104,6 +105,10 @@ def by_hand(layer, state, data) -> float:
         return nn.functional.cross_entropy(fresh(data[0]), data[1]).item()
 
 
+def engine_of(plan, data) -> Engine:
+    return Engine(plan.model, plan.final_state, data, metrics=plan.metrics, batch_size=plan.batch_size)
+
+
 KW = dict(groups={"first": ["1"], "a": ["2"], "b": ["3"], "head": ["4"]}, seeds=1, batch_size=64, progress=False,
           metrics=("error", "loss"), init="torch")
 
@@ -142,7 +147,7 @@ def test_the_canary_falls_back_to_the_reference_with_a_warning():
     model = net(Fused)
     states, data = trajectory(model)
     plan = make_plan(model, states, PlanSpec(**{k: v for k, v in KW.items() if k != "progress"}), probe=data)
-    assert canary.mismatches(plan, plan.cells, data, "cpu", None) == ["a", "b"]
+    assert canary.mismatches(plan, plan.cells, data, "cpu", engine_of(plan, data)) == ["a", "b"]
     assert canary.variants(plan, plan.cells)["a"].checkpoint == 0  # reinit to the earliest checkpoint
     with pytest.warns(UserWarning, match=r"differ from the plain reference's for group\(s\) a, b"):
         fast = analyze(model, states, data, **KW)
@@ -158,7 +163,7 @@ def test_no_warning_and_no_fallback_for_a_plain_model():
     model = net(lambda d: nn.Sequential(nn.Linear(d, d), nn.ReLU()))
     states, data = trajectory(model)
     plan = make_plan(model, states, PlanSpec(**{k: v for k, v in KW.items() if k != "progress"}), probe=data)
-    assert canary.mismatches(plan, plan.cells, data, "cpu", None) == []
+    assert canary.mismatches(plan, plan.cells, data, "cpu", engine_of(plan, data)) == []
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         analyze(model, states, data, **KW)

@@ -11,7 +11,6 @@ the earliest checkpoint when the grid has one (the largest change), else its fir
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 
 import torch
@@ -64,18 +63,15 @@ def variants(plan: Plan, cells: Sequence[Cell]) -> dict[str, Cell]:
     return picked
 
 
-def mismatches(plan: Plan, cells: Sequence[Cell], data: Data, device, blocks) -> list[str]:
-    """The groups whose canary variant gives other logits on the fast engine than on the plain reference."""
+def mismatches(plan: Plan, cells: Sequence[Cell], data: Data, device, fast: Engine) -> list[str]:
+    """The groups whose canary variant gives other logits on the fast engine (the grid's ``fast``, on ``data``)
+    than on the plain reference."""
     picked = variants(plan, cells)
     first = next(iter_batches(data, 2, plan.max_examples), None)
     if not picked or first is None:
         return []
-    probe = [batches.first_examples(first, 2)]  # one batch (inputs, targets) of two examples
-    fast = Engine(plan.model, plan.final_state, probe, metrics=METRICS, batch_size=2, device=device,
-                  output=plan.output, blocks=blocks)
-    with warnings.catch_warnings():  # the grid's own engine says what this one would (prefix reuse refused)
-        warnings.simplefilter("ignore")
-        got = dict(fast.evaluate([plan.variant(c) for c in picked.values()]))
+    probe = [batches.first_examples(first, 2)]  # one batch (inputs, targets) of two examples: the engine's probe
+    got = fast.evaluate_on(probe, METRICS, [plan.variant(c) for c in picked.values()])
     bad = []
     for group, cell in picked.items():
         want = evaluate_naive(plan.model, plan.state(cell), probe, metrics=METRICS, batch_size=2, device=device,

@@ -192,6 +192,16 @@ class Engine:
             for wave in by_position.values():
                 yield from self._pass(wave, per_chunk)
 
+    def evaluate_on(self, data: Data, metrics: Any, variants: Iterable[Variant]) -> dict[Hashable, CellResult]:
+        """:meth:`evaluate` on other data and metrics, keeping what the engine settled: for data that starts
+        with the same two examples (the canary's probe batch, :mod:`criticality.core.canary`)."""
+        saved = self.data, self.metrics, self.limit
+        self.data, self.metrics, self.limit = data, resolve(metrics), None
+        try:
+            return dict(self.evaluate(variants))
+        finally:
+            self.data, self.metrics, self.limit = saved
+
     def _pass(self, variants: list[Variant], per_chunk: int) -> Iterator[tuple[Hashable, CellResult]]:
         records = {i: Records(self.metrics) for i in range(len(variants))}
         with_reference = needs_reference(self.metrics)

@@ -104,22 +104,23 @@ def _data_errors(results: Any) -> Any:
 def _evaluate(plan: Plan, cells: list[Cell], data: Data, device) -> Any:
     if not cells:
         return
-    blocks = _blocks(plan) if plan.engine == "fast" else None
-    bad = canary.mismatches(plan, cells, data, device, blocks) if plan.engine == "fast" else []
+    fast = None
+    if plan.engine == "fast":
+        fast = Engine(plan.model, plan.final_state, data, metrics=plan.metrics, batch_size=plan.batch_size,
+                      device=device, limit=plan.max_examples, output=plan.output, blocks=_blocks(plan))
+    bad = canary.mismatches(plan, cells, data, device, fast) if fast is not None else []
     if bad:
         warnings.warn(f"{type(plan.model).__name__}: the fast engine's logits differ from the plain reference's for "
                       f"group(s) {', '.join(bad)} (a module keeps state derived from its weights that swapping them "
                       "does not reach); every cell of this model is evaluated by the plain reference instead "
                       "(engine='naive': the same numbers, slower)", stacklevel=4)
     final = plan.checkpoints[plan.final_epoch]
-    if plan.engine == "naive" or bad:
+    if fast is None or bad:
         for cell in cells:
             yield cell, evaluate_naive(plan.model, plan.state(cell), data, metrics=plan.metrics,
                                        batch_size=plan.batch_size, device=device, limit=plan.max_examples,
                                        output=plan.output, skip=plan.variant(cell).skip, reference_state=final)
         return
-    fast = Engine(plan.model, final, data, metrics=plan.metrics, batch_size=plan.batch_size, device=device,
-                  limit=plan.max_examples, output=plan.output, blocks=blocks)
     # closing: the caller's model gets its own tensors back even when the consumer stops early
     with contextlib.closing(fast.evaluate([plan.variant(c) for c in cells])) as results:
         yield from results
