@@ -176,6 +176,9 @@ class Engine:
         return max(p for p in s.valid if p <= pos)
 
     def evaluate(self, variants: Iterable[Variant]) -> Iterator[tuple[Hashable, CellResult]]:
+        yield from self._evaluate(variants)
+
+    def _evaluate(self, variants: Iterable[Variant]) -> Iterator[tuple[Hashable, CellResult]]:
         with loaded(self.model, self.base):
             self._settle()
             variants = sorted(variants, key=self.position)
@@ -198,7 +201,7 @@ class Engine:
         saved = self.data, self.metrics, self.limit
         self.data, self.metrics, self.limit = data, resolve(metrics), None
         try:
-            return dict(self.evaluate(variants))
+            return dict(self._evaluate(variants))  # not evaluate(): these are checks, not the grid's cells
         finally:
             self.data, self.metrics, self.limit = saved
 
