@@ -128,7 +128,7 @@ def timm_init(module: nn.Module, path: str, root: nn.Module) -> None:
             nn.init.trunc_normal_(p, std=TIMM_STD)
         elif name in TOKENS:
             _token(p, name, root)
-        elif p.is_floating_point() and p.numel() > 1:  # all NaN: surgery's marker of an undrawn value
+        elif p.is_floating_point() and (p.numel() > 1 or p.isnan().all()):  # NaN: surgery's undrawn marker
             value = construction_constant(module, f"{path}.{name}" if path else name, name, bool(p.isnan().all()))
             if value is not None:
                 nn.init.constant_(p, value)
