@@ -159,14 +159,12 @@ def _family_init(root: nn.Module) -> Callable[[nn.Module, str], None] | None:
             return lambda module, path: goog(module, path)
     if hasattr(file, "get_init_weights_vit"):  # Swin and others built on the ViT init (trunc-normal 0.02)
         return lambda module, path: _vit_linear(module)
-    method = getattr(root, "_init_weights", None)
-    if callable(method):
-        return lambda module, path: method(module)
-    fn = getattr(file, "_init_weights", None)
+    fn = getattr(root, "_init_weights", None)  # bound: (module[, name]); else the file's function
+    fn = fn if callable(fn) else getattr(file, "_init_weights", None)
     if not callable(fn):
         return None
     params = list(inspect.signature(fn).parameters)
-    named = len(params) > 1 and params[1] in ("name", "n")
+    named = len(params) > 1 and params[1] in ("name", "n")  # MaxxVit, ConvNeXt: the module's path too
     return (lambda module, path: fn(module, path)) if named else (lambda module, path: fn(module))
 
 
