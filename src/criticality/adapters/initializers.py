@@ -13,15 +13,25 @@ group module by module:
   ``_init_weights`` leaves RMSNorm alone). GPT-2's ``c_proj`` weights get std 0.02/√(2·n_layer)
   because the init runs on the real ``GPT2Attention``/``GPT2MLP`` modules after their children.
 - ``timm`` (:func:`timm_init`): the patterns of timm's ``init_weights`` for its ViT and ResNet
-  families. ViTs (a model with ``pos_embed`` or ``cls_token``): ``nn.Linear`` trunc-normal std 0.02
+  families. A timm model whose file has its own per-module init (a ``_init_weights`` method or function:
+  ConvNeXt, MetaFormer/PoolFormer, LeViT, RegNet, ResNetV2, EVA, Swin V2, ...) gets each module's
+  ``reset_parameters()`` and then that init, as its constructor does. Otherwise:
+  ViTs (a model with ``pos_embed`` or ``cls_token``): ``nn.Linear`` trunc-normal std 0.02
   with zero bias, the patch-embedding conv torch's default; CNNs: ``nn.Conv2d`` weights kaiming-normal
-  (fan-out, ReLU), the classifier torch's default. Raw parameters ``pos_embed*`` trunc-normal std
-  0.02, ``cls_token``, ``reg_token``, ``dist_token`` normal std 1e-6; every other module its own
-  ``reset_parameters()`` (or, below the root, ``init_weights()``); then a block's ``zero_init_last()``
-  when it has one (timm ResNets: the last BatchNorm of each residual branch gets weight 0, so a fresh
-  draw of such a block is an *identity* residual branch — re-randomizing it equals skipping its
-  branch; see :func:`identity_blocks`). Other timm families initialize otherwise (ConvNeXt:
-  trunc-normal convs; EfficientNet: its own fan-out rules): give them ``init="shuffle"`` or a callable.
+  (fan-out, ReLU), the classifier torch's default. Raw parameters ``pos_embed*`` and
+  ``absolute_pos_embed`` trunc-normal std 0.02; ``cls_token``, ``reg_token`` normal std 1e-6 as in timm's
+  ``VisionTransformer`` (DeiT's ``dist_token`` trunc-normal std 0.02), trunc-normal std 0.02 in the ViTs
+  that draw them so (EVA, BEiT, CaiT, XCiT, ...: ``TRUNC_TOKENS``); every other module its own
+  ``reset_parameters()`` (timm 1.0's attention modules draw their relative-position tables and attention
+  biases there) or, below the root, ``init_weights()``.
+  A parameter (of more than one value) that is constant in the run's epoch-0 checkpoint was set to that
+  constant at construction, since no random draw is constant: it gets it (ConvNeXt's ``gamma``, CaiT/EVA's
+  ``gamma_1``, XCiT's ``gamma1``, MetaFormer's ``layer_scale1.scale``, StarReLU's ``scale``/``bias``,
+  LeViT's residual BatchNorm weights 0 and head biases 0; :func:`construction_constant`); one nothing draws
+  and no checkpoint tells gets its constructor argument's default (``ls_init_value``, ...). Then a
+  block's ``zero_init_last()`` when it has one (timm ResNets: the last BatchNorm of each residual branch
+  gets weight 0, so a fresh draw of such a block is an *identity* residual branch — re-randomizing it
+  equals skipping its branch; see :func:`identity_blocks`).
 
 Both register themselves with :func:`criticality.core.initializers.register` when this module is imported
 (``import criticality.adapters`` does it), with their detectors (:func:`is_hf`, :func:`is_timm`).
@@ -29,16 +39,25 @@ Both register themselves with :func:`criticality.core.initializers.register` whe
 
 from __future__ import annotations
 
+import inspect
+import sys
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
-from criticality.core.initializers import DrawScheme, Members, draws_summary, register
+from criticality.core.initializers import DrawScheme, Members, draws_summary, initial_value, register
 from criticality.core.stacks import is_norm
 
-__all__ = ["draws_summary", "hf_init", "identity_blocks", "is_hf", "is_timm", "timm_init"]
+__all__ = ["construction_constant", "draws_summary", "hf_init", "identity_blocks", "is_hf", "is_timm", "timm_init"]
 
-TOKENS = ("cls_token", "reg_token", "dist_token")  # timm: normal std 1e-6
+TOKENS = ("cls_token", "reg_token", "dist_token")  # see _token
+# timm model classes whose init draws the class / register tokens trunc-normal std 0.02 (not normal std 1e-6)
+TRUNC_TOKENS = ("Beit", "Cait", "CoaT", "ConVit", "Eva", "PoolingVisionTransformer", "TNT", "VOLO", "Xcit")
 TIMM_STD = 0.02
+# A constant raw parameter's name (trailing digits and _ dropped) → the constructor arguments that set its value
+CONSTANT_ARGS = {"gamma": ("ls_init_value", "init_values", "layer_scale_init_value", "eta"),
+                 "scale": ("init_value", "scale_value", "layer_scale_init_value"), "bias": ("bias_value",)}
 
 
 def is_hf(model: nn.Module) -> bool:
@@ -91,7 +110,11 @@ def _norm_defaults(module: nn.Module) -> None:
 def timm_init(module: nn.Module, path: str, root: nn.Module) -> None:
     """One module drawn as timm's ``init_weights`` would (see the module docstring)."""
     vit = hasattr(root, "pos_embed") or hasattr(root, "cls_token")  # timm's ViT family; else its CNNs
-    if vit and isinstance(module, nn.Linear):
+    family = _family_init(root)
+    if family is not None:
+        _own_init(module, path)
+        family(module, path)
+    elif vit and isinstance(module, nn.Linear):
         nn.init.trunc_normal_(module.weight, std=TIMM_STD)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
@@ -99,17 +122,83 @@ def timm_init(module: nn.Module, path: str, root: nn.Module) -> None:
         module.reset_parameters()  # the bias (if any) as torch draws it; timm redraws the weight only
         nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
     else:
-        for name in ("reset_parameters", "_reset_parameters", *(("init_weights",) if path else ())):
-            if callable(getattr(module, name, None)):
-                getattr(module, name)()
-                break
+        _own_init(module, path)
     for name, p in module.named_parameters(recurse=False):
-        if name.startswith("pos_embed"):
+        if name.startswith(("pos_embed", "absolute_pos_embed")):
             nn.init.trunc_normal_(p, std=TIMM_STD)
         elif name in TOKENS:
-            nn.init.normal_(p, std=1e-6)
+            _token(p, name, root)
+        elif p.is_floating_point() and (p.numel() > 1 or p.isnan().all()):  # NaN: surgery's undrawn marker
+            value = construction_constant(module, f"{path}.{name}" if path else name, name, bool(p.isnan().all()))
+            if value is not None:
+                nn.init.constant_(p, value)
     if callable(getattr(module, "zero_init_last", None)):
         module.zero_init_last()
+
+
+def _own_init(module: nn.Module, path: str) -> None:
+    for name in ("reset_parameters", "_reset_parameters", *(("init_weights",) if path else ())):
+        if callable(getattr(module, name, None)):
+            getattr(module, name)()
+            return
+
+
+def _family_init(root: nn.Module) -> Callable[[nn.Module, str], None] | None:
+    """The per-module init a timm model's file applies after construction, when it has one: EfficientNet's
+    and MobileNetV3's ``_init_weight_goog`` (normal with std √(2 / fan-out), fan-out per group), the ViT
+    init for files built on it (Swin: linears trunc-normal std 0.02), the model's ``_init_weights(m)``
+    method (MetaFormer, LeViT, ViT), else the file's ``_init_weights(module, name)`` function (ConvNeXt:
+    trunc-normal std 0.02 convs and linears, zero biases; RegNet, ResNetV2)."""
+    where = type(root).__module__
+    if not where.startswith("timm."):
+        return None
+    file = sys.modules.get(where)
+    if hasattr(file, "efficientnet_init_weights"):  # EfficientNet, MobileNetV3, ...: TF's fan-out rule per group
+        goog = getattr(sys.modules.get("timm.models._efficientnet_builder"), "_init_weight_goog", None)
+        if callable(goog):
+            return lambda module, path: goog(module, path)
+    if hasattr(file, "get_init_weights_vit"):  # Swin and others built on the ViT init (trunc-normal 0.02)
+        return lambda module, path: _vit_linear(module)
+    fn = getattr(root, "_init_weights", None)  # bound: (module[, name]); else the file's function
+    fn = fn if callable(fn) else getattr(file, "_init_weights", None)
+    if not callable(fn):
+        return None
+    params = list(inspect.signature(fn).parameters)
+    named = len(params) > 1 and params[1] in ("name", "n")  # MaxxVit, ConvNeXt: the module's path too
+    return (lambda module, path: fn(module, path)) if named else (lambda module, path: fn(module))
+
+
+def _vit_linear(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=TIMM_STD)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+def _token(p: torch.Tensor, name: str, root: nn.Module) -> None:
+    """Class and register tokens normal std 1e-6 (timm's ``VisionTransformer`` and most), trunc-normal std
+    0.02 in the families listed in ``TRUNC_TOKENS`` (EVA, BEiT, CaiT, XCiT, ...); DeiT's distillation token
+    trunc-normal std 0.02."""
+    trunc = name == "dist_token" or any(c.__name__ in TRUNC_TOKENS for c in type(root).__mro__)
+    if trunc:
+        nn.init.trunc_normal_(p, std=TIMM_STD)
+    else:
+        nn.init.normal_(p, std=1e-6)
+
+
+def construction_constant(module: nn.Module, key: str, name: str, undrawn: bool = True) -> float | None:
+    """The constant a parameter gets at construction: its value in the run's initial state when constant
+    there (:func:`criticality.core.initializers.initial_value`); else, for an ``undrawn`` one, the default of
+    the module's constructor argument that sets it; else None (keep the draw; an undrawn one is refused)."""
+    start = initial_value(key)
+    if start is not None and start.numel() and bool(torch.all(start == start.flatten()[0])):
+        return float(start.flatten()[0])
+    stem = name.rstrip("0123456789_")
+    for arg in CONSTANT_ARGS.get(stem, ()) if undrawn else ():
+        param = inspect.signature(type(module).__init__).parameters.get(arg)
+        if param is not None and isinstance(param.default, int | float) and not isinstance(param.default, bool):
+            return float(param.default)
+    return None
 
 
 def identity_blocks(model: nn.Module, groups: Members) -> list[str]:

@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from criticality.core import batches, sequences, statistics
+from criticality.core import batches, canary, sequences, statistics
 from criticality.core.engine import Data, Engine, evaluate_naive
 from criticality.core.metrics import CellResult
 from criticality.core.ops import Cell
@@ -115,6 +115,7 @@ def run_adaptive(plan: Plan, cells: Sequence[Cell], data: Data, judge: Judge, de
     engine = None if plan.engine == "naive" else Engine(
         plan.model, plan.checkpoints[plan.final_epoch], ordered, metrics=plan.metrics, batch_size=plan.batch_size,
         device=device, output=plan.output, blocks=_blocks(plan))
+    engine = canary.guard(plan, cells, ordered, device, engine)
     (_, final), = list(_chunk(plan, engine, [final_cell], ordered, device))  # every example
     reference = _binary(as_record(final.records), judge.metric)
     if final_cell in cells:

@@ -43,7 +43,6 @@ from criticality.core.distances import distances
 from criticality.core.engine import Data, Metric
 from criticality.core.groups import Groups, GroupSpec
 from criticality.core.initializers import InitScheme, draws_summary, scheme_name
-from criticality.core.metrics import DEFAULT_METRICS
 from criticality.core.ops import PAPER_OPS, Cell, Operation
 from criticality.core.plan import Plan, PlanSpec, make_plan
 from criticality.core.records import Examples, Record, per_class
@@ -83,7 +82,7 @@ def analyze(model: nn.Module, checkpoints: Mapping[int, StateDict], data: Data, 
             groups: GroupSpec | Groups | None = None, seeds: int | Sequence[int] = 3,
             joint: Sequence[Sequence[str]] | None = None, final: int | None = None,
             reinit_to: Sequence[int] | None = None, init: InitScheme | None = None,
-            metrics: Sequence[str] | Mapping[str, Metric] = DEFAULT_METRICS, engine: str = "fast",
+            metrics: Sequence[str] | Mapping[str, Metric] | None = None, engine: str = "fast",
             batch_size: int = 1000, device: str | torch.device = "cpu", max_examples: int | None = None,
             threshold: float = DEFAULT_THRESHOLD, buffers: str = "reset", store: str | None = None,
             shard: tuple[int, int] | None = None, progress: bool = True,
@@ -109,7 +108,10 @@ def analyze(model: nn.Module, checkpoints: Mapping[int, StateDict], data: Data, 
     trained (``keep``), or are recomputed for each variant on the ``calibration`` batches (``recalibrate``).
     ``data``: tensors ``(x, y)``, ``x`` alone (unlabelled), or a loader of tuples or of dict batches (HF style);
     ``metrics``: names (``error``, ``loss``, ``token_error``, ``nll``, ``agreement``, ``kl``) or functions, see
-    :mod:`criticality.core.metrics`; ``output``: where the logits are in the model's output (a key or a function).
+    :mod:`criticality.core.metrics`; by default chosen from the model's logits on the first batch
+    (:func:`criticality.core.metrics.choose`: a classifier's ``error``, ``loss``; a sequence model's
+    ``token_error``, ``nll``; ``agreement``, ``kl`` for data without labels), logged (INFO) and recorded as
+    ``summary["metrics_spec"]``; ``output``: where the logits are in the model's output (a key or a function).
     ``blocks``: module paths of the model's repeated block stack, in execution order, for the fast engine's
     prefix reuse (default: found, see :func:`criticality.core.stacks.find_stack`).
     ``verdict="interval"`` calls a group critical / robust only when the 95 % paired interval of its Δ
@@ -187,6 +189,7 @@ def finish(plan: Plan, rows: list[dict[str, Any]], *, threshold: float = DEFAULT
         # NaN (no interval, settled verdict) becomes null: JSON without NaN, and summaries compare equal.
         "verdicts": verdict_table.astype(object).where(verdict_table.notna(), None).to_dict(orient="records"),
         "groups_spec": plan.groups.spec,
+        "metrics_spec": dict(plan.metrics_spec),
         "coverage": plan.groups.coverage(),
         "joint": {g: list(k) for g, k in plan.joint.items()},
         "settings": {"init": scheme_name(plan.init), "engine": plan.engine, "batch_size": plan.batch_size,

@@ -7,7 +7,9 @@ numbers faster:
 
 - no copy of the model: it evaluates on the caller's instance (the final state loaded into it; every
   tensor it changed is restored bit for bit afterwards, also when evaluation raises), or on one copy when
-  the model must move to another device; a variant's entries are swapped in and out (:func:`swapped`);
+  the model must move to another device; a variant's entries are swapped in and out (:func:`swapped`), and
+  what modules derived from their weights (timm's attention bias caches) is dropped each time
+  (:mod:`criticality.core.caches`);
 - prefix reuse: for a model with a repeated block stack (``blocks``), a variant whose first modified block
   is ``k`` needs blocks ``k..L`` re-run only. The model's own forward runs, but block ``k - 1`` returns its
   cached output for this batch and the blocks before it return at once (:mod:`criticality.core.stubs`), so
@@ -35,6 +37,7 @@ from torch import nn
 from criticality.core import batches
 from criticality.core import stubs as stubs
 from criticality.core.batches import Batch, Data, Output, iter_batches
+from criticality.core.caches import invalidate
 from criticality.core.evaluate import evaluate, evaluate_naive  # re-exported: the reference next to the engine
 from criticality.core.hooks import eval_mode, hooks
 from criticality.core.metrics import DEFAULT_METRICS, METRICS, CellResult, Metric, Records, needs_reference, resolve
@@ -70,7 +73,8 @@ class Variant:
 
 @contextlib.contextmanager
 def swapped(model: nn.Module, entries: Mapping[str, torch.Tensor]) -> Iterator[nn.Module]:
-    """Temporarily copy ``entries`` into ``model``'s own tensors; the originals always come back."""
+    """Temporarily copy ``entries`` into ``model``'s own tensors; the originals always come back. What the
+    modules derived from their weights is dropped both ways (:func:`criticality.core.caches.invalidate`)."""
     own = model.state_dict(keep_vars=True)
     unknown = [k for k in entries if k not in own]
     if unknown:
@@ -80,11 +84,15 @@ def swapped(model: nn.Module, entries: Mapping[str, torch.Tensor]) -> Iterator[n
         with torch.no_grad():
             for k, v in entries.items():
                 own[k].copy_(v)
+        if entries:
+            invalidate(model)
         yield model
     finally:
         with torch.no_grad():
             for k, v in saved.items():
                 own[k].copy_(v)
+        if saved:
+            invalidate(model)
 
 
 @contextlib.contextmanager
@@ -102,11 +110,13 @@ def loaded(model: nn.Module, state: Mapping[str, torch.Tensor]) -> Iterator[nn.M
                         saved[id(t)] = (t, t.detach().clone())
                 if saved:  # the model's own loading of the keys that differ: tied keys resolve as in the reference
                     model.load_state_dict({k: state[k] for k, t in own.items() if id(t) in saved}, strict=False)
+            invalidate(model)  # also when nothing differs: a cache may hold another state's values
             yield model
     finally:
         with torch.no_grad():
             for t, original in saved.values():
                 t.copy_(original)
+        invalidate(model)
 
 
 def placed(model: nn.Module, device: torch.device) -> nn.Module:
@@ -166,6 +176,9 @@ class Engine:
         return max(p for p in s.valid if p <= pos)
 
     def evaluate(self, variants: Iterable[Variant]) -> Iterator[tuple[Hashable, CellResult]]:
+        yield from self._evaluate(variants)
+
+    def _evaluate(self, variants: Iterable[Variant]) -> Iterator[tuple[Hashable, CellResult]]:
         with loaded(self.model, self.base):
             self._settle()
             variants = sorted(variants, key=self.position)
@@ -181,6 +194,16 @@ class Engine:
                 by_position.setdefault(self.position(v), []).append(v)
             for wave in by_position.values():
                 yield from self._pass(wave, per_chunk)
+
+    def evaluate_on(self, data: Data, metrics: Any, variants: Iterable[Variant]) -> dict[Hashable, CellResult]:
+        """:meth:`evaluate` on other data and metrics, keeping what the engine settled: for data that starts
+        with the same two examples (the canary's probe batch, :mod:`criticality.core.canary`)."""
+        saved = self.data, self.metrics, self.limit
+        self.data, self.metrics, self.limit = data, resolve(metrics), None
+        try:
+            return dict(self._evaluate(variants))  # not evaluate(): these are checks, not the grid's cells
+        finally:
+            self.data, self.metrics, self.limit = saved
 
     def _pass(self, variants: list[Variant], per_chunk: int) -> Iterator[tuple[Hashable, CellResult]]:
         records = {i: Records(self.metrics) for i in range(len(variants))}
@@ -366,11 +389,11 @@ def _identical(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def _bytes(outputs: Sequence[Any]) -> int:
-    """Bytes held by cached block outputs or logits (the first tensor of a tuple)."""
+    """Bytes held by cached block outputs or logits (the hidden state of a tuple or mapping)."""
     total = 0
     for out in outputs:
-        t = out[0] if isinstance(out, tuple) else out
-        if isinstance(t, torch.Tensor):
+        t = stubs.hidden_of(out)
+        if t is not None:
             total += t.numel() * t.element_size()
     return total
 

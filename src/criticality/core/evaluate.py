@@ -17,6 +17,7 @@ from torch import nn
 
 from criticality.core import batches, stubs
 from criticality.core.batches import Data, Output, iter_batches
+from criticality.core.caches import invalidate
 from criticality.core.hooks import eval_mode
 from criticality.core.metrics import DEFAULT_METRICS, CellResult, Records, needs_reference, resolve
 
@@ -53,10 +54,12 @@ def evaluate_naive(model: nn.Module, state: Mapping[str, torch.Tensor], data: Da
     """
     m = copy.deepcopy(model).to(device)
     m.load_state_dict(state)
+    invalidate(m)  # the copy's caches hold values derived from the caller's weights
     reference = None
     if needs_reference(resolve(metrics)):
         reference = copy.deepcopy(model).to(device)
         reference.load_state_dict(state if reference_state is None else reference_state)
+        invalidate(reference)
     run = lambda: evaluate(m, data, metrics=metrics, batch_size=batch_size, device=device,  # noqa: E731
                            limit=limit, output=output, reference=reference)
     if not skip:

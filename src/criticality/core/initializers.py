@@ -31,8 +31,10 @@ not depend on which other modules are drawn with it. :func:`choose` picks the sc
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -58,6 +60,26 @@ class DrawScheme:
 
 
 _REGISTERED: dict[str, DrawScheme] = {}  # in registration order: the order :func:`choose` tries them
+_INITIAL: contextvars.ContextVar[Mapping[str, torch.Tensor] | None] = contextvars.ContextVar("initial", default=None)
+
+
+@contextlib.contextmanager
+def initial_state(state: Mapping[str, torch.Tensor] | None) -> Iterator[None]:
+    """Within the block, :func:`initial_value` reads ``state`` (the run's epoch-0 checkpoint): a draw scheme
+    takes the value a parameter was given at construction from it (a timm layer scale's ``init_values``)."""
+    token = _INITIAL.set(state)
+    try:
+        yield
+    finally:
+        _INITIAL.reset(token)
+
+
+def initial_value(key: str) -> torch.Tensor | None:
+    """The tensor ``key`` of the initial state set by :func:`initial_state` (None outside one, or without it)."""
+    state = _INITIAL.get()
+    if state is None or key not in state:
+        return None
+    return state[key]
 
 
 def register(scheme: DrawScheme) -> DrawScheme:

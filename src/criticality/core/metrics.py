@@ -155,10 +155,29 @@ class Plain(Metric):
 METRICS: dict[str, Metric] = {"error": Error(), "loss": Loss(), "token_error": TokenError(), "nll": NLL(),
                               "agreement": Agreement(), "kl": KL()}
 
-# Default metric sets (names in METRICS). The first of each is the one verdicts are read from.
-DEFAULT_METRICS = ("error", "loss")  # a classifier evaluated on its own (evaluate, Engine, analyze)
+# Default metric sets (names in METRICS). The first of each is the one verdicts are read from. analyze()
+# chooses its own from the model's logits when given none (:func:`choose`).
+DEFAULT_METRICS = ("error", "loss")  # a classifier evaluated on its own (evaluate, Engine)
 CLASSIFIER_METRICS = ("error", "loss", "agreement", "kl")  # a classifier's grid, compared with the final model
 SEQUENCE_METRICS = ("token_error", "nll", "agreement", "kl")  # a language model's grid, likewise
+
+
+def choose(logits: torch.Tensor, targets: torch.Tensor | None) -> tuple[tuple[str, ...], str]:
+    """The metrics that fit a model's logits on one batch, and why: classification logits ``(N, C)`` with class
+    targets ``(N,)`` → ``error``, ``loss``; sequence logits ``(N, T, V)`` with labels ``(N, T)`` →
+    ``token_error``, ``nll``; data without labels → ``agreement``, ``kl``. Anything else is refused: the
+    caller names the metrics."""
+    shape = tuple(logits.shape)
+    if targets is None:
+        return ("agreement", "kl"), f"logits {shape} and no labels: compared with the final model"
+    labels = tuple(targets.shape)
+    if logits.ndim == 2 and targets.ndim == 1 and labels[0] == shape[0] and not targets.is_floating_point():
+        return ("error", "loss"), f"classification logits {shape} with class targets {labels}"
+    if logits.ndim == 3 and labels == shape[:2] and not targets.is_floating_point():
+        return ("token_error", "nll"), f"sequence logits {shape} with labels {labels}"
+    raise CriticalityError(f"cannot choose metrics for logits {shape} with targets {labels} ({targets.dtype}); pass "
+                           "metrics=('error', 'loss') for a classifier, ('token_error', 'nll') for a sequence model, "
+                           "('agreement', 'kl') to compare with the final model, or your own functions")
 
 
 def resolve(metrics: Mapping[str, Metric | Callable] | list | tuple) -> dict[str, Metric]:

@@ -19,7 +19,8 @@ from criticality.core.checkpoints import check_compatible
 from criticality.core.engine import Data, Metric, Variant
 from criticality.core.groups import Groups, GroupSpec, default_spec, resolve
 from criticality.core.groups import joint as joint_group
-from criticality.core.initializers import InitScheme, choose, draw_schemes, scheme_name
+from criticality.core.hooks import eval_mode
+from criticality.core.initializers import InitScheme, choose, draw_schemes, initial_state, scheme_name
 from criticality.core.ops import Cell, Operation
 from criticality.core.state import BUFFER_MODES, fingerprint
 from criticality.errors import CriticalityError
@@ -40,7 +41,7 @@ class PlanSpec:
     final: int | None = None  # the trained model's epoch (default: the largest)
     reinit_to: Sequence[int] | None = None  # reinit targets (default: every epoch before the final one)
     init: InitScheme | None = None  # the draw scheme (default: chosen by initializers.choose)
-    metrics: Sequence[str] | Mapping[str, Metric] = metrics_mod.DEFAULT_METRICS
+    metrics: Sequence[str] | Mapping[str, Metric] | None = None  # None: chosen from the logits (metrics.choose)
     engine: str = "fast"  # or "naive": the plain reference path
     batch_size: int = 1000  # examples per forward pass
     max_examples: int | None = None  # evaluate on the first n examples only
@@ -84,6 +85,7 @@ class Plan:
     ops: dict[str, Operation] = field(default_factory=dict)  # the bound operations, in table order
     cells: list[Cell] = field(default_factory=list)
     adaptive: bool = False  # cells stop once their verdict is decided (criticality.core.adaptive)
+    metrics_spec: dict[str, Any] = field(default_factory=dict)  # the metrics and how they came: given or chosen
 
     @property
     def final_state(self) -> StateDict:
@@ -105,7 +107,8 @@ class Plan:
         """The full state dict of the variant a cell evaluates, made by its operation: an
         :class:`~criticality.core.surgery.Overlay` of the group's new tensors over the final checkpoint, which
         is read for no other key (a lazy checkpoint is never loaded whole per cell)."""
-        state = self.operation(cell.op).state(self, cell)
+        with initial_state(self.checkpoints[self.start_epoch]):  # constants a scheme takes from epoch 0
+            state = self.operation(cell.op).state(self, cell)
         if self.buffers == "recalibrate" and cell.op != "final":
             inputs = (x for x, _ in batches.iter_batches(self.calibration, self.batch_size))
             state = surgery.recalibrate(self.model, state, self.keys(cell.group), inputs)
@@ -175,7 +178,8 @@ def make_plan(model: nn.Module, checkpoints: Mapping[int, StateDict], spec: Plan
                  "it declares layer_groups()" if groups == "model" else "no layer_groups() declared")
     resolved = groups if isinstance(groups, Groups) else resolve(model, groups)
     joints = dict(joint_group(resolved, members) for members in (spec.joint or []))
-    metric_fns = metrics_mod.resolve(spec.metrics)
+    names, metrics_spec = _metrics(model, spec, probe)
+    metric_fns = metrics_mod.resolve(names)
     if not metric_fns:  # any metric can carry the verdicts (verdicts.verdict_metric picks one)
         raise CriticalityError("no metrics given; e.g. metrics=('error', 'loss'), ('token_error', 'nll') for a "
                                "language model, or ('agreement', 'kl') for unlabelled data")
@@ -183,7 +187,7 @@ def make_plan(model: nn.Module, checkpoints: Mapping[int, StateDict], spec: Plan
     init = _init_scheme(model, spec.init, seeds)
     plan = Plan(model, checkpoints, resolved, joints, final, init, metric_fns, spec.engine, spec.batch_size,
                 spec.max_examples, spec.buffers, spec.calibration, output=spec.output, blocks=spec.blocks,
-                adaptive=spec.adaptive)
+                adaptive=spec.adaptive, metrics_spec={"metrics": list(metric_fns), **metrics_spec})
     chosen = ops.build(spec.ops, {**spec.options(), "seeds": seeds})
     plan.ops = {"final": ops.OPERATIONS["final"]()} | {op.name: op.bind(plan, probe) for op in chosen}
     n_groups = len(resolved.names) + len(joints)
@@ -197,6 +201,28 @@ def make_plan(model: nn.Module, checkpoints: Mapping[int, StateDict], spec: Plan
                                "seeds, checkpoints, alphas or sigmas)")
     plan.cells = grid(plan)
     return plan
+
+
+def _metrics(model: nn.Module, spec: PlanSpec, probe: Data | None) -> tuple[Any, dict[str, str]]:
+    """The metrics to measure and how they came: as given, else chosen from the model's logits on the first two
+    examples of ``probe`` (:func:`criticality.core.metrics.choose`, said on the log), else the classifier's
+    default when there is no data to look at or the model does not run on it (the first cell then says why)."""
+    if spec.metrics is not None:
+        return spec.metrics, {"source": "given"}
+    default = metrics_mod.DEFAULT_METRICS
+    first = None if probe is None else next(batches.iter_batches(probe, 2, spec.max_examples), None)
+    if first is None:
+        return default, {"source": "default", "reason": "no data to look at"}
+    device = next(iter(model.state_dict().values()), torch.empty(0)).device
+    inputs, targets = batches.to_device(batches.first_examples(first, 2), device)
+    try:
+        with eval_mode(model), torch.inference_mode():
+            logits = batches.call(model, inputs, spec.output)
+    except (RuntimeError, ValueError, TypeError, IndexError, CriticalityError):
+        return default, {"source": "default", "reason": "the model did not run on the first batch"}
+    names, why = metrics_mod.choose(logits, targets)
+    log.info("criticality: metrics=%s (%s: %s)", ", ".join(names), type(model).__name__, why)
+    return names, {"source": "chosen", "reason": why}
 
 
 def _check_settings(spec: PlanSpec) -> None:

@@ -1,5 +1,7 @@
 """Evaluating a plan's cells: :func:`run_cells` runs them on the fast engine or the plain reference, resumes
-from and extends a store, and keeps every cell's per-example records."""
+from and extends a store, and keeps every cell's per-example records. Before the fast engine runs, the canary
+(:mod:`criticality.core.canary`) checks one variant per group against the reference; a model that fails it is
+evaluated by the reference, with a warning."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from criticality.core import batches
+from criticality.core import batches, canary
 from criticality.core.adaptive import Judge, order, run_adaptive
 from criticality.core.engine import Data, Engine, evaluate_naive
 from criticality.core.ops import Cell
@@ -110,16 +112,18 @@ def _data_errors(results: Any) -> Any:
 def _evaluate(plan: Plan, cells: list[Cell], data: Data, device) -> Any:
     if not cells:
         return
+    fast = None
+    if plan.engine == "fast":
+        fast = Engine(plan.model, plan.final_state, data, metrics=plan.metrics, batch_size=plan.batch_size,
+                      device=device, limit=plan.max_examples, output=plan.output, blocks=_blocks(plan))
+    fast = canary.guard(plan, cells, data, device, fast)
     final = plan.checkpoints[plan.final_epoch]
-    if plan.engine == "naive":
+    if fast is None:
         for cell in cells:
             yield cell, evaluate_naive(plan.model, plan.state(cell), data, metrics=plan.metrics,
-                                                  batch_size=plan.batch_size, device=device,
-                                                  limit=plan.max_examples, output=plan.output,
-                                                  skip=plan.variant(cell).skip, reference_state=final)
+                                       batch_size=plan.batch_size, device=device, limit=plan.max_examples,
+                                       output=plan.output, skip=plan.variant(cell).skip, reference_state=final)
         return
-    fast = Engine(plan.model, final, data, metrics=plan.metrics, batch_size=plan.batch_size, device=device,
-                  limit=plan.max_examples, output=plan.output, blocks=_blocks(plan))
     # closing: the caller's model gets its own tensors back even when the consumer stops early
     with contextlib.closing(fast.evaluate([plan.variant(c) for c in cells])) as results:
         yield from results
@@ -150,13 +154,6 @@ def data_fingerprint(data: Data, limit: int | None = None) -> str:
         h.update(f"{tuple(t.shape)}:{t.dtype}".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()[:16]
-
-
-def _flat(batch: tuple) -> list[torch.Tensor]:
-    """The tensors of a batch ``(inputs, targets)``, dict inputs in key order, no targets left out."""
-    inputs, targets = batch
-    found = [inputs[k] for k in sorted(inputs)] if isinstance(inputs, Mapping) else [inputs]
-    return found + ([] if targets is None else [targets])
 
 
 def _flat(batch: tuple) -> list[torch.Tensor]:

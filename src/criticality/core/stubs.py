@@ -7,14 +7,15 @@ rotary embeddings, heads stay the model's business), it only makes block ``k - 1
 for this batch and the blocks before it return at once. A stub is an instance attribute ``forward`` set for
 the duration of a ``with`` block and always removed afterwards; the module's hooks and attributes stay.
 
-A block returns a tensor, or a tuple whose first element is the hidden state (older transformers); a stub
-returns the same structure (:class:`Shape`).
+A block returns a tensor, a tuple whose first element is the hidden state (older transformers), or a mapping
+(a dict, a transformers ``ModelOutput``) whose first tensor value is the hidden state; a stub returns the same
+structure (:data:`Shape`), with the hidden state in its place and nothing in the other places.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -23,7 +24,9 @@ from torch import nn
 from criticality.core.hooks import hooks
 
 _MISSING = object()
-Shape = int | None  # None: the block returns a tensor; n: a tuple of n elements (hidden state first)
+# None: the block returns a tensor; n: a tuple of n elements (hidden state first); (cls, key): a mapping of
+# class cls (dict, ModelOutput) whose hidden state is under key
+Shape = int | tuple[type, str] | None
 
 
 class Stop(Exception):
@@ -36,7 +39,29 @@ def shape_of(out: Any) -> Shape:
         return None
     if isinstance(out, tuple) and out and isinstance(out[0], torch.Tensor):
         return len(out)
-    raise ValueError(f"a block returned {type(out).__name__}, not a tensor or a tuple starting with one")
+    if isinstance(out, Mapping):
+        key = _hidden_key(out)
+        if key is not None:
+            return (type(out), key)
+    raise ValueError(f"a block returned {type(out).__name__}, not a tensor, a tuple starting with one or a "
+                     "mapping holding one")
+
+
+def _hidden_key(out: Mapping) -> str | None:
+    """The key of a mapping's first tensor value (a ModelOutput holds only the fields that are set)."""
+    return next((k for k, v in out.items() if isinstance(k, str) and isinstance(v, torch.Tensor)), None)
+
+
+def hidden_of(out: Any) -> torch.Tensor | None:
+    """The hidden state in a block's output (see :func:`shape_of`), or None when it holds none."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, tuple) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    if isinstance(out, Mapping):
+        key = _hidden_key(out)
+        return None if key is None else out[key]
+    return None
 
 
 def first_input(args: tuple, kwargs: dict) -> Any:
@@ -50,7 +75,13 @@ def first_input(args: tuple, kwargs: dict) -> Any:
 
 
 def as_shape(h: torch.Tensor, shape: Shape) -> Any:
-    return h if shape is None else (h, *([None] * (shape - 1)))
+    """``h`` in a block's return structure: the other places of a tuple are None, a mapping holds ``h`` alone."""
+    if isinstance(shape, int):
+        return (h, *([None] * (shape - 1)))
+    if isinstance(shape, tuple):
+        cls, key = shape
+        return cls(**{key: h})
+    return h
 
 
 def identity(shape: Shape) -> Callable[..., Any]:
@@ -63,6 +94,9 @@ def returning(out: Any) -> Callable[..., Any]:
     def forward(*args, **kwargs):
         if isinstance(out, torch.Tensor):
             return out.clone()
+        if isinstance(out, Mapping):
+            key = _hidden_key(out)
+            return type(out)(**{**out, key: out[key].clone()})
         return (out[0].clone(), *out[1:])
     return forward
 
@@ -110,7 +144,13 @@ def skipping(model: nn.Module, paths: Sequence[str], shapes: dict[str, Shape]):
 def shapes_of(run: Callable[[], Any], modules: dict[str, nn.Module]) -> dict[str, Shape]:
     """The return structure of each module during one ``run()`` (modules that did not run: left out)."""
     seen: dict[str, Shape] = {}
-    with hooks([(m, lambda mod, a, out, p=p: seen.setdefault(p, _safe_shape(out))) for p, m in modules.items()]):
+
+    def record(path: str) -> Callable[..., None]:
+        def hook(module, args, out) -> None:  # None: a forward hook's return value would replace the output
+            seen.setdefault(path, _safe_shape(out))
+        return hook
+
+    with hooks([(m, record(p)) for p, m in modules.items()]):
         run()
     return seen
 

@@ -1,5 +1,5 @@
 """The ``skip`` operation: the group's module returns its input (identity), in the module's own return
-structure (a tensor, or a tuple whose first element is the hidden state).
+structure (a tensor, a tuple whose first element is the hidden state, or a dict / ``ModelOutput`` holding it).
 
 The module is not removed: its ``forward`` is overridden for the cell (as nnsight's ``skip``, by
 :func:`criticality.core.stubs.skipping`), so its parameters, the attributes its parent reads (HF's
@@ -30,7 +30,7 @@ from criticality.core.hooks import eval_mode, hooks
 from criticality.core.ops import Cell, Operation, register
 from criticality.core.plan import Plan
 from criticality.core.stacks import find_stack
-from criticality.core.stubs import Shape, first_input, shape_of
+from criticality.core.stubs import Shape, first_input, hidden_of, shape_of
 from criticality.errors import CriticalityError
 
 
@@ -201,7 +201,7 @@ def _skip_refusal(io: dict | None) -> str | None:
     if io["input"] is None:
         return "takes no tensor input"
     if io["output"] is None:
-        return f"returns a {io['type']}, not a tensor or a tuple starting with one"
+        return f"returns a {io['type']}, not a tensor, a tuple starting with one or a mapping holding one"
     if io["input"] != io["output"]:
         return f"maps shape {io['input']} to {io['output']}: the identity cannot replace it"
     return None
@@ -214,11 +214,11 @@ def _probe_io(model: nn.Module, paths: Sequence[str], probe: Any, output: Output
     def hook(path):
         def record(module, args, kwargs, output):
             x = first_input(args, kwargs)
-            first = output[0] if isinstance(output, tuple) and output else output
+            first = hidden_of(output)
             seen.setdefault(path, {
                 "input": tuple(x.shape[1:]) if isinstance(x, torch.Tensor) else None,
                 "output": tuple(first.shape[1:]) if isinstance(first, torch.Tensor) else None,
-                "outputs": shape_of(output) if isinstance(first, torch.Tensor) else None,
+                "outputs": shape_of(output) if first is not None else None,
                 "type": type(output).__name__})
         return record
 
