@@ -1,0 +1,249 @@
+"""The checks of the architecture matrix, one case at a time, and the table of their outcomes.
+
+:func:`run_case` builds a case's model, gives it a tiny trajectory (checkpoints 0, 1, 2), and checks what a
+user relies on: ``analyze`` with defaults succeeds; the fast engine equals ``engine="naive"`` on every cell and
+metric; ``ops=("reinit", "skip")`` and ``block_proxies`` succeed or refuse with a ``CriticalityError``; the
+caller's model comes back bit for bit; groups are listed in the order the forward pass first calls them. It
+returns an :class:`Outcome` (what was measured and the problems found); :func:`table` renders the outcomes
+as the markdown of ``docs/architectures.md``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+import timm
+import torch
+import transformers
+from torch import nn
+
+import criticality
+from criticality.core.stacks import find_stack
+from criticality.interventions.proxies import block_proxies
+
+TOLERANCE = 1e-6  # fast vs naive, per cell and metric, absolute
+STEP = 0.02  # length of each trajectory step, relative to the parameter's scale (see trajectory)
+KEYS = ["op", "group", "joint", "checkpoint", "seed", "alpha", "sigma"]  # what names a cell in result.table
+
+
+@dataclass
+class Outcome:
+    key: str
+    package: str
+    family: str
+    groups: int | None = None
+    blocks: int | None = None
+    spec: str = ""
+    fast_s: float | None = None
+    naive_s: float | None = None
+    refused: list[str] = field(default_factory=list)  # CriticalityErrors of skip / proxies, and notes
+    problems: list[str] = field(default_factory=list)  # anything that makes the case fail
+
+    @property
+    def speedup(self) -> float | None:
+        return self.naive_s / self.fast_s if self.fast_s and self.naive_s else None
+
+
+def trajectory(model: nn.Module, seed: int = 0) -> dict[int, dict[str, torch.Tensor]]:
+    """Checkpoints 0, 1, 2: the model's init, moved twice along one seeded random direction.
+
+    Each parameter moves by ``STEP · (0.02 + its std) · N(0, 1)`` per step (tied parameters once, through
+    ``named_parameters``); buffers stay. The model is left at checkpoint 2, the final one."""
+    g = torch.Generator().manual_seed(seed)
+    params = [p for _, p in model.named_parameters() if p.dtype.is_floating_point]
+    moves = [torch.randn(p.shape, generator=g) * STEP * (0.02 + (p.detach().float().std().nan_to_num().item()
+                                                                 if p.numel() > 1 else 0.0)) for p in params]
+    checkpoints = {0: _copy(model)}
+    with torch.no_grad():
+        for epoch in (1, 2):
+            for p, move in zip(params, moves, strict=True):
+                p.add_(move.to(p.dtype))
+            checkpoints[epoch] = _copy(model)
+    return checkpoints
+
+
+def _copy(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def call(model: nn.Module, data: Any) -> Any:
+    """One forward pass over the whole data (labels included for HF models: encoder-decoders need them)."""
+    return model(data[0]) if isinstance(data, tuple) else model(**data)
+
+
+def first_calls(model: nn.Module, data: Any) -> dict[str, int]:
+    """Module path → the position of its first call in one eval-mode forward pass (forward pre-hooks)."""
+    order: dict[str, int] = {}
+
+    def seen(path: str) -> Any:
+        def hook(module: nn.Module, args: Any) -> None:  # returns None: the input goes on unchanged
+            order.setdefault(path, len(order))
+        return hook
+    handles = [m.register_forward_pre_hook(seen(path)) for path, m in model.named_modules()]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            call(model, data)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return order
+
+
+def order_problems(members: dict[str, tuple[str, ...]], order: dict[str, int]) -> list[str]:
+    """Groups out of forward order: each group sits at the first call of any module owning one of its keys."""
+    first = {}
+    for name, keys in members.items():
+        calls = [order[m] for m in (_owner(k, order) for k in keys) if m is not None]
+        if calls:
+            first[name] = min(calls)
+    names = list(first)
+    return [f"group {b!r} is listed after {a!r} but the forward pass reaches it first"
+            for a, b in zip(names, names[1:], strict=False) if first[b] < first[a]]
+
+
+def _owner(key: str, order: dict[str, int]) -> str | None:
+    """The closest module owning ``key`` that the forward pass called (a raw parameter's module, or its parent)."""
+    path = key.rsplit(".", 1)[0] if "." in key else ""
+    while True:
+        if path in order:
+            return path
+        if not path:
+            return None
+        path = path.rsplit(".", 1)[0] if "." in path else ""
+
+
+def compare(fast: pd.DataFrame, naive: pd.DataFrame) -> list[str]:
+    """Every cell and metric of the fast table equals the naive one within TOLERANCE."""
+    keys = [k for k in KEYS if k in fast.columns]
+    if len(fast) != len(naive):
+        return [f"fast has {len(fast)} cells, naive {len(naive)}"]
+    a = fast.sort_values(keys, kind="stable").reset_index(drop=True)
+    b = naive.sort_values(keys, kind="stable").reset_index(drop=True)
+    if not a[keys].astype(str).equals(b[keys].astype(str)):
+        return ["fast and naive evaluate different cells"]
+    problems = []
+    for column in a.columns:
+        if column in keys or not pd.api.types.is_numeric_dtype(a[column]):
+            continue
+        x, y = a[column].astype(float).to_numpy(), b[column].astype(float).to_numpy()
+        for i, (u, v) in enumerate(zip(x, y, strict=True)):
+            if not (math.isnan(u) and math.isnan(v)) and not abs(u - v) <= TOLERANCE:
+                cell = " ".join(str(a.at[i, k]) for k in ("op", "group", "checkpoint", "seed") if k in a)
+                problems.append(f"fast != naive: {column} of {cell}: {u!r} vs {v!r}")
+                break
+    return problems
+
+
+def _unchanged(model: nn.Module, before: dict[str, torch.Tensor], training: bool, what: str) -> list[str]:
+    after = model.state_dict()
+    changed = [k for k in before if k not in after or not torch.equal(before[k], after[k])]
+    problems = [f"{what} changed the caller's model: {', '.join(changed[:3])}"] if changed else []
+    if model.training != training:
+        problems.append(f"{what} left the model in {'train' if model.training else 'eval'} mode")
+    return problems
+
+
+def _describe(error: BaseException) -> str:
+    return f"{type(error).__name__}: {' '.join(str(error).split())}"
+
+
+def _short(note: str, limit: int = 300) -> str:
+    return note if len(note) <= limit else note[:limit - 1] + "…"
+
+
+def _timed(fn: Any) -> tuple[Any, float, list[str]]:
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        start = time.perf_counter()
+        value = fn()
+        seconds = time.perf_counter() - start
+    notes = sorted({" ".join(str(w.message).split()) for w in seen if issubclass(w.category, UserWarning)
+                    and "records no init_scheme" not in str(w.message)})
+    return value, seconds, notes
+
+
+def run_case(key: str, case: Any) -> Outcome:
+    """All the checks of one case; never raises for the library's failures (they become ``problems``)."""
+    out = Outcome(key, case.package, case.family)
+    model, data = case.build()
+    checkpoints = trajectory(model)
+    before, training = _copy(model), model.training
+    out.blocks = len(find_stack(model))
+    order = first_calls(model, data)
+    run = dict(seeds=1, progress=False)
+    try:
+        fast, out.fast_s, notes = _timed(lambda: criticality.analyze(model, checkpoints, data, **run))
+        out.refused += [f"fast engine warns: {n}" for n in notes]
+        out.groups, out.spec = len(fast.groups.members), str(fast.summary.get("groups_spec", ""))
+        out.problems += order_problems(dict(fast.groups.members), order)
+        out.problems += _unchanged(model, before, training, "analyze")
+        naive, out.naive_s, _ = _timed(lambda: criticality.analyze(model, checkpoints, data, engine="naive", **run))
+        out.problems += compare(fast.table, naive.table)
+    except Exception as error:  # the library's failure is the finding: recorded, then the case fails
+        out.problems.append(f"analyze with defaults: {_describe(error)}")
+    out.problems += _unchanged(model, before, training, "analyze")
+    skip = dict(ops=("reinit", "skip"), reinit_to=(0,))  # one reinit per group is enough beside the skips
+    for what, fn in [("skip", lambda: criticality.analyze(model, checkpoints, data, **skip, **run)),
+                     ("proxies", lambda: block_proxies(model, data))]:
+        try:
+            fn()
+        except criticality.CriticalityError as error:
+            out.refused.append(f"{what} refused: {' '.join(str(error).split())}")
+        except Exception as error:
+            out.problems.append(f"{what}: {_describe(error)}")
+        out.problems += _unchanged(model, before, training, what)
+    out.problems = list(dict.fromkeys(out.problems))
+    return out
+
+
+HEADER = """# Architecture matrix
+
+Real `timm` and `transformers` models, each at a tiny random config (no downloads), given a three-checkpoint
+trajectory (the init, then two steps along a seeded random direction) and 16 examples of their kind of data
+(images and labels; token ids and labels; encoder-decoder inputs and labels; Whisper's `input_features`),
+then `criticality.analyze(model, checkpoints, data, seeds=1)` with defaults. Checked per case: it succeeds;
+the fast engine equals `engine="naive"` within {tolerance:g} on every cell and metric; `ops=("reinit", "skip")`
+and `block_proxies` succeed or refuse with a `CriticalityError`; the caller's model comes back bit for bit
+(state and train/eval flag); groups are listed in the order the forward pass first reaches them.
+
+Written by `make test-foreign` (`tests_foreign/`, to `build/architectures.md`); this file is a copy of one
+run's table. Speed-up = naive seconds / fast seconds of the same `analyze` call (one run, one torch thread,
+tiny models: noisy). A failing case listed in `KNOWN` (`tests_foreign/known.py`) is expected to fail today
+and names the item of issue 22 whose fix makes it pass.
+"""
+
+
+def table(outcomes: list[Outcome], known: dict[str, str]) -> str:
+    """The markdown of docs/architectures.md: one row per case, then the machine and versions it ran on."""
+    ok = [o for o in outcomes if not o.problems]
+    lines = [
+        HEADER.format(tolerance=TOLERANCE),
+        f"**{len(ok)} of {len(outcomes)} pass** ({sum(o.package == 'timm' for o in ok)} timm, "
+        f"{sum(o.package == 'transformers' for o in ok)} transformers).",
+        "",
+        "| case | architecture | groups (spec) | blocks | fast s | speed-up | status | refused, warned, failed |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for o in outcomes:
+        status = "passes" if not o.problems else ("**fails** (known: " + known[o.key] + ")" if o.key in known
+                                                  else "**fails**")
+        what = "; ".join(_short(n) for n in o.problems + o.refused).replace("|", "\\|")
+        groups = f"{o.groups} ({o.spec})" if o.groups is not None else "–"
+        fast = f"{o.fast_s:.2f}" if o.fast_s else "–"
+        speed = f"{o.speedup:.2f}×" if o.speedup else "–"
+        lines.append(f"| `{o.key}` | {o.family} | {groups} | {o.blocks} | {fast} | {speed} | {status} | {what} |")
+    versions = (f"Python {platform.python_version()}, torch {torch.__version__}, timm {timm.__version__}, "
+                f"transformers {transformers.__version__}, criticality {criticality.__version__}")
+    lines += ["", f"Ran on: {platform.platform()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch thread(s); "
+              f"{versions}."]
+    return "\n".join(lines) + "\n"
