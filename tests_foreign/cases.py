@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-N = 16  # examples per case: one batch covers them all
+N = 8  # examples per case: one batch covers them all
 CLASSES = 10
 IMAGE = 32  # pixels per side, the smallest size every timm family below builds at
 VOCAB = 128

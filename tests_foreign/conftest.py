@@ -22,7 +22,7 @@ sys.path.insert(0, str(HERE))
 MISSING = [name for name in ("timm", "transformers") if importlib.util.find_spec(name) is None]
 if MISSING and os.environ.get("CRITICALITY_REQUIRE_DATA") == "1":
     raise RuntimeError(f"the architecture matrix needs {' and '.join(MISSING)}: run it through `make test-foreign`, "
-                       "which installs them in .venv-foreign")
+                       "which installs timm and transformers in .venv-foreign")
 
 # One torch thread: on a shared 2-core machine more threads spin against each other (10x slower measured under
 # load); single-threaded timings are also the steadiest for the speed-up column. MATRIX_THREADS overrides.

@@ -22,6 +22,7 @@ import pandas as pd
 import timm
 import torch
 import transformers
+from cases import N
 from torch import nn
 
 import criticality
@@ -164,9 +165,9 @@ def _short(note: str, limit: int = 300) -> str:
 def _timed(fn: Any) -> tuple[Any, float, list[str]]:
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
-        start = time.perf_counter()
+        start = time.process_time()  # CPU seconds of this process: steady on a shared machine (one torch thread)
         value = fn()
-        seconds = time.perf_counter() - start
+        seconds = time.process_time() - start
     notes = sorted({" ".join(str(w.message).split()) for w in seen if issubclass(w.category, UserWarning)
                     and "records no init_scheme" not in str(w.message)})
     return value, seconds, notes
@@ -209,7 +210,7 @@ def run_case(key: str, case: Any) -> Outcome:
 HEADER = """# Architecture matrix
 
 Real `timm` and `transformers` models, each at a tiny random config (no downloads), given a three-checkpoint
-trajectory (the init, then two steps along a seeded random direction) and 16 examples of their kind of data
+trajectory (the init, then two steps along a seeded random direction) and {n} examples of their kind of data
 (images and labels; token ids and labels; encoder-decoder inputs and labels; Whisper's `input_features`),
 then `criticality.analyze(model, checkpoints, data, seeds=1)` with defaults. Checked per case: it succeeds;
 the fast engine equals `engine="naive"` within {tolerance:g} on every cell and metric; `ops=("reinit", "skip")`
@@ -217,9 +218,9 @@ and `block_proxies` succeed or refuse with a `CriticalityError`; the caller's mo
 (state and train/eval flag); groups are listed in the order the forward pass first reaches them.
 
 Written by `make test-foreign` (`tests_foreign/`, to `build/architectures.md`); this file is a copy of one
-run's table. Speed-up = naive seconds / fast seconds of the same `analyze` call (one run, one torch thread,
-tiny models: noisy). A failing case listed in `KNOWN` (`tests_foreign/known.py`) is expected to fail today
-and names the item of issue 22 whose fix makes it pass.
+run's table. Fast s = CPU seconds of `analyze` with defaults (one torch thread); speed-up = naive CPU seconds /
+fast CPU seconds of the same call (one run each, tiny models: noisy). A failing case listed in `KNOWN`
+(`tests_foreign/known.py`) is expected to fail today and names the item of issue 22 whose fix makes it pass.
 """
 
 
@@ -227,7 +228,7 @@ def table(outcomes: list[Outcome], known: dict[str, str]) -> str:
     """The markdown of docs/architectures.md: one row per case, then the machine and versions it ran on."""
     ok = [o for o in outcomes if not o.problems]
     lines = [
-        HEADER.format(tolerance=TOLERANCE),
+        HEADER.format(tolerance=TOLERANCE, n=N),
         f"**{len(ok)} of {len(outcomes)} pass** ({sum(o.package == 'timm' for o in ok)} timm, "
         f"{sum(o.package == 'transformers' for o in ok)} transformers).",
         "",
