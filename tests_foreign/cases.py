@@ -201,7 +201,7 @@ HF: dict[str, tuple[str, Callable[[], nn.Module], str]] = {
                "causal"),
     "phi": ("PhiForCausalLM", _lm("PhiForCausalLM", "phi"), "causal"),
     "phi3": ("Phi3ForCausalLM", _lm("Phi3ForCausalLM", "phi3", pad_token_id=0), "causal"),
-    "stablelm": ("StableLmForCausalLM", _lm("StableLmForCausalLM", "stablelm"), "causal"),
+    "stablelm": ("StableLmForCausalLM", _lm("StableLmForCausalLM", "stablelm", num_key_value_heads=2), "causal"),
     "gpt-bigcode": ("GPTBigCodeForCausalLM", _hf("GPTBigCodeForCausalLM", "gpt_bigcode", vocab_size=VOCAB, n_embd=32,
                                                  n_layer=2, n_head=2, n_positions=64), "causal"),
     "gptj": ("GPTJForCausalLM", _hf("GPTJForCausalLM", "gptj", vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2,

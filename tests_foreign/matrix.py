@@ -31,6 +31,7 @@ from criticality.interventions.proxies import block_proxies
 
 TOLERANCE = 1e-6  # fast vs naive, per cell and metric, absolute
 STEP = 0.02  # length of each trajectory step, relative to the parameter's scale (see trajectory)
+SEQUENCE_METRICS = ("token_error", "nll")
 KEYS = ["op", "group", "joint", "checkpoint", "seed", "alpha", "sigma"]  # what names a cell in result.table
 
 
@@ -181,17 +182,13 @@ def run_case(key: str, case: Any) -> Outcome:
     before, training = _copy(model), model.training
     out.blocks = len(find_stack(model))
     order = first_calls(model, data)
-    run = dict(seeds=1, progress=False)
-    try:
-        fast, out.fast_s, notes = _timed(lambda: criticality.analyze(model, checkpoints, data, **run))
-        out.refused += [f"fast engine warns: {n}" for n in notes]
-        out.groups, out.spec = len(fast.groups.members), str(fast.summary.get("groups_spec", ""))
-        out.problems += order_problems(dict(fast.groups.members), order)
-        out.problems += _unchanged(model, before, training, "analyze")
-        naive, out.naive_s, _ = _timed(lambda: criticality.analyze(model, checkpoints, data, engine="naive", **run))
-        out.problems += compare(fast.table, naive.table)
-    except Exception as error:  # the library's failure is the finding: recorded, then the case fails
-        out.problems.append(f"analyze with defaults: {_describe(error)}")
+    run: dict[str, Any] = dict(seeds=1, progress=False)
+    if not _grid(model, checkpoints, data, run, out, order, "analyze with defaults") \
+            and "for a sequence model use" in out.problems[-1]:
+        # issue 22 item 2: the defaults refuse sequence logits; the other checks still run, metrics spelled out
+        run["metrics"] = SEQUENCE_METRICS
+        _grid(model, checkpoints, data, run, out, order, f"analyze with metrics={SEQUENCE_METRICS}")
+        out.refused.append(f"the checks after the defaults ran with metrics={SEQUENCE_METRICS}")
     out.problems += _unchanged(model, before, training, "analyze")
     skip = dict(ops=("reinit", "skip"), reinit_to=(0,))  # one reinit per group is enough beside the skips
     for what, fn in [("skip", lambda: criticality.analyze(model, checkpoints, data, **skip, **run)),
@@ -205,6 +202,24 @@ def run_case(key: str, case: Any) -> Outcome:
         out.problems += _unchanged(model, before, training, what)
     out.problems = list(dict.fromkeys(out.problems))
     return out
+
+
+def _grid(model: nn.Module, checkpoints: dict, data: Any, run: dict[str, Any], out: Outcome,
+          order: dict[str, int], what: str) -> bool:
+    """analyze fast, then naive: groups, forward order, speed, fast == naive, model untouched. False if it failed."""
+    before, training = _copy(model), model.training
+    try:
+        fast, out.fast_s, notes = _timed(lambda: criticality.analyze(model, checkpoints, data, **run))
+        out.refused += [f"fast engine warns: {n}" for n in notes]
+        out.groups, out.spec = len(fast.groups.members), str(fast.summary.get("groups_spec", ""))
+        out.problems += order_problems(dict(fast.groups.members), order)
+        out.problems += _unchanged(model, before, training, "analyze")
+        naive, out.naive_s, _ = _timed(lambda: criticality.analyze(model, checkpoints, data, engine="naive", **run))
+        out.problems += compare(fast.table, naive.table)
+        return True
+    except Exception as error:  # the library's failure is the finding: recorded, then the case fails
+        out.problems.append(f"{what}: {_describe(error)}")
+        return False
 
 
 HEADER = """# Architecture matrix
