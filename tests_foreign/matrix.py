@@ -32,6 +32,7 @@ from criticality.interventions.proxies import block_proxies
 TOLERANCE = 1e-6  # fast vs naive, per cell and metric, absolute
 STEP = 0.02  # length of each trajectory step, relative to the parameter's scale (see trajectory)
 SEQUENCE_METRICS = ("token_error", "nll")
+DATA_BLAMED = "cannot be evaluated on the data"  # the library's refusal that blames the user's data
 KEYS = ["op", "group", "joint", "checkpoint", "seed", "alpha", "sigma"]  # what names a cell in result.table
 
 
@@ -183,11 +184,11 @@ def run_case(key: str, case: Any) -> Outcome:
     out.blocks = len(find_stack(model))
     order = first_calls(model, data)
     run: dict[str, Any] = dict(seeds=1, progress=False)
-    if not _grid(model, checkpoints, data, run, out, order, "analyze with defaults") \
-            and "for a sequence model use" in out.problems[-1]:
+    evaluated = _grid(model, checkpoints, data, run, out, order, "analyze with defaults")
+    if not evaluated and "for a sequence model use" in out.problems[-1]:
         # issue 22 item 2: the defaults refuse sequence logits; the other checks still run, metrics spelled out
         run["metrics"] = SEQUENCE_METRICS
-        _grid(model, checkpoints, data, run, out, order, f"analyze with metrics={SEQUENCE_METRICS}")
+        evaluated = _grid(model, checkpoints, data, run, out, order, f"analyze with metrics={SEQUENCE_METRICS}")
         out.refused.append(f"the checks after the defaults ran with metrics={SEQUENCE_METRICS}")
     out.problems += _unchanged(model, before, training, "analyze")
     skip = dict(ops=("reinit", "skip"), reinit_to=(0,))  # one reinit per group is enough beside the skips
@@ -196,7 +197,11 @@ def run_case(key: str, case: Any) -> Outcome:
         try:
             fn()
         except criticality.CriticalityError as error:
-            out.refused.append(f"{what} refused: {' '.join(str(error).split())}")
+            note = f"{what} refused: {' '.join(str(error).split())}"
+            if evaluated and DATA_BLAMED in note:  # the same data evaluated fine above: a wrong reason
+                out.problems.append(f"{note} (but analyze evaluated this data)")
+            else:
+                out.refused.append(note)
         except Exception as error:
             out.problems.append(f"{what}: {_describe(error)}")
         out.problems += _unchanged(model, before, training, what)
