@@ -10,6 +10,7 @@ as the markdown of ``docs/architectures.md``.
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import platform
@@ -30,8 +31,11 @@ from criticality.core.stacks import find_stack
 from criticality.interventions.proxies import block_proxies
 
 TOLERANCE = 1e-6  # fast vs naive, per cell and metric, absolute
-STEP = 0.02  # length of each trajectory step, relative to the parameter's scale (see trajectory)
+STEP = 0.1  # length of each trajectory step, relative to the parameter's scale (see trajectory)
+CONSTANT_SCALE = 0.5  # the scale of a parameter initialized to a constant (its std is 0)
 SEQUENCE_METRICS = ("token_error", "nll")
+CLASSIFIERS = ("image", "pixel_values", "classify")  # the data kinds whose loss is plain cross-entropy
+REFERENCE_TOLERANCE = 1e-5  # analyze vs a freshly built model: different kernels' summation order
 DATA_BLAMED = "cannot be evaluated on the data"  # the library's refusal that blames the user's data
 KEYS = ["op", "group", "joint", "checkpoint", "seed", "alpha", "sigma"]  # what names a cell in result.table
 
@@ -57,12 +61,13 @@ class Outcome:
 def trajectory(model: nn.Module, seed: int = 0) -> dict[int, dict[str, torch.Tensor]]:
     """Checkpoints 0, 1, 2: the model's init, moved twice along one seeded random direction.
 
-    Each parameter moves by ``STEP · (0.02 + its std) · N(0, 1)`` per step (tied parameters once, through
-    ``named_parameters``); buffers stay. The model is left at checkpoint 2, the final one."""
+    Each parameter moves by ``STEP · scale · N(0, 1)`` per step, ``scale`` its std, or ``CONSTANT_SCALE`` for a
+    tensor initialized to a constant (zeroed norm weights, layer scales: they must move too, or what they gate
+    never shows); tied parameters once, through ``named_parameters``; buffers stay. The model is left at
+    checkpoint 2, the final one."""
     g = torch.Generator().manual_seed(seed)
     params = [p for _, p in model.named_parameters() if p.dtype.is_floating_point]
-    moves = [torch.randn(p.shape, generator=g) * STEP * (0.02 + (p.detach().float().std().nan_to_num().item()
-                                                                 if p.numel() > 1 else 0.0)) for p in params]
+    moves = [torch.randn(p.shape, generator=g) * STEP * _scale(p) for p in params]
     checkpoints = {0: _copy(model)}
     with torch.no_grad():
         for epoch in (1, 2):
@@ -70,6 +75,11 @@ def trajectory(model: nn.Module, seed: int = 0) -> dict[int, dict[str, torch.Ten
                 p.add_(move.to(p.dtype))
             checkpoints[epoch] = _copy(model)
     return checkpoints
+
+
+def _scale(p: torch.Tensor) -> float:
+    std = p.detach().float().std().item() if p.numel() > 1 else 0.0
+    return std if std > 1e-8 else CONSTANT_SCALE
 
 
 def _copy(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -142,8 +152,38 @@ def compare(fast: pd.DataFrame, naive: pd.DataFrame) -> list[str]:
         for i, (u, v) in enumerate(zip(x, y, strict=True)):
             if not (math.isnan(u) and math.isnan(v)) and not abs(u - v) <= TOLERANCE:
                 cell = " ".join(str(a.at[i, k]) for k in ("op", "group", "checkpoint", "seed") if k in a)
-                problems.append(f"fast != naive: {column} of {cell}: {u!r} vs {v!r}")
+                problems.append(f"fast != naive: {column} of {cell}: {float(u)!r} vs {float(v)!r}")
                 break
+    return problems
+
+
+def reference_problems(case: Any, table: pd.DataFrame, checkpoints: dict, members: dict[str, tuple[str, ...]],
+                       data: Any) -> list[str]:
+    """Each ``reinit`` cell at epoch 0 against a model built afresh (never run before, so nothing it caches from
+    its weights can be stale), loaded with that cell's state and evaluated plainly: error and loss of a classifier
+    (image and sequence-classification cases; other kinds are left to the naive engine)."""
+    if case.data not in CLASSIFIERS:
+        return []
+    pristine, _ = case.build()
+    final = checkpoints[max(checkpoints)]
+    labels = data[1] if isinstance(data, tuple) else data["labels"]
+    problems = []
+    for group, keys in members.items():
+        row = table[(table["op"] == "reinit") & (table["group"] == group) & (table["checkpoint"] == 0)]
+        if len(row) != 1:
+            continue
+        model = copy.deepcopy(pristine)
+        model.load_state_dict({**final, **{k: checkpoints[0][k] for k in keys}})
+        model.eval()
+        with torch.no_grad():
+            output = call(model, data if isinstance(data, tuple) else {k: v for k, v in data.items() if k != "labels"})
+        logits = output if isinstance(output, torch.Tensor) else output.logits
+        loss = torch.nn.functional.cross_entropy(logits.float(), labels).item()
+        error = (logits.argmax(-1) != labels).float().mean().item()
+        got = row.iloc[0]
+        if abs(got["loss"] - loss) > REFERENCE_TOLERANCE or abs(got["error"] - error) > REFERENCE_TOLERANCE:
+            problems.append(f"reinit {group}@0: analyze gives loss {got['loss']:.6f}, error {got['error']:.4f}; "
+                            f"a fresh model loaded with that state gives {loss:.6f}, {error:.4f}")
     return problems
 
 
@@ -184,11 +224,11 @@ def run_case(key: str, case: Any) -> Outcome:
     out.blocks = len(find_stack(model))
     order = first_calls(model, data)
     run: dict[str, Any] = dict(seeds=1, progress=False)
-    evaluated = _grid(model, checkpoints, data, run, out, order, "analyze with defaults")
+    evaluated = _grid(case, model, checkpoints, data, run, out, order, "analyze with defaults")
     if not evaluated and "for a sequence model use" in out.problems[-1]:
         # issue 22 item 2: the defaults refuse sequence logits; the other checks still run, metrics spelled out
         run["metrics"] = SEQUENCE_METRICS
-        evaluated = _grid(model, checkpoints, data, run, out, order, f"analyze with metrics={SEQUENCE_METRICS}")
+        evaluated = _grid(case, model, checkpoints, data, run, out, order, f"analyze with metrics={SEQUENCE_METRICS}")
         out.refused.append(f"the checks after the defaults ran with metrics={SEQUENCE_METRICS}")
     out.problems += _unchanged(model, before, training, "analyze")
     skip = dict(ops=("reinit", "skip"), reinit_to=(0,))  # one reinit per group is enough beside the skips
@@ -209,7 +249,7 @@ def run_case(key: str, case: Any) -> Outcome:
     return out
 
 
-def _grid(model: nn.Module, checkpoints: dict, data: Any, run: dict[str, Any], out: Outcome,
+def _grid(case: Any, model: nn.Module, checkpoints: dict, data: Any, run: dict[str, Any], out: Outcome,
           order: dict[str, int], what: str) -> bool:
     """analyze fast, then naive: groups, forward order, speed, fast == naive, model untouched. False if it failed."""
     before, training = _copy(model), model.training
@@ -221,6 +261,7 @@ def _grid(model: nn.Module, checkpoints: dict, data: Any, run: dict[str, Any], o
         out.problems += _unchanged(model, before, training, "analyze")
         naive, out.naive_s, _ = _timed(lambda: criticality.analyze(model, checkpoints, data, engine="naive", **run))
         out.problems += compare(fast.table, naive.table)
+        out.problems += reference_problems(case, fast.table, checkpoints, dict(fast.groups.members), data)
         return True
     except Exception as error:  # the library's failure is the finding: recorded, then the case fails
         out.problems.append(f"{what}: {_describe(error)}")
