@@ -1,6 +1,7 @@
 """Run the architecture matrix outside pytest, in parallel worker processes, and write its table.
 
     PYTHONPATH=src .venv-foreign/bin/python tests_foreign/run_matrix.py --jobs 3 [--only timm/] [--out FILE]
+    PYTHONPATH=src .venv-foreign/bin/python tests_foreign/run_matrix.py --table-from build/architectures.jsonl
 
 Same cases (cases.py), checks (matrix.run_case) and table (matrix.table) as ``make test-foreign``; each worker
 uses one torch thread. Writes the markdown to ``--out`` (default build/architectures.md) and one JSON line per
@@ -36,14 +37,21 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=2, help="worker processes (default 2)")
     parser.add_argument("--only", default="", help="run only the cases whose key starts with this (e.g. hf/)")
     parser.add_argument("--out", type=Path, default=HERE.parent / "build" / "architectures.md")
+    parser.add_argument("--table-from", type=Path, help="run nothing: rebuild the table from a run's .jsonl "
+                        "(after editing known.py)")
     args = parser.parse_args()
+    import torch
     from cases import CASES
     from known import KNOWN
-    from matrix import table
+    from matrix import Outcome, table
 
+    torch.set_num_threads(1)  # as in each worker: the table's footer says so
     keys = [k for k in CASES if k.startswith(args.only)]
-    with multiprocessing.get_context("spawn").Pool(args.jobs, maxtasksperchild=8) as pool:
-        outcomes = pool.map(_one, keys, chunksize=1)
+    if args.table_from:
+        outcomes = [Outcome(**json.loads(line)) for line in args.table_from.read_text().splitlines()]
+    else:
+        with multiprocessing.get_context("spawn").Pool(args.jobs, maxtasksperchild=8) as pool:
+            outcomes = pool.map(_one, keys, chunksize=1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(table(outcomes, KNOWN))
     args.out.with_suffix(".jsonl").write_text("".join(json.dumps(dataclasses.asdict(o)) + "\n" for o in outcomes))
