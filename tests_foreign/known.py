@@ -28,4 +28,11 @@ KNOWN: dict[str, str] = {
                                                 "inception-next")},
     "timm/xcit": LAYER_SCALE + " nor XCiT's attn.temperature (item 6)",
     "timm/levit": "stale attention_bias_cache: fast != naive on reinit stages.1.downsample@0 (issue 22 item 1)",
+    "timm/efficientformerv2": "stale attention_bias_cache: fast != naive and != a fresh model on reinit "
+                              "stages.3.downsample@0 (issue 22 item 1)",
+    "timm/hgnetv2": "the 'timm' draw scheme does not draw the learnable affine lab.scale / lab.bias (issue 22 item 6)",
+    "timm/convit": "the 'timm' draw scheme does not draw attn.gating_param (issue 22 item 6)",
+    "timm/coat": "the 'timm' draw scheme does not draw cls_token1..4 (issue 22 item 6)",
+    "timm/fasternet": "groups out of forward order: each stage's downsample listed after its blocks (issue 22 item 8)",
+    "timm/twins": "groups out of forward order: one pos_block group for all stages, listed last (issue 22 items 7, 8)",
 }
