@@ -1,9 +1,10 @@
 """The architecture matrix: every case of cases.CASES through matrix.run_case (see matrix.py for the checks).
 
 Run: ``make test-foreign`` (builds .venv-foreign, runs this directory, writes build/architectures.md), or in an
-environment that has timm and transformers: ``PYTHONPATH=src python -m pytest -q tests_foreign``. About 6 minutes
-(one torch thread; estimated from the cases' CPU seconds, 88 cases). Cases in known.KNOWN are expected to fail
-(strict: a fixed one turns the run red). ``run_matrix.py`` runs the same cases in parallel processes.
+environment that has timm and transformers: ``PYTHONPATH=src python -m pytest -q tests_foreign``. About 5.5 minutes
+(88 cases, one torch thread; measured through make test-foreign on a shared 2-core machine). Cases in
+known.KNOWN are expected to fail (strict: a fixed one turns the run red). ``run_matrix.py`` runs the same
+cases in parallel processes.
 """
 
 from __future__ import annotations
