@@ -157,10 +157,10 @@ def _revision_checkpoint(folder: Path, label: str) -> LazyCheckpoint:
         raise CriticalityError(f"revision {label}: {e}") from e
 
 
-def _placed(labels: Sequence[str], kind: str) -> tuple[dict[int, str], dict[int, float]]:
-    """Number on the step axis → label, and tokens where the names carry them; duplicates refused."""
+def _placed(labels: Sequence[str], kind: str) -> tuple[dict[int, str], dict[str, float]]:
+    """Number on the step axis → label, and label → tokens where the names carry them; duplicates refused."""
     numbers: dict[int, str] = {}
-    tokens: dict[int, float] = {}
+    tokens: dict[str, float] = {}
     for label in labels:
         step, tok = position(label)
         if step is None:
@@ -170,7 +170,7 @@ def _placed(labels: Sequence[str], kind: str) -> tuple[dict[int, str], dict[int,
             raise CriticalityError(f"{kind}s {numbers[step]!r} and {label!r} are both step {step}")
         numbers[step] = label
         if tok is not None:
-            tokens[step] = tok
+            tokens[label] = tok
     return numbers, tokens
 
 
@@ -251,16 +251,17 @@ def _conversions(model: nn.Module):
             {p: t for t in transforms if isinstance(t, WeightConverter) for p in t.source_patterns})
 
 
+def _convert(converter, target: str, patterns: list[str], tensors: list[torch.Tensor], model: nn.Module) -> dict:
+    """The parts (in order, with their source patterns) through a fresh copy of transformers' converter."""
+    fresh = copy.deepcopy(converter)
+    for tensor, pattern in zip(tensors, patterns, strict=True):
+        fresh.add_tensor(target, target, pattern, (lambda t=tensor: t))
+    return fresh.convert(target, model=model, config=getattr(model, "config", None))
+
+
 def _fuse(converter, target: str, patterns: list[str], pick: str, model: nn.Module):
-    """A combine function for :class:`Derived`: the parts (in order, with their source patterns) through a
-    fresh copy of transformers' converter; the model key ``pick`` of what it returns."""
-    def combine(tensors: list[torch.Tensor]) -> torch.Tensor:
-        fresh = copy.deepcopy(converter)
-        for tensor, pattern in zip(tensors, patterns, strict=True):
-            fresh.add_tensor(target, target, pattern, (lambda t=tensor: t))
-        out = fresh.convert(target, model=model, config=getattr(model, "config", None))
-        return out[pick]
-    return combine
+    """A combine function for :class:`Derived`: the model key ``pick`` of what the converter makes."""
+    return lambda tensors: _convert(converter, target, patterns, tensors, model)[pick]
 
 
 def to_model_keys(checkpoint: LazyCheckpoint, model: nn.Module, label: str | None = None) -> LazyCheckpoint:
@@ -295,10 +296,8 @@ def to_model_keys(checkpoint: LazyCheckpoint, model: nn.Module, label: str | Non
         parts = [_part(checkpoint, k) for k, _ in members]
         patterns = [p for _, p in members]
         try:  # what the converter makes, on meta tensors: reads nothing
-            probe = copy.deepcopy(converter)
-            for (f, k), p in zip(parts, patterns, strict=True):
-                probe.add_tensor(target, target, p, (lambda s=f.shape(k): torch.empty(s, device="meta")))
-            made = probe.convert(target, model=model, config=getattr(model, "config", None))
+            meta = [torch.empty(f.shape(k), device="meta") for f, k in parts]
+            made = _convert(converter, target, patterns, meta, model)
         except Exception as e:  # noqa: BLE001 - transformers' own ops; name the revision and the keys
             raise CriticalityError(f"{label or checkpoint.name}: cannot fuse {', '.join(k for k, _ in members[:4])} "
                                    f"into {target} as transformers does: {e}") from e
