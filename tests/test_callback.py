@@ -57,27 +57,27 @@ def test_callback_run_is_analysable_with_one_command(tmp_path, capsys):
     model = neox()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     eval_ids = torch.tensor(list(TEXT.encode()[: 8 * 16])).reshape(8, 16)
-    callback = CriticalityCallback(early="paper", eval_data=eval_ids)
-    trainer = train(model, tmp_path / "out", steps=4, callbacks=[callback])
+    callback = CriticalityCallback(early=[1], eval_data=eval_ids)
+    trainer = train(model, tmp_path / "out", steps=3, callbacks=[callback])
     folders = sorted(p.name for p in (tmp_path / "out").glob("checkpoint-*"))
-    assert folders == ["checkpoint-0", "checkpoint-1", "checkpoint-2", "checkpoint-3", "checkpoint-4"]
+    assert folders == ["checkpoint-0", "checkpoint-1", "checkpoint-3"]
     found = trajectory(tmp_path / "out")
     init = alias_tied(hub.to_model_keys(found[0], model), model)
     for k, v in before.items():
         assert torch.equal(init[k], v), k
-    final = alias_tied(hub.to_model_keys(found[4], model), model)
+    final = alias_tied(hub.to_model_keys(found[3], model), model)
     assert any(not torch.equal(final[k], v) for k, v in before.items())  # it trained
     logged = [e for e in trainer.state.log_history if any(k.startswith("criticality/") for k in e)]
     assert logged and set(logged[-1]["criticality_verdicts"]) == {v["group"] for v in callback.result.summary[
         "verdicts"]}
     assert "criticality/gpt_neox.layers.0/delta_token_error" in logged[-1]
-    assert json.loads((tmp_path / "out" / "criticality.json").read_text())["integrity"]["checked"] == 5
+    assert json.loads((tmp_path / "out" / "criticality.json").read_text())["integrity"]["checked"] == 3
     (tmp_path / "eval.txt").write_text(TEXT)
     args = ["analyze-hf", str(tmp_path / "out"), "--data", str(tmp_path / "eval.txt"), "--seq-len", "16",
             "--seeds", "1", "--no-progress"]
     assert cli.main(args) == 0, capsys.readouterr().err
     summary = json.loads((tmp_path / "out" / "analysis" / "summary.json").read_text())
-    assert summary["checkpoints"]["numbers"] == [0, 1, 2, 3, 4]
+    assert summary["checkpoints"]["numbers"] == [0, 1, 3]
 
 
 def test_fine_tuning_run_from_a_pretrained_folder(tmp_path, capsys):
@@ -93,6 +93,24 @@ def test_fine_tuning_run_from_a_pretrained_folder(tmp_path, capsys):
     summary = json.loads((tmp_path / "ft" / "analysis" / "summary.json").read_text())
     assert summary["checkpoints"]["numbers"] == [0, 2, 4]
     assert [v["group"] for v in summary["verdicts"]][:2] == ["gpt_neox.embed_in", "gpt_neox.layers.0"]
+
+
+def test_paper_schedule_saves_the_early_steps_and_epochs():
+    class Control:
+        should_save = False
+
+    class State:
+        global_step, epoch = 0, 0.0
+
+    for unit, event, field in (("step", "on_step_end", "global_step"), ("epoch", "on_epoch_end", "epoch")):
+        callback, saved = CriticalityCallback(early="paper", unit=unit), []
+        for t in range(1, 100):
+            control, state = Control(), State()
+            setattr(state, field, t)
+            getattr(callback, event)(None, state, control)
+            saved += [t] if control.should_save else []
+        assert saved == [1, 2, 3, 8, 40, 90]
+    assert CriticalityCallback().on_log(None, None, None) is None  # events it does not use do nothing
 
 
 def test_callback_refuses_bad_schedules():
