@@ -66,7 +66,7 @@ def build_suite(root: Path, config: dict, sequences: int, seq_len: int) -> tuple
                 p.copy_(init[k] + scale * torch.randn(p.shape, generator=g))
             saved = root / "saved"
             model.save_pretrained(saved)
-            add_to_cache(cache, REPO, f"step{step}", {f.name: f for f in saved.iterdir() if f.is_file()})
+            add_to_cache(cache, REPO, f"step{step}", {f.name: f for f in saved.iterdir() if f.is_file()}, move=True)
             shutil.rmtree(saved)
     ids = torch.randint(0, config["vocab_size"], (sequences, seq_len), generator=g)
     save_file({"input_ids": ids}, str(root / "eval.safetensors"))

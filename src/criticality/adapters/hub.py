@@ -207,10 +207,12 @@ def local_folder(spec: str | Path, cache_dir: str | Path | None = None, offline:
     return snapshot(repo, revision or None, cache_dir, offline)
 
 
-def add_to_cache(cache_dir: str | Path, repo_id: str, revision: str, files: Mapping[str, str | Path]) -> Path:
+def add_to_cache(cache_dir: str | Path, repo_id: str, revision: str, files: Mapping[str, str | Path],
+                 move: bool = False) -> Path:
     """Lay ``files`` (name in the repository → local file) out as ``revision`` of ``repo_id`` in a hub cache,
     the way ``huggingface_hub`` does (blobs named by content sha256, snapshots linking to them, the branch in
-    ``refs``). For offline copies of a suite, tests and benchmarks; returns the snapshot folder."""
+    ``refs``); ``move`` moves the files instead of copying them. For offline copies of a suite, tests and
+    benchmarks; returns the snapshot folder."""
     repo_dir = Path(cache_dir) / f"models--{repo_id.replace('/', '--')}"
     (repo_dir / "blobs").mkdir(parents=True, exist_ok=True)
     digests = {}
@@ -222,7 +224,7 @@ def add_to_cache(cache_dir: str | Path, repo_id: str, revision: str, files: Mapp
         digests[name] = h.hexdigest()
         blob = repo_dir / "blobs" / digests[name]
         if not blob.exists():
-            shutil.copyfile(src, blob)
+            (shutil.move if move else shutil.copyfile)(src, blob)
     commit = hashlib.sha1(f"{revision}\n{sorted(digests.items())}".encode()).hexdigest()
     snap = repo_dir / "snapshots" / commit
     for name, digest in digests.items():
