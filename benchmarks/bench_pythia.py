@@ -57,6 +57,9 @@ def build_suite(root: Path, config: dict, sequences: int, seq_len: int) -> tuple
     nbytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     g = torch.Generator().manual_seed(1)
     cache = root / "hub"
+    done = cache / f"models--{REPO.replace('/', '--')}" / "refs" / f"step{STEPS[-1]}"
+    if done.is_file() and (root / f"eval_{sequences}x{seq_len}.safetensors").is_file():  # a kept --workdir
+        return cache, root / f"eval_{sequences}x{seq_len}.safetensors", nbytes
     with torch.no_grad():
         params = dict(model.named_parameters())
         init = {k: p.detach().clone() for k, p in params.items()}
@@ -69,8 +72,8 @@ def build_suite(root: Path, config: dict, sequences: int, seq_len: int) -> tuple
             add_to_cache(cache, REPO, f"step{step}", {f.name: f for f in saved.iterdir() if f.is_file()}, move=True)
             shutil.rmtree(saved)
     ids = torch.randint(0, config["vocab_size"], (sequences, seq_len), generator=g)
-    save_file({"input_ids": ids}, str(root / "eval.safetensors"))
-    return cache, root / "eval.safetensors", nbytes
+    save_file({"input_ids": ids}, str(root / f"eval_{sequences}x{seq_len}.safetensors"))
+    return cache, root / f"eval_{sequences}x{seq_len}.safetensors", nbytes
 
 
 def child(args: argparse.Namespace) -> None:

@@ -53,6 +53,7 @@ def train(model, out, steps: int, callbacks=(), save_steps: int | None = None, l
     return trainer
 
 
+@pytest.mark.slow
 def test_callback_run_is_analysable_with_one_command(tmp_path, capsys):
     model = neox()
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -80,6 +81,7 @@ def test_callback_run_is_analysable_with_one_command(tmp_path, capsys):
     assert summary["checkpoints"]["numbers"] == [0, 1, 3]
 
 
+@pytest.mark.slow
 def test_fine_tuning_run_from_a_pretrained_folder(tmp_path, capsys):
     neox(seed=3).save_pretrained(tmp_path / "pretrained")
     model = transformers.GPTNeoXForCausalLM.from_pretrained(tmp_path / "pretrained")

@@ -103,7 +103,7 @@ def test_hub_trajectory_reads_revisions_on_the_step_axis(suite):
         hf.find_trajectory(REPO, revisions="ckpt*", cache_dir=suite, offline=True)
     with pytest.raises(CriticalityError, match="no step 0 among step10, step100"):
         hf.find_trajectory(REPO, revisions="step1?*", cache_dir=suite, offline=True)
-    with pytest.raises(CriticalityError, match="not in the Hugging Face cache"):
+    with pytest.raises(CriticalityError, match="neither a local folder nor a repository in the Hugging Face cache"):
         hf.find_trajectory("tiny-org/absent", revisions="step*", cache_dir=suite, offline=True)
 
 
@@ -113,6 +113,7 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
                           text=True, env=env, cwd=cwd, timeout=300)
 
 
+@pytest.mark.slow
 def test_cli_analyses_a_cached_suite_and_reports_the_duplicate(suite, tmp_path):
     (tmp_path / "eval.txt").write_text(TEXT)
     done = run_cli("analyze-hf", REPO, "--revisions", "step*", "--cache-dir", str(suite), "--data", "eval.txt",

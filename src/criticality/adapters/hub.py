@@ -111,8 +111,9 @@ def list_revisions(repo_id: str, cache_dir: str | Path | None = None, offline: b
             pass
     _, repo = _cache_repo(repo_id, cache_dir)
     if repo is None:
-        raise CriticalityError(f"{repo_id} is not in the Hugging Face cache at {cache_dir or 'the default place'} "
-                               "(and the hub is not reachable); download it first or pass --cache-dir")
+        raise CriticalityError(f"{repo_id} is neither a local folder nor a repository in the Hugging Face cache at "
+                               f"{cache_dir or 'the default place'} (and the hub is not reachable); check the path, "
+                               "download the repository first or pass --cache-dir")
     return [ref for ref in repo.refs if not ref.startswith("refs/")]  # refs/pr/1 are not checkpoints
 
 

@@ -115,12 +115,21 @@ def _digest_and_distance(state: Mapping[str, torch.Tensor], init: Mapping[str, t
         for key in sorted(state):
             t = state[key].detach().cpu().contiguous()
             h.update(f"{key}:{t.dtype}:{tuple(t.shape)}\n".encode())
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            if t.numel():
+                h.update(t.reshape(-1).view(torch.uint8).numpy())  # the tensor's bytes, not copied
             if t.is_floating_point():
-                total += float((t.double() - init[key].detach().cpu().double()).pow(2).sum())
+                total += _squared_distance(t, init[key])
     except CriticalityError as e:
         raise CriticalityError(f"checkpoint {label}: {e}") from e
     return h.hexdigest(), math.sqrt(total)
+
+
+def _squared_distance(a: torch.Tensor, b: torch.Tensor, chunk: int = 1 << 20) -> float:
+    """Σ (a − b)² in float64, a million elements at a time (a 50k-token embedding in double would
+    otherwise cost several copies of the whole model's size)."""
+    a, b = a.reshape(-1), b.detach().cpu().reshape(-1)
+    return sum(float((x.double() - y.double()).pow(2).sum()) for x, y in zip(a.split(chunk), b.split(chunk),
+                                                                               strict=True))
 
 
 def _collapse(numbers: list[int], digests: dict[int, str], labels: dict[int, str],
