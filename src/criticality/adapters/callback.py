@@ -41,7 +41,7 @@ from criticality.core.trajectory import alias_tied, trajectory
 from criticality.errors import CriticalityError
 from criticality.infra.files import write_json
 
-log = logging.getLogger("criticality")
+log = logging.getLogger(__name__)
 PAPER_EARLY = (1, 2, 3, 8, 40, 90)  # the paper's heatmap columns after 0 (paper/experiments.py FCN_COLUMNS)
 UNITS = ("step", "epoch")
 

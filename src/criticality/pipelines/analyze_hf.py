@@ -28,7 +28,7 @@ A causal LM is scored per token: ``token_error`` (next token wrong), ``nll`` (na
 from __future__ import annotations
 
 import json
-import sys
+import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -57,6 +57,7 @@ from criticality.pipelines.grid import analyse_plan, one_process
 DEFAULT_METRIC_NAMES = SEQUENCE_METRICS
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 DEFAULT_SEQ_LEN = 128  # tokens per sequence, capped by the model's max_position_embeddings
+log = logging.getLogger(__name__)
 
 
 def _transformers():
@@ -236,7 +237,7 @@ def checked_states(found: Trajectory, model: nn.Module, check: bool = True):
         return states, None
     found_integrity = integrity.check(states, model.state_dict().keys(), found.labels)
     for line in found_integrity.warnings():
-        print(f"integrity: {line}", file=sys.stderr)
+        log.warning("integrity: %s", line)
     return found_integrity.kept, found_integrity
 
 
