@@ -85,6 +85,7 @@ def child(args: argparse.Namespace) -> None:
     found = hf.find_trajectory(REPO, revisions="step*", cache_dir=args.cache)
     model = hf.build_model(hf.config_folder(found))
     states, checked = hf.checked_states(found, model)
+    hf.hold_final(model, states[max(states)])  # as analyze-hf does
     ids = hf.read_tokens(Path(args.data), args.seq_len)["input_ids"]
     reinit_to = None if args.reinit_to == "all" else [int(x) for x in args.reinit_to.split(",")]
     result = analyze(model, states, (ids, ids), groups="blocks", seeds=args.seeds, reinit_to=reinit_to,

@@ -241,6 +241,20 @@ def checked_states(found: Trajectory, model: nn.Module, check: bool = True):
     return found_integrity.kept, found_integrity
 
 
+def hold_final(model: nn.Module, final: Mapping[str, torch.Tensor]) -> None:
+    """Copy the final checkpoint into ``model``, one tensor at a time: the engine then finds nothing to save
+    and restore (it keeps a copy of every tensor of the caller's model that differs from the final state,
+    which for the random weights of :func:`build_model` is one whole model size of memory)."""
+    own = model.state_dict()
+    if set(own) - set(final):
+        return  # a misfit: make_plan's check names it
+    with torch.no_grad():
+        for key, tensor in own.items():
+            if tuple(final[key].shape) != tuple(tensor.shape):
+                return  # likewise
+            tensor.copy_(final[key])
+
+
 def analyze_hf(checkpoints: str | Path | None, data: str | Path, *, init_checkpoint: str | Path | None = None,
                revisions: str | Sequence[str] | None = None, repos: str | None = None,
                cache_dir: str | Path | None = None, offline: bool | None = None, check_integrity: bool = True,
@@ -255,6 +269,7 @@ def analyze_hf(checkpoints: str | Path | None, data: str | Path, *, init_checkpo
     folder = config_folder(found)
     model = build_model(folder)
     states, checked = checked_states(found, model, check_integrity)
+    hold_final(model, states[max(states)])
     limit = getattr(model.config, "max_position_embeddings", None) or DEFAULT_SEQ_LEN
     seq_len = seq_len or min(DEFAULT_SEQ_LEN, limit)
     if seq_len > limit:
