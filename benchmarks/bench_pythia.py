@@ -30,7 +30,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import pandas as pd
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,6 +96,12 @@ def child(args: argparse.Namespace) -> None:
     (Path(args.out) / f"run_{args.engine}.json").write_text(json.dumps(report))
 
 
+def _read_csv(path: Path):
+    import pandas as pd
+
+    return pd.read_csv(path)
+
+
 def peak_rss(cmd: list[str], env: dict[str, str]) -> int:
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(proc.pid, 0)
@@ -118,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-model-sizes", type=float, default=3.0)
     parser.add_argument("--workdir", type=Path, help="keep the suite and tables here (default: a temp dir)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--build", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--engine", help=argparse.SUPPRESS)
     parser.add_argument("--cache", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
@@ -127,6 +133,11 @@ def main(argv: list[str] | None = None) -> int:
     args.seq_len = args.seq_len or (16 if args.small else 256)
     if args.child:
         child(args)
+        return 0
+    if args.build:
+        cache, data, nbytes = build_suite(Path(args.out), SMALL if args.small else PYTHIA_70M, args.sequences,
+                                          args.seq_len)
+        print(json.dumps({"cache": str(cache), "data": str(data), "nbytes": nbytes}))
         return 0
     sys.path.insert(0, str(ROOT / "src"))
     root = args.workdir or Path(tempfile.mkdtemp(prefix="bench_pythia_"))
@@ -139,14 +150,19 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def measure(args: argparse.Namespace, root: Path) -> int:
-    config = SMALL if args.small else PYTHIA_70M
+    # Every child is started from this lean parent (a forked child's peak RSS counts the parent's pages
+    # until it execs), and the suite is built in a child of its own, after the baseline.
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
+    baseline = peak_rss([sys.executable, "-c", BASELINE], env)
     t0 = time.perf_counter()
-    cache, data, nbytes = build_suite(root, config, args.sequences, args.seq_len)
+    built = subprocess.run([sys.executable, __file__, "--build", "--out", str(root), "--sequences", str(args.sequences),
+                            "--seq-len", str(args.seq_len)] + (["--small"] if args.small else []), env=env,
+                           capture_output=True, text=True, check=True)
+    suite = json.loads(built.stdout.strip().splitlines()[-1])
+    cache, data, nbytes = suite["cache"], suite["data"], suite["nbytes"]
     name = "small" if args.small else "Pythia-70m config"
     print(f"suite: {len(STEPS)} revisions of a {nbytes / 2**20:.0f} MiB GPT-NeoX ({name}) written in "
           f"{time.perf_counter() - t0:.0f} s; eval {args.sequences} × {args.seq_len}")
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
-    baseline = peak_rss([sys.executable, "-c", BASELINE], env)
     tables, ok = {}, True
     for engine in args.engines:
         cmd = [sys.executable, __file__, "--child", "--engine", engine, "--cache", str(cache), "--data", str(data),
@@ -156,7 +172,7 @@ def measure(args: argparse.Namespace, root: Path) -> int:
         run = json.loads((root / f"run_{engine}.json").read_text())
         sizes = (peak - baseline) / nbytes
         ok &= args.small or sizes <= args.max_model_sizes  # a toy model is smaller than the interpreter's noise
-        tables[engine] = pd.read_csv(root / f"cells_{engine}.csv")
+        tables[engine] = _read_csv(root / f"cells_{engine}.csv")
         print(f"{engine:>5}: {run['cells']} cells over {len(run['groups'])} groups in {run['seconds']:.1f} s; "
               f"peak RSS {peak / 2**20:.0f} MiB, baseline {baseline / 2**20:.0f} MiB → {sizes:.2f} model sizes "
               f"(limit {args.max_model_sizes}); integrity: {run['integrity']}")
