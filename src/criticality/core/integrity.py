@@ -113,23 +113,39 @@ def _digest_and_distance(state: Mapping[str, torch.Tensor], init: Mapping[str, t
     total = 0.0
     try:
         for key in sorted(state):
-            t = state[key].detach().cpu().contiguous()
-            h.update(f"{key}:{t.dtype}:{tuple(t.shape)}\n".encode())
-            if t.numel():
-                h.update(t.reshape(-1).view(torch.uint8).numpy())  # the tensor's bytes, not copied
-            if t.is_floating_point():
-                total += _squared_distance(t, init[key])
+            shape = _shape(state, key)
+            if shape != _shape(init, key):
+                raise CriticalityError(f"{key} has shape {shape}, the initialization's {_shape(init, key)}")
+            h.update(f"{key}:{shape}\n".encode())
+            for a, b in zip(_chunks(state, key, shape), _chunks(init, key, shape), strict=True):
+                h.update(str(a.dtype).encode())
+                if a.numel():
+                    h.update(a.contiguous().reshape(-1).view(torch.uint8).numpy())  # the bytes, not copied
+                if a.is_floating_point():
+                    total += float((a.double() - b.double()).pow(2).sum())
     except CriticalityError as e:
         raise CriticalityError(f"checkpoint {label}: {e}") from e
     return h.hexdigest(), math.sqrt(total)
 
 
-def _squared_distance(a: torch.Tensor, b: torch.Tensor, chunk: int = 1 << 20) -> float:
-    """Σ (a − b)² in float64, a million elements at a time (a 50k-token embedding in double would
-    otherwise cost several copies of the whole model's size)."""
-    a, b = a.reshape(-1), b.detach().cpu().reshape(-1)
-    return sum(float((x.double() - y.double()).pow(2).sum()) for x, y in zip(a.split(chunk), b.split(chunk),
-                                                                               strict=True))
+CHUNK = 1 << 20  # elements read at a time: a 50k-token embedding whole, in double, costs a model size
+
+
+def _shape(state: Mapping[str, torch.Tensor], key: str) -> tuple[int, ...]:
+    return state.shape_of(key) if isinstance(state, LazyCheckpoint) else tuple(state[key].shape)
+
+
+def _chunks(state: Mapping[str, torch.Tensor], key: str, shape: tuple[int, ...]):
+    """The tensor in runs of rows of about CHUNK elements, read from the file run by run where it can be."""
+    if not shape:
+        yield state[key].detach().cpu()
+        return
+    per_row = max(math.prod(shape[1:]), 1)
+    step = max(CHUNK // per_row, 1)
+    held = state.file_key(key) if isinstance(state, LazyCheckpoint) else None
+    tensor = None if held is not None else state[key].detach().cpu()
+    for start in range(0, shape[0], step):
+        yield held[0].rows(held[1], start, start + step) if held is not None else tensor[start:start + step]
 
 
 def _collapse(numbers: list[int], digests: dict[int, str], labels: dict[int, str],

@@ -83,6 +83,17 @@ class TensorFile:
         except (SafetensorError, OSError) as e:
             raise CriticalityError(f"checkpoint {self.path}: cannot read {key!r}: {e}") from e
 
+    def rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of the tensor (its first dimension), reading only those from a safetensors file."""
+        self.verify()
+        handle = self._open()
+        if isinstance(handle, dict):
+            return handle[key][start:stop]
+        try:
+            return handle.get_slice(key)[start:stop]
+        except (SafetensorError, OSError) as e:
+            raise CriticalityError(f"checkpoint {self.path}: cannot read {key!r}: {e}") from e
+
     def close(self) -> None:
         self._handle = None
 
