@@ -178,11 +178,23 @@ def _wait_option(parser: argparse.ArgumentParser) -> None:
 
 def _hf_options(parser: argparse.ArgumentParser) -> None:
     """``analyze-hf``: the logic is criticality.pipelines.analyze_hf.analyze_hf."""
-    parser.add_argument("checkpoints", metavar="CHECKPOINTS",
-                        help="HF Trainer output (checkpoint-<step>/) or a folder of step_N.safetensors files")
+    parser.add_argument("checkpoints", metavar="CHECKPOINTS", nargs="?",
+                        help="HF Trainer output (checkpoint-<step>/), a folder of step_N.safetensors files, or a hub "
+                             "repository id ORG/NAME read from the hub cache (see --revisions)")
     parser.add_argument("--data", required=True, metavar="FILE",
                         help="token ids (.safetensors with input_ids, .npy) or text (.txt, .jsonl) to evaluate on")
-    parser.add_argument("--init-checkpoint", metavar="PATH", help="the initialization, when CHECKPOINTS lacks step 0")
+    parser.add_argument("--init-checkpoint", metavar="PATH_OR_REPO",
+                        help="the initialization, when CHECKPOINTS lacks step 0: a file, a save_pretrained folder or a "
+                             "cached repository id ORG/NAME[@REVISION] (a fine-tuning run's pretrained model)")
+    parser.add_argument("--revisions", metavar="GLOBS",
+                        help="hub branches of CHECKPOINTS to analyse: globs or names, comma-separated ('step*', "
+                             "'step0,step1000,step143000'); naturally sorted, the step read from each name")
+    parser.add_argument("--repos", metavar="GLOB", help="one hub repository per checkpoint ('ORG/NAME-step_*'), "
+                        "instead of CHECKPOINTS")
+    parser.add_argument("--cache-dir", metavar="DIR", help="the Hugging Face hub cache (default: huggingface_hub's, "
+                        "HF_HUB_CACHE); with HF_HUB_OFFLINE=1 nothing is downloaded")
+    parser.add_argument("--no-integrity", action="store_true",
+                        help="skip the integrity check (identical and off-trend checkpoints) before the grid")
     parser.add_argument("--groups", default="blocks",
                         help=f"{' | '.join(SPECS[1:])} | a JSON file {{name: [patterns]}}")
     parser.add_argument("--seeds", type=NON_NEGATIVE, default=2, help="re-randomization draws per group")
@@ -323,7 +335,8 @@ def _analyze(args: argparse.Namespace, progress: bool) -> int:
 
 
 def _analyze_hf(args: argparse.Namespace, progress: bool) -> int:
-    out = analyze_hf(args.checkpoints, args.data, init_checkpoint=args.init_checkpoint,
+    out = analyze_hf(args.checkpoints, args.data, init_checkpoint=args.init_checkpoint, revisions=args.revisions,
+                     repos=args.repos, cache_dir=args.cache_dir, check_integrity=not args.no_integrity,
                      groups=_groups(args.groups), seeds=args.seeds, seq_len=args.seq_len,
                      batch_size=args.batch_size, max_examples=args.max_examples, threshold=args.threshold,
                      device=args.device, engine=args.engine, text_key=args.text_key, out=args.out,

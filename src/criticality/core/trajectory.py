@@ -25,7 +25,7 @@ import json
 import pickle
 import re
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -50,9 +50,12 @@ class TensorFile:
         self._verified = sha256 is None
 
     def identity(self) -> str:
-        """What names this file's content without reading it: its sidecar sha256, else name, size, mtime."""
+        """What names this file's content without reading it: its sidecar sha256, a hub cache's blob name
+        (``snapshots/SHA/FILE`` links to ``blobs/<sha256 of the content>``), else name, size, mtime."""
         if self.sha256:
             return f"sha256:{self.sha256}"
+        if self.path.is_symlink() and self.path.resolve().parent.name == "blobs":
+            return f"blob:{self.path.resolve().name}"
         stat = self.path.stat()
         return f"{self.path.name}:{stat.st_size}:{stat.st_mtime_ns}"
 
@@ -77,6 +80,17 @@ class TensorFile:
             return handle[key]
         try:
             return handle.get_tensor(key)
+        except (SafetensorError, OSError) as e:
+            raise CriticalityError(f"checkpoint {self.path}: cannot read {key!r}: {e}") from e
+
+    def rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of the tensor (its first dimension), reading only those from a safetensors file."""
+        self.verify()
+        handle = self._open()
+        if isinstance(handle, dict):
+            return handle[key][start:stop]
+        try:
+            return handle.get_slice(key)[start:stop]
         except (SafetensorError, OSError) as e:
             raise CriticalityError(f"checkpoint {self.path}: cannot read {key!r}: {e}") from e
 
@@ -131,6 +145,36 @@ def _read_pickle(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
     return obj, mapped
 
 
+class Derived:
+    """One model tensor made from checkpoint tensors: renamed (one part, no ``combine``) or fused as
+    transformers does on load (MoE experts stored one per expert, stacked in memory). ``combine`` takes
+    the parts' tensors in order and returns the model's tensor; it must also work on meta tensors, which
+    is how :meth:`shape` answers without reading anything."""
+
+    def __init__(self, parts: Sequence[tuple[TensorFile, str]],
+                 combine: Callable[[list[torch.Tensor]], torch.Tensor] | None = None):
+        if combine is None and len(parts) != 1:
+            raise ValueError("a Derived tensor of several parts needs a combine function")
+        self.parts, self.combine = list(parts), combine
+
+    @property
+    def files(self) -> list[TensorFile]:
+        return [f for f, _ in self.parts]
+
+    def describe(self) -> str:
+        return "+".join(k for _, k in self.parts) + ("" if self.combine is None else "|fused")
+
+    def tensor(self, key: str) -> torch.Tensor:
+        tensors = [f.tensor(k) for f, k in self.parts]
+        return tensors[0] if self.combine is None else self.combine(tensors)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        if self.combine is None:
+            f, k = self.parts[0]
+            return f.shape(k)
+        return tuple(self.combine([torch.empty(f.shape(k), device="meta") for f, k in self.parts]).shape)
+
+
 class LazyCheckpoint(Mapping):
     """A read-only state dict over one or more files; ``self[key]`` reads that tensor only.
 
@@ -139,7 +183,8 @@ class LazyCheckpoint(Mapping):
     files leave out (tied weights) to the key that holds their values.
     """
 
-    def __init__(self, where: Mapping[str, TensorFile], name: str, aliases: Mapping[str, str] | None = None):
+    def __init__(self, where: Mapping[str, TensorFile | Derived], name: str,
+                 aliases: Mapping[str, str] | None = None):
         self._where, self.name = dict(where), name
         self._aliases = dict(aliases or {})
         self._cache: weakref.WeakValueDictionary[str, torch.Tensor] = weakref.WeakValueDictionary()
@@ -169,7 +214,24 @@ class LazyCheckpoint(Mapping):
 
     @property
     def files(self) -> list[TensorFile]:
-        return list({id(f): f for f in self._where.values()}.values())
+        held = (f for src in self._where.values() for f in (src.files if isinstance(src, Derived) else [src]))
+        return list({id(f): f for f in held}.values())
+
+    def file_key(self, key: str) -> tuple[TensorFile, str] | None:
+        """The file and the key in it that hold ``key`` as it is, or None when it is derived (fused)."""
+        key = self._aliases.get(key, key)
+        src = self._where[key]
+        if isinstance(src, Derived):
+            return src.parts[0] if src.combine is None else None
+        return src, key
+
+    def mapped(self, where: Mapping[str, TensorFile | Derived]) -> LazyCheckpoint:
+        """The same files under other keys (``where`` built from :meth:`sources`), aliases kept."""
+        return LazyCheckpoint(where, self.name, self._aliases)
+
+    def sources(self) -> dict[str, TensorFile | Derived]:
+        """Key → where its tensor comes from (a file, or a :class:`Derived`)."""
+        return dict(self._where)
 
     def shape_of(self, key: str) -> tuple[int, ...]:
         """The tensor's shape from the file header, without reading the tensor."""
@@ -185,6 +247,9 @@ class LazyCheckpoint(Mapping):
         for f in sorted(self.files, key=lambda f: f.path.name):
             h.update(f.identity().encode() + b"\n")
         h.update(json.dumps(sorted(self._aliases.items())).encode())
+        derived = sorted((k, s.describe()) for k, s in self._where.items() if isinstance(s, Derived))
+        if derived:
+            h.update(json.dumps(derived).encode())
         return "files:" + h.hexdigest()[:16]
 
     def verify(self) -> None:
@@ -195,9 +260,13 @@ class LazyCheckpoint(Mapping):
 class Trajectory(Mapping):
     """Checkpoint number (epoch or step, see ``axis``) → :class:`LazyCheckpoint`, ascending."""
 
-    def __init__(self, checkpoints: Mapping[int, LazyCheckpoint], axis: str, layout: str, path: Path):
+    def __init__(self, checkpoints: Mapping[int, LazyCheckpoint], axis: str, layout: str, path: Path,
+                 labels: Mapping[int, str] | None = None, extra: Mapping[str, object] | None = None):
         self._checkpoints = dict(sorted(checkpoints.items()))
         self.axis, self.layout, self.path = axis, layout, path
+        # number → what the user calls it (a hub revision such as step1000-tokens4B, a repository id)
+        self.labels = {n: (labels or {}).get(n, c.name) for n, c in self._checkpoints.items()}
+        self.extra = dict(extra or {})  # what the summary's checkpoints section adds (tokens per number, …)
 
     def __getitem__(self, number: int) -> LazyCheckpoint:
         return self._checkpoints[number]

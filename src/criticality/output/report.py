@@ -85,6 +85,7 @@ def render(config: dict, summary: dict, figures_dir: Path) -> str:
         f"<h1>{_e(title)}</h1>",
         _data_note(data, data_name),
         _headline(summary),
+        _integrity(summary.get("integrity")),
         _how_to_read(summary),
         _assumptions(config.get("experiment") or {}),
         _verdicts(summary),
@@ -104,6 +105,20 @@ def render(config: dict, summary: dict, figures_dir: Path) -> str:
         + "\n".join(body)
         + "\n</body>\n</html>\n"
     )
+
+
+def _integrity(integrity: dict | None) -> str:
+    """The trajectory check (core.integrity): identical checkpoints collapsed, off-trend ones flagged."""
+    if not integrity:
+        return ""
+    items = [f"<li><code>{_e(d['kept'])}</code> is byte-identical to "
+             f"{', '.join(f'<code>{_e(s)}</code>' for s in d['same'])} ({_e(d['by'])}): analysed once</li>"
+             for d in integrity.get("duplicates", [])]
+    items += [f"<li><b>flagged</b> <code>{_e(f['revision'])}</code>: {_e(f['reason'])}</li>"
+              for f in integrity.get("flagged", [])]
+    verdict = "problems found" if items else "no identical or off-trend checkpoints"
+    return (f"<h2>Integrity of the checkpoints</h2><p>{integrity.get('checked', 0)} checkpoints checked before the "
+            f"grid: {verdict}.</p>" + (f"<ul>{''.join(items)}</ul>" if items else ""))
 
 
 def _data_note(data: dict, data_name: str) -> str:

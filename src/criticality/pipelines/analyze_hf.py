@@ -1,4 +1,11 @@
-"""Hugging Face checkpoint folders analysed offline: ``criticality analyze-hf CHECKPOINTS --data FILE``.
+"""Hugging Face checkpoint trajectories analysed on a local file: ``criticality analyze-hf CHECKPOINTS --data FILE``.
+
+CHECKPOINTS is an HF Trainer output folder, a folder of ``step_N.safetensors``, or a hub repository id read
+from the local hub cache (``ORG/NAME --revisions 'step*'``, or ``--repos 'ORG/NAME-step_*'`` for one
+repository per checkpoint; :mod:`criticality.adapters.hub`). Checkpoint files are read through the key
+mapping transformers applies on load, and the trajectory's integrity is checked before the grid
+(:mod:`criticality.core.integrity`: identical checkpoints collapsed, off-trend ones flagged, missing keys
+one error); ``summary.json`` and the report carry an ``integrity`` section.
 
 The model class comes from the checkpoints' own ``config.json`` (``architectures``, built with random
 weights by transformers — ``pip install 'criticality[hf]'``); the checkpoints are read lazily
@@ -21,7 +28,8 @@ A causal LM is scored per token: ``token_error`` (next token wrong), ``nll`` (na
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+import logging
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +37,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from criticality.adapters import hub
+from criticality.core import integrity
 from criticality.core.analysis import DEFAULT_THRESHOLD, Result
 from criticality.core.metrics import SEQUENCE_METRICS
 from criticality.core.plan import PlanSpec, make_plan
-from criticality.core.trajectory import Trajectory, alias_tied, trajectory
+from criticality.core.trajectory import Trajectory, alias_tied, checkpoint_at, trajectory
 from criticality.errors import CriticalityError
 from criticality.infra import distributed
 from criticality.infra.files import write_json, write_text
@@ -47,6 +57,7 @@ from criticality.pipelines.grid import analyse_plan, one_process
 DEFAULT_METRIC_NAMES = SEQUENCE_METRICS
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 DEFAULT_SEQ_LEN = 128  # tokens per sequence, capped by the model's max_position_embeddings
+log = logging.getLogger(__name__)
 
 
 def _transformers():
@@ -179,24 +190,93 @@ def lm_data(tensors: Mapping[str, torch.Tensor], batch_size: int):
              "labels": labels[i:i + batch_size]} for i in range(0, len(ids), batch_size)]
 
 
-def analyze_hf(checkpoints: str | Path, data: str | Path, *, init_checkpoint: str | Path | None = None,
+def find_trajectory(checkpoints: str | Path | None, *, revisions: str | Sequence[str] | None = None,
+                    repos: str | None = None, init_checkpoint: str | Path | None = None,
+                    cache_dir: str | Path | None = None, offline: bool | None = None) -> Trajectory:
+    """The checkpoints: a local folder, a hub repository's revisions, or one repository per checkpoint;
+    ``init_checkpoint`` (a folder, a file or a cached repository id) adds step 0 where they lack it."""
+    if repos:
+        if checkpoints:
+            raise CriticalityError("give either CHECKPOINTS or --repos, not both")
+        found = hub.repos_trajectory(repos, cache_dir, offline)
+    elif checkpoints is None:
+        raise CriticalityError("name the checkpoints: a folder, a hub repository id (ORG/NAME --revisions 'step*') "
+                               "or --repos 'ORG/NAME-step_*'")
+    elif revisions or hub.is_repo_id(checkpoints):
+        if not hub.is_repo_id(checkpoints):
+            raise CriticalityError(f"--revisions needs a hub repository id (ORG/NAME), got {checkpoints}")
+        found = hub.hub_trajectory(str(checkpoints), revisions or "*", cache_dir, offline)
+    else:
+        init = hub.local_folder(init_checkpoint, cache_dir, offline) if init_checkpoint is not None else None
+        return trajectory(checkpoints, init)
+    if init_checkpoint is not None:
+        if 0 in found:
+            raise CriticalityError(f"{found.path} already holds step 0 ({found.labels[0]}); drop --init-checkpoint")
+        init = checkpoint_at(hub.local_folder(init_checkpoint, cache_dir, offline))
+        found = Trajectory({0: init, **found}, found.axis, found.layout, found.path,
+                           {**found.labels, 0: str(init_checkpoint)}, found.extra)
+    if 0 not in found:
+        raise CriticalityError(f"{found.path}: no step 0 among {', '.join(found.labels.values())}; include the "
+                               "initialization's revision (e.g. step0) or pass --init-checkpoint")
+    return found
+
+
+def default_out(checkpoints: str | Path | None, repos: str | None) -> Path:
+    """CHECKPOINTS/analysis for a local folder; analysis/ORG--NAME here for a hub trajectory."""
+    if repos or hub.is_repo_id(checkpoints):
+        name = (repos or str(checkpoints)).replace("/", "--").replace("*", "").strip("-_")
+        return Path("analysis") / name
+    return Path(checkpoints) / "analysis"
+
+
+def checked_states(found: Trajectory, model: nn.Module, check: bool = True):
+    """The trajectory under the model's keys (transformers' mapping, tied keys aliased), its integrity
+    checked (see :mod:`criticality.core.integrity`); the Integrity, or None when ``check`` is off."""
+    states = {n: alias_tied(hub.to_model_keys(c, model, found.labels[n]), model) for n, c in found.items()}
+    if not check:
+        return states, None
+    found_integrity = integrity.check(states, model.state_dict().keys(), found.labels)
+    for line in found_integrity.warnings():
+        log.warning("integrity: %s", line)
+    return found_integrity.kept, found_integrity
+
+
+def hold_final(model: nn.Module, final: Mapping[str, torch.Tensor]) -> None:
+    """Copy the final checkpoint into ``model``, one tensor at a time: the engine then finds nothing to save
+    and restore (it keeps a copy of every tensor of the caller's model that differs from the final state,
+    which for the random weights of :func:`build_model` is one whole model size of memory)."""
+    own = model.state_dict()
+    if set(own) - set(final):
+        return  # a misfit: make_plan's check names it
+    with torch.no_grad():
+        for key, tensor in own.items():
+            if tuple(final[key].shape) != tuple(tensor.shape):
+                return  # likewise
+            tensor.copy_(final[key])
+
+
+def analyze_hf(checkpoints: str | Path | None, data: str | Path, *, init_checkpoint: str | Path | None = None,
+               revisions: str | Sequence[str] | None = None, repos: str | None = None,
+               cache_dir: str | Path | None = None, offline: bool | None = None, check_integrity: bool = True,
                groups: str | dict = "blocks", seeds: int = 2, seq_len: int | None = None, batch_size: int = 16,
                max_examples: int | None = None, threshold: float = DEFAULT_THRESHOLD, device: str = "auto",
                engine: str = "fast", text_key: str = "text", out: str | Path | None = None,
                progress: bool = True) -> Path:
     """Analyse an HF checkpoint trajectory on a local data file; writes ``out`` and returns it."""
     device = distributed.auto_device(device)
-    found = trajectory(checkpoints, init_checkpoint)
+    found = find_trajectory(checkpoints, revisions=revisions, repos=repos, init_checkpoint=init_checkpoint,
+                            cache_dir=cache_dir, offline=offline)
     folder = config_folder(found)
     model = build_model(folder)
-    states = {n: alias_tied(c, model) for n, c in found.items()}
+    states, checked = checked_states(found, model, check_integrity)
+    hold_final(model, states[max(states)])
     limit = getattr(model.config, "max_position_embeddings", None) or DEFAULT_SEQ_LEN
     seq_len = seq_len or min(DEFAULT_SEQ_LEN, limit)
     if seq_len > limit:
         raise CriticalityError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings ({limit})")
     tok = tokenizer(folder)
     tensors = read_tokens(Path(data), seq_len, tok=tok, vocab_size=model.config.vocab_size, text_key=text_key)
-    out = Path(out) if out else Path(checkpoints) / "analysis"
+    out = Path(out) if out else default_out(checkpoints, repos)
     spec = PlanSpec(groups, seeds, metrics=DEFAULT_METRIC_NAMES, engine=engine, batch_size=batch_size,
                     max_examples=max_examples)
     plan = make_plan(model, states, spec)
@@ -208,12 +288,16 @@ def analyze_hf(checkpoints: str | Path, data: str | Path, *, init_checkpoint: st
             data={"name": Path(data).name, "split": "test", "n_test": int(result.table.n.iloc[0]),
                   "max_examples": max_examples, "sequences": int(ids.shape[0]), "seq_len": int(ids.shape[1]),
                   "tokenizer": "own" if tok is not None else "bytes", "source": str(Path(data).resolve())},
-            checkpoints={"path": str(found.path), "layout": found.layout, "axis": found.axis, "numbers": list(found)})
+            checkpoints={"path": str(found.path), "layout": found.layout, "axis": found.axis, "numbers": list(states),
+                         "labels": {str(n): found.labels[n] for n in states}, **found.extra},
+            **({"integrity": checked.summary()} if checked is not None else {}))
 
     result = analyse_plan(plan, lm_data(tensors, batch_size), out, one_process(device), threshold=threshold,
                           verdict_metric="token_error", describe=describe, progress=progress)
     config = {"model": {"name": type(model).__name__, "config": str(folder / "config.json")},
               "data": {"name": Path(data).name}, "checkpoints": str(found.path)}
+    if revisions or repos:
+        config["hub"] = {"revisions": revisions, "repos": repos, "cache_dir": str(cache_dir) if cache_dir else None}
     write_json(out / "config.json", config)
     plots.draw_run(out, analysis=out)
     write_text(out / "report.html", report.render(config, result.summary, out / "figures"))
